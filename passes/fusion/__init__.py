@@ -1,0 +1,9 @@
+"""Operator fusions (level O1, lossless): one small module per rewrite."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def passes() -> list[Any]:
+    """The fusion passes, in the order they run."""
+    return []

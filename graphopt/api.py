@@ -1,0 +1,121 @@
+"""`graphopt.optimize`: capture, run the pass pipeline, return a drop-in module.
+
+    opt = graphopt.optimize(model)                       # lazy: captures on the first call
+    opt = graphopt.optimize(model, example_inputs, ...)  # eager: captures now
+    y = opt(*example_inputs); print(opt.report)
+
+The returned `OptimizedModule` has the model's call signature and output
+structure (tuples, dicts, Hugging Face ModelOutputs survive torch.export's
+pytree specs). The caller's model is never modified: capture works on a
+deep copy.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .capture import capture
+from .config import Options, parse_options
+from .errors import InputError
+from .inputs import verification_inputs
+from .pass_manager import FxIR, PassManager
+from .pipeline import build_passes
+from .report import Report
+from .verify import run_on
+
+
+class OptimizedModule(torch.nn.Module):
+    """The optimized model: call it like the original; `.report` says what changed."""
+
+    def __init__(self, model: torch.nn.Module | None, options: Options) -> None:
+        super().__init__()
+        self.options = options
+        self._manager = PassManager(  # built now so that bad options fail before any capture
+            build_passes(options), FxIR(), level=options.level, enable=options.enable,
+            disable=options.disable, verify=options.verify, reproducer_dir=options.reproducer_dir,
+            measure_latency=options.measure_latency, progress=options.progress)
+        self.graph_module: fx.GraphModule | None = None
+        self.report = Report()
+        self._pending = [model]   # a list, so the original is not registered as a submodule
+        self._in_spec: pytree.TreeSpec | None = None
+
+    @property
+    def captured(self) -> bool:
+        return self.graph_module is not None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.graph_module is None:
+            self._optimize(args, kwargs)
+        self._check_structure(args, kwargs)
+        return self.graph_module(*args, **kwargs)
+
+    def _optimize(self, args: tuple, kwargs: dict) -> None:
+        model = self._pending[0]
+        options = self.options
+        start = time.perf_counter()
+        captured = capture(model, args, kwargs)
+        gm = captured.module
+        inputs = verification_inputs(args, kwargs, options.verify_samples, options.seed)
+        reference = run_on(captured.original, inputs) if options.verify else []
+        manager = self._manager
+        report = Report(meta={
+            "level": options.level_name, "quantize": options.quantize, "prune": options.prune,
+            "verify": options.verify, "dynamic_batch": captured.dynamic_batch, "notes": captured.notes,
+            "passes": [p.name for p in manager.selected]})
+        gm, report = manager.run(gm, inputs, reference, report)
+        report.meta["total_s"] = time.perf_counter() - start
+        self.graph_module, self.report = gm, report
+        self._in_spec = pytree.tree_structure((args, kwargs))
+        self._pending = [None]
+
+    def _check_structure(self, args: tuple, kwargs: dict) -> None:
+        spec = pytree.tree_structure((args, kwargs))
+        if self._in_spec is not None and spec != self._in_spec:
+            raise InputError(
+                "the call's inputs do not have the structure the model was captured with: "
+                f"expected {_describe(self._in_spec)}, got {_describe(spec)}")
+
+    def train(self, mode: bool = True) -> "OptimizedModule":
+        """The graph was captured in eval mode; train() only flips the flag (see finetune)."""
+        self.training = mode
+        return self
+
+
+def _describe(spec: pytree.TreeSpec) -> str:
+    text = str(spec)
+    return text if len(text) < 200 else text[:200] + "…"
+
+
+def optimize(model: torch.nn.Module, example_inputs: tuple | None = None, *,
+             example_kwargs: Mapping[str, Any] | None = None,
+             level: str | int | None = None, quantize: str | None = None,
+             prune: float | Mapping[str, float] | None = None,
+             calibration_data: Iterable[Any] | None = None,
+             verify: bool = True, **options: Any) -> OptimizedModule:
+    """Optimize `model`; see the module docstring and DESIGN.md for the options.
+
+    With `example_inputs` (a tuple of positional args) and/or `example_kwargs`
+    the model is captured and optimized now; without them, on the first call.
+    Further options: enable=/disable= (pass names), accuracy_budget=,
+    backend=, reproducer_dir=, verify_samples=, measure_latency=, progress=, seed=.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"graphopt.optimize takes a torch.nn.Module, got {type(model).__name__}")
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        if isinstance(example_inputs, list):
+            example_inputs = tuple(example_inputs)
+        else:
+            raise InputError(f"example_inputs must be a tuple of positional arguments, got "
+                             f"{type(example_inputs).__name__}; wrap a single tensor as (x,)")
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise InputError(f"example_kwargs must be a dict, got {type(example_kwargs).__name__}")
+    parsed = parse_options(level=level, quantize=quantize, prune=prune,
+                           calibration_data=calibration_data, verify=verify, **options)
+    opt = OptimizedModule(model, parsed)
+    if example_inputs is not None or example_kwargs is not None:
+        opt._optimize(tuple(example_inputs or ()), dict(example_kwargs or {}))
+    return opt

@@ -1,0 +1,103 @@
+"""Capture: nn.Module -> fx.GraphModule of ATen ops, via torch.export (non-strict).
+
+The model is deep-copied and put in eval mode first, so the caller's module,
+its parameters, buffers and training flag are never touched. Dimension 0 of
+every tensor input is marked `Dim.AUTO`: export keeps it symbolic when the
+model allows (the optimized module then accepts other batch sizes) and
+specialises it otherwise, without failing.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.export import Dim
+
+from .errors import CaptureError, InputError
+
+_HINTS = (
+    (("data-dependent", "guardonunbacked", "could not guard", "could not extract specialized integer"),
+     "the model branches on tensor values (data-dependent control flow); rewrite the branch with "
+     "torch.where / torch.cond, or move it out of forward()"),
+    (("dynamiccache", "cache", "pytree", "not a tensor", "unsupported output", "treespec"),
+     "the model returns a value torch.export cannot flatten; for Hugging Face models pass "
+     "use_cache=False (a DynamicCache is not a tensor) and return_dict works either way"),
+    (("unsupported", "not supported"),
+     "an operation in forward() is not supported by torch.export; see the message above for which"),
+)
+
+
+@dataclass
+class Captured:
+    module: fx.GraphModule
+    original: torch.nn.Module   # the eval-mode deep copy that was exported (a reference to compare with)
+    dynamic_batch: bool
+    notes: list[str]
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
+    """Export a deep copy of `model` in eval mode on the example (args, kwargs)."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"graphopt optimizes torch.nn.Module objects, got {type(model).__name__}")
+    if not isinstance(args, tuple):
+        raise InputError(f"example_inputs must be a tuple of positional arguments, got {type(args).__name__}; "
+                         "wrap a single tensor as (x,)")
+    kwargs = dict(kwargs or {})
+    if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves((args, kwargs))):
+        raise InputError("example inputs hold no tensor: pass the tensors the model's forward() takes")
+    work = copy.deepcopy(model).eval()
+    notes: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            exported = torch.export.export(work, args, kwargs, dynamic_shapes=_batch_dims(work, args, kwargs),
+                                           strict=False)
+        except Exception as exc:  # torch raises many types; all become CaptureError
+            raise CaptureError(_first_line(exc), _hint(exc)) from exc
+    unlifted = exported.module()
+    module = fx.GraphModule(unlifted, unlifted.graph)   # a plain GraphModule: train()/eval() work
+    module.meta.update(getattr(unlifted, "meta", {}))
+    dynamic = _has_symbolic_batch(module)
+    if not dynamic:
+        notes.append("batch dimension specialised: the optimized module accepts only the example batch size")
+    return Captured(module.eval(), work, dynamic, notes)
+
+
+def _batch_dims(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, object]:
+    """`Dim.AUTO` on dimension 0 of every tensor input, keyed by forward()'s parameter names."""
+    def spec(leaf: object) -> object:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
+            return {0: Dim.AUTO}
+        return None
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InputError(f"the example inputs do not fit {type(model).__name__}.forward: {exc}") from exc
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def _has_symbolic_batch(module: fx.GraphModule) -> bool:
+    for node in module.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and not isinstance(value.shape[0], int):
+            return True
+    return False
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: " + " ".join(lines[:3])[:600]
+
+
+def _hint(exc: Exception) -> str:
+    text = f"{type(exc).__name__} {exc}".lower()
+    for keys, hint in _HINTS:
+        if any(k in text for k in keys):
+            return hint
+    return "run torch.export.export(model, args, strict=False) directly to see the full trace"

@@ -1,0 +1,89 @@
+"""Options of `graphopt.optimize`, validated once, in one place.
+
+Levels: O0 capture only · O1 lossless rewrites · O2 + int8 · O3 + pruning.
+When `level` is not given it follows the other options: `prune` implies O3,
+`quantize` implies O2, otherwise O1. A level of O2 without `quantize` uses
+"int8-dynamic".
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import OptionError
+
+LEVELS = {"O0": 0, "O1": 1, "O2": 2, "O3": 3}
+QUANT_SCHEMES = ("int8-dynamic", "int8-static", "int8-weight-only")
+BACKENDS = (None, "eager", "inductor")
+
+
+@dataclass
+class Options:
+    level: int = 1
+    quantize: str | None = None
+    prune: float | Mapping[str, float] | None = None
+    calibration_data: Iterable[Any] | None = None
+    accuracy_budget: float | tuple[Callable[..., float], float] | None = None
+    verify: bool = True
+    verify_samples: int = 2
+    enable: tuple[str, ...] = ()
+    disable: tuple[str, ...] = ()
+    backend: str | None = None
+    reproducer_dir: str | os.PathLike | None = None
+    measure_latency: bool = True
+    progress: bool = True
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)   # pass-family options (e.g. prune criterion)
+
+    @property
+    def level_name(self) -> str:
+        return f"O{self.level}"
+
+
+def parse_options(level: str | int | None = None, quantize: str | None = None,
+                  prune: float | Mapping[str, float] | None = None, **rest: Any) -> Options:
+    """Validate user options and fill in what they imply."""
+    if quantize is not None and quantize not in QUANT_SCHEMES:
+        raise OptionError(f"quantize={quantize!r} is not a scheme; choose one of {', '.join(QUANT_SCHEMES)} or None")
+    _check_prune(prune)
+    if level is None:
+        numeric = 3 if prune is not None else 2 if quantize is not None else 1
+    else:
+        numeric = _parse_level(level)
+    if quantize is not None and numeric < 2:
+        raise OptionError(f"quantize={quantize!r} needs level O2 or O3, not O{numeric}")
+    if prune is not None and numeric < 3:
+        raise OptionError(f"prune={prune!r} needs level O3, not O{numeric}")
+    if numeric >= 2 and quantize is None:
+        quantize = "int8-dynamic"
+    backend = rest.get("backend")
+    if backend not in BACKENDS:
+        raise OptionError(f"backend={backend!r}: choose None/'eager' or 'inductor'")
+    for name in ("enable", "disable"):
+        value = rest.get(name) or ()
+        if isinstance(value, str):
+            value = (value,)
+        rest[name] = tuple(value)
+    known = set(Options.__dataclass_fields__)
+    unknown = sorted(set(rest) - known)
+    if unknown:
+        raise OptionError(f"unknown option(s): {', '.join(unknown)}")
+    return Options(level=numeric, quantize=quantize, prune=prune, **rest)
+
+
+def _parse_level(level: str | int) -> int:
+    if isinstance(level, int) and not isinstance(level, bool) and 0 <= level <= 3:
+        return level
+    if isinstance(level, str) and level.upper() in LEVELS:
+        return LEVELS[level.upper()]
+    raise OptionError(f"level={level!r}: choose one of O0 (capture only), O1 (lossless), O2 (+ int8), O3 (+ pruning)")
+
+
+def _check_prune(prune: Any) -> None:
+    if prune is None:
+        return
+    ratios = prune.values() if isinstance(prune, Mapping) else [prune]
+    for ratio in ratios:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise OptionError(f"prune ratio {ratio!r} must be a number in [0, 1)")

@@ -1,0 +1,33 @@
+"""Errors raised by graphopt. Every user-facing failure is a `GraphoptError` subclass."""
+
+
+class GraphoptError(Exception):
+    """Base class of every error graphopt raises on purpose."""
+
+
+class OptionError(GraphoptError, ValueError):
+    """An option of `optimize` (or of a pass) is invalid, unknown or does not apply."""
+
+
+class InputError(GraphoptError, TypeError):
+    """The model or its example inputs are not what graphopt can work with."""
+
+
+class CaptureError(GraphoptError):
+    """`torch.export` could not capture the model; carries torch's reason and a hint."""
+
+    def __init__(self, reason: str, hint: str = "") -> None:
+        self.reason = reason
+        self.hint = hint
+        message = f"could not capture the model with torch.export: {reason}"
+        if hint:
+            message += f"\nhint: {hint}"
+        super().__init__(message)
+
+
+class VerificationError(GraphoptError):
+    """An optimized graph does not compute what the original did."""
+
+
+class UnsupportedError(GraphoptError, NotImplementedError):
+    """A requested capability exists in the API but not (yet) for this model or option."""

@@ -1,0 +1,240 @@
+"""Small helpers over the captured IR (a `torch.fx.GraphModule` of ATen ops).
+
+Every pass uses these instead of poking at fx directly, so that matching,
+rewiring, constants and metadata work the same way everywhere:
+
+- matching: `is_op`, `find_nodes`, `single_user`, `const_value`
+- rewriting: `replace_all_uses`, `erase_unused`, `add_constant`
+- housekeeping: `refresh_meta` (shape/dtype after a rewrite), `lint`,
+  `drop_unused_attributes`, `count_nodes`, `param_bytes`
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+aten = torch.ops.aten
+
+#: call_module targets that torch.export inserts and that are not computation.
+GUARD_MODULES = ("_guards_fn",)
+
+
+def overload_packet(target: object) -> object:
+    """`aten.add.Tensor` -> `aten.add`; other targets unchanged."""
+    return getattr(target, "overloadpacket", target)
+
+
+def is_op(node: fx.Node, *targets: object) -> bool:
+    """True if `node` calls one of `targets` (an overload such as `aten.add.Tensor`
+    or a whole packet such as `aten.add`)."""
+    if node.op != "call_function":
+        return False
+    return node.target in targets or overload_packet(node.target) in targets
+
+
+def find_nodes(gm: fx.GraphModule, *targets: object) -> list[fx.Node]:
+    """All call_function nodes calling one of `targets`, in graph order."""
+    return [n for n in gm.graph.nodes if is_op(n, *targets)]
+
+
+def compute_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
+    """Nodes that compute something (not inputs, outputs, attributes or export guards)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" or node.op == "call_method":
+            yield node
+        elif node.op == "call_module" and node.target not in GUARD_MODULES:
+            yield node
+
+
+def single_user(node: fx.Node) -> bool:
+    return len(node.users) == 1
+
+
+def only_user(node: fx.Node) -> fx.Node | None:
+    """The one node that uses `node`, or None if it has zero or several users."""
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def val(node: object) -> object:
+    """The fake value torch.export recorded for `node` (None for literals/unknown)."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def shape(node: object) -> tuple | None:
+    value = val(node)
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def dtype(node: object) -> torch.dtype | None:
+    value = val(node)
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def has_static_shape(node: object) -> bool:
+    s = shape(node)
+    return s is not None and all(isinstance(d, int) for d in s)
+
+
+def get_attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The tensor a get_attr node refers to."""
+    value: object = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    assert isinstance(value, torch.Tensor), f"{node.target} is not a tensor"
+    return value
+
+
+def const_value(gm: fx.GraphModule, arg: object) -> torch.Tensor | float | int | bool | None:
+    """The constant behind `arg`: a Python scalar, or the tensor of a get_attr node.
+    None when `arg` is computed at run time."""
+    if isinstance(arg, (int, float, bool)):
+        return arg
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        return get_attr_value(gm, arg)
+    return None
+
+
+def replace_all_uses(old: fx.Node, new: fx.Node) -> None:
+    """Point every user of `old` at `new`, keeping `new`'s metadata if it has none."""
+    if "val" not in new.meta and "val" in old.meta:
+        new.meta["val"] = old.meta["val"]
+    old.replace_all_uses_with(new)
+
+
+def erase_unused(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
+    """Erase the given nodes that are no longer used, users before producers."""
+    pending = list(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(pending):
+            if not node.users:
+                graph.erase_node(node)
+                pending.remove(node)
+                changed = True
+
+
+def unique_attr_name(gm: fx.GraphModule, hint: str) -> str:
+    base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint) or "const"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def add_constant(gm: fx.GraphModule, hint: str, value: torch.Tensor,
+                 before: fx.Node | None = None, parameter: bool | None = None) -> fx.Node:
+    """Register `value` on `gm` under a fresh name and return a get_attr node for it.
+
+    Floating tensors become parameters (so they count as weights and can be
+    fine-tuned) unless `parameter=False`; others become buffers.
+    """
+    name = unique_attr_name(gm, hint)
+    value = value.detach().contiguous()
+    as_parameter = value.is_floating_point() if parameter is None else parameter
+    if as_parameter:
+        gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
+    else:
+        gm.register_buffer(name, value)
+    graph = gm.graph
+    anchor = before if before is not None else _first_compute_node(graph)
+    with graph.inserting_before(anchor):
+        node = graph.get_attr(name)
+    node.meta["val"] = _fake_like(graph, value)
+    return node
+
+
+def _first_compute_node(graph: fx.Graph) -> fx.Node:
+    for node in graph.nodes:
+        if node.op not in ("placeholder", "get_attr"):
+            return node
+    raise AssertionError("graph has no output node")
+
+
+def _fake_like(graph: fx.Graph, value: torch.Tensor) -> object:
+    mode = fake_mode(graph)
+    return mode.from_tensor(value, static_shapes=True) if mode is not None else value
+
+
+def fake_mode(graph: fx.Graph):  # -> FakeTensorMode | None
+    return detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
+
+
+def refresh_meta(gm: fx.GraphModule) -> None:
+    """Recompute every node's `meta["val"]` (shape, dtype) after a rewrite.
+
+    Runs fake-tensor propagation with the capture's own fake mode, so symbolic
+    dimensions such as a dynamic batch stay symbolic.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = [n.meta.get("val") for n in placeholders]
+    mode = detect_fake_mode(values)
+    if mode is None or any(v is None for v in values):
+        return
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*values)
+
+
+def drop_unused_attributes(gm: fx.GraphModule) -> int:
+    """Delete parameters and buffers no get_attr node refers to; returns how many."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    dropped = 0
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name in used:
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+        elif attr in owner._buffers:
+            del owner._buffers[attr]
+        else:
+            continue
+        dropped += 1
+    return dropped
+
+
+def lint(gm: fx.GraphModule) -> None:
+    """Check the graph is well formed and regenerate its code."""
+    gm.graph.lint()
+    gm.recompile()
+
+
+def count_nodes(gm: fx.GraphModule) -> int:
+    return sum(1 for _ in compute_nodes(gm))
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by parameters and buffers, each storage counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def is_mutating(node: fx.Node) -> bool:
+    """True if `node` writes into one of its inputs (e.g. `aten.add_`)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def is_pure(node: fx.Node) -> bool:
+    """A deterministic, side-effect-free call_function: safe to fold, dedupe or drop."""
+    if node.op != "call_function" or node.is_impure() or is_mutating(node):
+        return False
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded not in tags
+
+
+def is_mutated(node: fx.Node) -> bool:
+    """True if some user of `node` writes into it in place."""
+    return any(is_mutating(user) for user in node.users)

@@ -1,0 +1,243 @@
+"""The pass manager: run passes in order, verify after each, roll back on failure.
+
+Modelled on TVM's PassContext (level, enable/disable by name, instruments),
+torch.fx's pass infrastructure (a pass returns `PassResult`) and MLIR's pass
+manager (verify after every pass, write a reproducer when a pass crashes).
+
+A pass is an object with
+
+    name: str            unique name, used by enable=/disable= and the report
+    level: int           1 = O1 lossless, 2 = O2 int8, 3 = O3 pruning
+    requires: tuple      names of passes that must have run before it
+    fixed_point: bool    rerun until it reports no change (under a step cap)
+    budget: Budget       error it may add (verify.LOSSLESS unless lossy)
+    run(module) -> PassResult(module, modified, stats)
+
+The manager is IR-agnostic: an `IR` adapter says how to copy, finalize, count,
+run and dump a module, so the same manager drives FX graphs and ONNX graphs.
+Each pass receives a copy; the copy is kept only if it lints and verifies.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch.fx as fx
+
+from . import ir
+from .errors import OptionError
+from .report import PassRecord, Report
+from .timing import measure
+from .verify import LOSSLESS, Budget, compare_runs
+
+Inputs = Sequence[tuple[tuple, dict]]
+
+
+@dataclass
+class PassResult:
+    module: Any
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass(Protocol):
+    name: str
+    level: int
+    requires: tuple[str, ...]
+    fixed_point: bool
+    budget: Budget
+
+    def run(self, module: Any) -> PassResult: ...
+
+
+class RewriteLog:
+    """Matches and rejections of one pass run; becomes `PassResult.stats`.
+
+    Every candidate a pattern looks at either matches or is rejected with a
+    reason, so the report (and a developer) can say why a rewrite did not fire.
+    """
+
+    def __init__(self) -> None:
+        self.matches: dict[str, int] = {}
+        self.rejections: list[str] = []
+
+    def matched(self, pattern: str, count: int = 1) -> None:
+        self.matches[pattern] = self.matches.get(pattern, 0) + count
+
+    def rejected(self, pattern: str, node: object, reason: str) -> None:
+        self.rejections.append(f"{pattern} at {node}: {reason}")
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.matches)
+
+    def result(self, module: Any, **extra: Any) -> PassResult:
+        stats = {"matches": dict(self.matches), "rejected": list(self.rejections), **extra}
+        return PassResult(module, self.modified, stats)
+
+
+class IR(Protocol):
+    """What the manager needs to know about one kind of module."""
+
+    def copy(self, module: Any) -> Any: ...
+    def finalize(self, module: Any) -> None: ...      # recompile + lint + refresh metadata
+    def count_nodes(self, module: Any) -> int: ...
+    def param_bytes(self, module: Any) -> int: ...
+    def run(self, module: Any, inputs: Inputs) -> list[Any]: ...
+    def dump(self, module: Any, directory: Path) -> None: ...  # for reproducers
+
+
+class FxIR:
+    """IR adapter for `torch.fx.GraphModule`s captured by torch.export."""
+
+    def copy(self, module: fx.GraphModule) -> fx.GraphModule:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
+            return copy.deepcopy(module)
+
+    def finalize(self, module: fx.GraphModule) -> None:
+        ir.lint(module)
+        ir.refresh_meta(module)
+
+    def count_nodes(self, module: fx.GraphModule) -> int:
+        return ir.count_nodes(module)
+
+    def param_bytes(self, module: fx.GraphModule) -> int:
+        return ir.param_bytes(module)
+
+    def run(self, module: fx.GraphModule, inputs: Inputs) -> list[Any]:
+        from .verify import run_on
+        return run_on(module, inputs)
+
+    def dump(self, module: fx.GraphModule, directory: Path) -> None:
+        (directory / "graph.py").write_text(module.code)
+        (directory / "graph.txt").write_text(str(module.graph))
+
+
+@dataclass
+class PassManager:
+    """Select passes by level and name, run them with verification and instruments.
+
+    `inputs` are the verification inputs ((args, kwargs) pairs: the example
+    inputs first, then random ones of the same shapes); `reference` the
+    original model's outputs on them. Without `verify`, passes still lint.
+    """
+    passes: Sequence[Pass]
+    ir: IR = field(default_factory=FxIR)
+    level: int = 1
+    enable: Sequence[str] = ()
+    disable: Sequence[str] = ()
+    verify: bool = True
+    max_steps: int = 8
+    reproducer_dir: str | os.PathLike | None = None
+    measure_latency: bool = True
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        known = {p.name for p in self.passes}
+        for option, names in (("enable", self.enable), ("disable", self.disable)):
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise OptionError(f"unknown pass name(s) in {option}=: {', '.join(unknown)}; "
+                                  f"known passes: {', '.join(sorted(known))}")
+        self.selected = [p for p in self.passes
+                         if (p.level <= self.level or p.name in self.enable) and p.name not in self.disable]
+        selected_names: list[str] = []
+        for p in self.selected:
+            missing = [r for r in getattr(p, "requires", ()) if r not in selected_names]
+            if missing:
+                raise OptionError(f"pass {p.name!r} requires {', '.join(missing)} to run before it, "
+                                  f"but it is disabled or below the level")
+            selected_names.append(p.name)
+
+    def run(self, module: Any, inputs: Inputs, reference: list[Any],
+            report: Report | None = None) -> tuple[Any, Report]:
+        report = report if report is not None else Report()
+        self._latency_inputs = list(inputs[:1])  # latency is timed on the example inputs
+        current, current_outputs = module, self.ir.run(module, inputs) if self.verify else None
+        report.baseline = self._record("captured", current, 0.0, reference, current_outputs, {})
+        steps = self._progress(self.selected)
+        for p in steps:
+            for step in range(self.max_steps if getattr(p, "fixed_point", False) else 1):
+                current, current_outputs, record = self._run_one(p, current, current_outputs, inputs, reference)
+                if step:
+                    record.name = f"{p.name} (step {step + 1})"
+                report.records.append(record)
+                if record.rolled_back or not record.modified:
+                    break
+        report.final = self._record("optimized", current, 0.0, reference, current_outputs, {})
+        return current, report
+
+    def _progress(self, passes: Sequence[Pass]):
+        if not self.progress:
+            return passes
+        from tqdm.auto import tqdm
+        return tqdm(passes, desc="graphopt passes", unit="pass", leave=False, disable=None)  # hidden off a TTY
+
+    def _run_one(self, p: Pass, current: Any, current_outputs: list[Any] | None,
+                 inputs: Inputs, reference: list[Any]) -> tuple[Any, list[Any] | None, PassRecord]:
+        candidate = self.ir.copy(current)
+        start = time.perf_counter()
+        try:
+            result = p.run(candidate)
+            self.ir.finalize(result.module)
+            outputs = self.ir.run(result.module, inputs) if self.verify else None
+        except Exception as exc:  # a crashing pass is rolled back, never fatal
+            elapsed = time.perf_counter() - start
+            where = self._write_reproducer(p, current, exc)
+            record = self._record(p.name, current, elapsed, reference, current_outputs, {})
+            record.rolled_back = True
+            record.reason = f"pass raised {type(exc).__name__}: {exc}"
+            record.reproducer = str(where)
+            warnings.warn(f"graphopt: pass {p.name} raised and was rolled back; reproducer in {where}")
+            return current, current_outputs, record
+        elapsed = time.perf_counter() - start
+        budget = getattr(p, "budget", LOSSLESS)
+        reason = None
+        if self.verify and result.modified:
+            reason = budget.check(compare_runs(outputs, current_outputs))
+        if reason:
+            record = self._record(p.name, result.module, elapsed, reference, outputs, result.stats)
+            record.rolled_back = True
+            record.reason = f"{reason} (budget: {budget.describe()}); rolled back"
+            record.modified = True
+            after = self._record(p.name, current, elapsed, reference, current_outputs, result.stats)
+            record.latency_ms = after.latency_ms
+            return current, current_outputs, record
+        record = self._record(p.name, result.module, elapsed, reference, outputs, result.stats)
+        record.modified = result.modified
+        return result.module, outputs, record
+
+    def _record(self, name: str, module: Any, elapsed: float, reference: list[Any],
+                outputs: list[Any] | None, stats: dict[str, Any]) -> PassRecord:
+        errors = compare_runs(outputs, reference) if outputs is not None else None
+        latency = None
+        if self.measure_latency:
+            latency = measure(lambda: self.ir.run(module, self._latency_inputs), warmup=1,
+                              repeats=5, max_seconds=2.0).median_ms
+        return PassRecord(
+            name=name, wall_s=elapsed, nodes=self.ir.count_nodes(module),
+            param_bytes=self.ir.param_bytes(module), latency_ms=latency,
+            max_abs_err=errors.max_abs if errors else None,
+            max_rel_err=errors.max_rel if errors else None,
+            min_cosine=errors.min_cosine if errors else None,
+            stats=stats)
+
+    def _write_reproducer(self, p: Pass, module: Any, exc: Exception) -> Path:
+        root = Path(self.reproducer_dir) if self.reproducer_dir else Path(tempfile.gettempdir()) / "graphopt-reproducers"
+        root.mkdir(parents=True, exist_ok=True)
+        directory = Path(tempfile.mkdtemp(prefix=f"{p.name}-", dir=root))
+        self.ir.dump(module, directory)
+        names = [q.name for q in self.selected]
+        (directory / "passes.txt").write_text(
+            "\n".join(f"{'>' if q == p.name else ' '} {q}" for q in names) + "\n")
+        (directory / "exception.txt").write_text(
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        return directory

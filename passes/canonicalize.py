@@ -1,0 +1,285 @@
+"""Canonicalization (level O1, lossless): put the graph in a clean, minimal form.
+
+    dead_code_elimination   drop pure nodes whose results nobody uses, and the
+                            parameters/buffers no node reads any more
+    remove_noops            dropout(x, train=False) ⇒ x;  x·1, x/1, x+0, x-0, x**1 ⇒ x;
+                            clone / alias / detach / same-dtype casts ⇒ x;
+                            contiguous(x) ⇒ x when x is already contiguous;
+                            view / reshape / expand / slice to x's own shape ⇒ x
+    constant_folding        f(c₁, …, cₙ) ⇒ c  when every input is a parameter, buffer
+                            or literal; guarded so the model grows by at most
+                            `max_growth_bytes`
+    cse                     two pure nodes with the same target and the same inputs
+                            compute the same value: keep the first
+
+Each is exact (no arithmetic changes), so the budget is LOSSLESS.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt import ir
+from graphopt.pass_manager import PassResult, RewriteLog
+from graphopt.verify import LOSSLESS
+
+aten = torch.ops.aten
+
+
+class CanonicalPass:
+    level = 1
+    requires: tuple[str, ...] = ()
+    fixed_point = False
+    budget = LOSSLESS
+
+
+class DeadCodeElimination(CanonicalPass):
+    name = "dead_code_elimination"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        before = ir.count_nodes(gm)
+        gm.graph.eliminate_dead_code(is_impure_node=_keeps_effects)
+        dropped = ir.drop_unused_attributes(gm)
+        removed = before - ir.count_nodes(gm)
+        log = RewriteLog()
+        if removed:
+            log.matched("dead node", removed)
+        if dropped:
+            log.matched("unused tensor", dropped)
+        return log.result(gm)
+
+
+def _keeps_effects(node: fx.Node) -> bool:
+    """Impure nodes and call_module nodes (torch.export's input guards) are never dead."""
+    return node.is_impure() or node.op == "call_module"
+
+
+_IDENTITY_SCALARS = {
+    aten.mul: 1, aten.div: 1, aten.add: 0, aten.sub: 0, aten.pow: 1,
+}
+_COPIES = (aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy)
+_CASTS = (aten.to, aten._to_copy, aten.type_as)
+_RESHAPES = (aten.view, aten.reshape, aten._unsafe_view, aten.expand)
+
+
+class RemoveNoOps(CanonicalPass):
+    name = "remove_noops"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        log = RewriteLog()
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+                continue
+            source = node.args[0]
+            pattern = _noop_pattern(node)
+            if pattern is None:
+                continue
+            reason = _why_not_replaceable(node, source)
+            if reason:
+                log.rejected(pattern, node, reason)
+                continue
+            ir.replace_all_uses(node, source)
+            gm.graph.erase_node(node)
+            log.matched(pattern)
+        return log.result(gm)
+
+
+def _noop_pattern(node: fx.Node) -> str | None:
+    """The name of the no-op pattern `node` is an instance of, if any."""
+    packet = ir.overload_packet(node.target)
+    if packet is aten.dropout:
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return "dropout (eval)" if (train is False or p == 0) else None
+    if packet in _IDENTITY_SCALARS:
+        other = node.args[1] if len(node.args) > 1 else None
+        alpha = node.kwargs.get("alpha", 1)
+        if isinstance(other, (int, float)) and not isinstance(other, bool) \
+                and other == _IDENTITY_SCALARS[packet] and alpha == 1:
+            return f"{packet.__name__}(x, {other})"
+        return None
+    if packet is aten.mul and isinstance(node.args[0], (int, float)) and node.args[0] == 1:
+        return None  # scalar-first products do not occur in ATen graphs
+    if packet in _COPIES:
+        memory_format = node.kwargs.get("memory_format")
+        return f"{packet.__name__}" if memory_format in (None, torch.preserve_format) else None
+    if packet in _CASTS:
+        return "same-dtype cast"
+    if packet is aten.contiguous:
+        return "contiguous"
+    if packet in _RESHAPES:
+        return f"{packet.__name__} to same shape"
+    if packet is aten.slice:
+        return "full slice"
+    return None
+
+
+def _why_not_replaceable(node: fx.Node, source: fx.Node) -> str | None:
+    """None if `node` always returns a value equal to `source`, else why not."""
+    out, inp = ir.val(node), ir.val(source)
+    if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
+        return "no tensor metadata"
+    if out.dtype != inp.dtype or out.device != inp.device:
+        return f"changes dtype/device ({inp.dtype}→{out.dtype})"
+    if not _same_shape(out.shape, inp.shape):
+        return "changes the shape"
+    if ir.is_mutated(node) or ir.is_mutated(source):
+        return "a user mutates the value in place"
+    packet = ir.overload_packet(node.target)
+    if packet is aten.contiguous and not _surely_contiguous(inp):
+        return "input may be non-contiguous; a later view needs the copy"
+    if packet is aten.slice and not _is_full_slice(node, inp):
+        return "slice does not cover the whole dimension"
+    return None
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    if len(a) != len(b):
+        return False
+    return all((x == y) if isinstance(x, int) and isinstance(y, int) else str(x) == str(y) for x, y in zip(a, b))
+
+
+def _surely_contiguous(value: torch.Tensor) -> bool:
+    try:
+        return bool(value.is_contiguous())
+    except Exception:  # symbolic strides that cannot be decided statically
+        return False
+
+
+def _is_full_slice(node: fx.Node, value: torch.Tensor) -> bool:
+    args = list(node.args) + [None] * 5
+    dim, start, end, step = (args[1] or 0), (args[2] or 0), args[3], (args[4] or 1)
+    size = value.shape[dim]
+    return start == 0 and step == 1 and (end is None or (isinstance(size, int) and isinstance(end, int) and end >= size))
+
+
+class FoldConstants(CanonicalPass):
+    """Evaluate subgraphs that depend only on parameters, buffers and literals."""
+    name = "constant_folding"
+
+    def __init__(self, max_growth_bytes: int = 1 << 20) -> None:
+        self.max_growth_bytes = max_growth_bytes
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        log = RewriteLog()
+        constant = self._constant_nodes(gm)
+        values: dict[fx.Node, Any] = {}
+        for node in gm.graph.nodes:
+            if node not in constant or node.op == "get_attr":
+                continue
+            if all(user in constant for user in node.users):
+                continue  # only fold the frontier: values that flow into run-time work
+            value = self._evaluate(gm, node, constant, values)
+            if not isinstance(value, torch.Tensor):
+                log.rejected("fold", node, f"result is {type(value).__name__}, not a tensor")
+                continue
+            growth = value.numel() * value.element_size() - _bytes_freed(gm, node, constant)
+            if growth > self.max_growth_bytes:
+                log.rejected("fold", node, f"would grow the model by {growth} bytes "
+                                           f"(limit {self.max_growth_bytes})")
+                continue
+            folded = ir.add_constant(gm, f"folded_{node.name}", value, parameter=False)
+            ir.replace_all_uses(node, folded)
+            log.matched("fold")
+        gm.graph.eliminate_dead_code(is_impure_node=_keeps_effects)
+        ir.drop_unused_attributes(gm)
+        return log.result(gm)
+
+    @staticmethod
+    def _constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+        constant: set[fx.Node] = set()
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                constant.add(node)
+            elif ir.is_pure(node) and not ir.is_mutated(node) and _inputs_constant(node, constant):
+                constant.add(node)
+        return constant
+
+    def _evaluate(self, gm: fx.GraphModule, node: fx.Node, constant: set[fx.Node],
+                  values: dict[fx.Node, Any]) -> Any:
+        if node in values:
+            return values[node]
+        if node.op == "get_attr":
+            value = ir.get_attr_value(gm, node)
+        else:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs),
+                                           lambda n: self._evaluate(gm, n, constant, values))
+            with torch.no_grad():
+                value = node.target(*args, **kwargs)
+        values[node] = value
+        return value
+
+
+def _inputs_constant(node: fx.Node, constant: set[fx.Node]) -> bool:
+    inputs = node.all_input_nodes
+    literal_sizes = all(not isinstance(a, torch.SymInt) for a in _flat(node.args))
+    return literal_sizes and all(n in constant for n in inputs)
+
+
+def _flat(args: Any) -> list[Any]:
+    if isinstance(args, (list, tuple)):
+        return [x for a in args for x in _flat(a)]
+    return [args]
+
+
+def _bytes_freed(gm: fx.GraphModule, node: fx.Node, constant: set[fx.Node]) -> int:
+    """Bytes of the parameters that only feed `node`'s constant subgraph."""
+    ancestors, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        for n in current.all_input_nodes:
+            if n in constant and n not in ancestors:
+                ancestors.add(n)
+                stack.append(n)
+    closed = ancestors | {node}
+    freed = 0
+    for n in ancestors:
+        if n.op == "get_attr" and all(user in closed for user in n.users):
+            value = ir.get_attr_value(gm, n)
+            freed += value.numel() * value.element_size()
+    return freed
+
+
+class EliminateCommonSubexpressions(CanonicalPass):
+    name = "cse"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        log = RewriteLog()
+        seen: dict[Any, fx.Node] = {}
+        for node in list(gm.graph.nodes):
+            if node.op == "get_attr":
+                key: Any = ("get_attr", node.target)
+            elif ir.is_pure(node) and not ir.is_mutated(node):
+                try:
+                    key = _hashable((node.target, node.args, node.kwargs))
+                except TypeError:
+                    continue  # an argument that cannot be compared safely
+            else:
+                continue
+            first = seen.setdefault(key, node)
+            if first is not node:
+                ir.replace_all_uses(node, first)
+                gm.graph.erase_node(node)
+                log.matched("duplicate " + ("attribute" if node.op == "get_attr" else str(ir.overload_packet(node.target).__name__)))
+        return log.result(gm)
+
+
+def _hashable(value: Any) -> Any:
+    """A hashable key equal for equal node arguments; TypeError if there is none."""
+    if isinstance(value, fx.Node):
+        return ("node", value)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_hashable(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _hashable(v)) for k, v in sorted(value.items())))
+    if isinstance(value, torch.SymInt):
+        return ("sym", str(value))
+    hash(value)
+    return (type(value).__name__, value)
+
+
+def passes() -> list[CanonicalPass]:
+    """The canonicalization pipeline, in order."""
+    return [DeadCodeElimination(), RemoveNoOps(), EliminateCommonSubexpressions(), FoldConstants()]
