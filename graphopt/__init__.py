@@ -6,9 +6,11 @@
 from .api import OptimizedModule, optimize
 from .errors import (CaptureError, GraphoptError, InputError, OptionError, UnsupportedError,
                      VerificationError)
+from .finetune import finetune
+from .onnx import export_onnx, optimize_onnx
 from .report import PassRecord, Report
 
 __all__ = [
-    "optimize", "OptimizedModule", "Report", "PassRecord",
+    "optimize", "OptimizedModule", "export_onnx", "optimize_onnx", "finetune", "Report", "PassRecord",
     "GraphoptError", "CaptureError", "InputError", "OptionError", "UnsupportedError", "VerificationError",
 ]

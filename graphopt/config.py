@@ -34,7 +34,8 @@ class Options:
     measure_latency: bool = True
     progress: bool = True
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)   # pass-family options (e.g. prune criterion)
+    quantize_options: dict[str, Any] = field(default_factory=dict)  # validated by passes/quantize
+    prune_options: dict[str, Any] = field(default_factory=dict)     # validated by passes/pruning
 
     @property
     def level_name(self) -> str:

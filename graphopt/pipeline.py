@@ -10,16 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from .config import Options
-from .errors import UnsupportedError
-from .passes import canonicalize, fusion
+from .passes import canonicalize, fusion, pruning, quantize
 
 
 def build_passes(options: Options) -> list[Any]:
     passes: list[Any] = [*canonicalize.passes(), *fusion.passes()]
     if options.prune is not None:
-        raise UnsupportedError("prune= (structured pruning, level O3) is not available yet in this version")
+        passes += pruning.passes(options)
     if options.quantize is not None:
-        raise UnsupportedError(f"quantize={options.quantize!r} (int8, level O2) is not available yet in this version")
+        passes += quantize.passes(options)
     passes += canonicalize.passes()
     return passes
-

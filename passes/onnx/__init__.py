@@ -1,0 +1,1 @@
+"""ONNX graph passes (onnx-graphsurgeon IR)."""
