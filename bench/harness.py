@@ -1,0 +1,101 @@
+"""Benchmark harness shared by every `bench/*.py`.
+
+- `time_call(fn)`: graphopt's one timer (warm-up, repeats, median and spread)
+  with torch pinned to the machine's cores, so every anchor in a table is
+  timed the same way in the same run.
+- `write_results(name, title, rows, notes)`: writes bench/results/<name>.md
+  (a table a person reads) and <name>.json (the same rows, for tools), both
+  stamped with the machine and package versions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from graphopt.timing import Timing, measure
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PACKAGES = ("torch", "onnx", "onnxruntime", "onnx-graphsurgeon", "triton", "transformers", "numpy",
+            "torch-pruning", "onnxsim")
+
+
+def pin_threads() -> int:
+    """Use every core of the machine for intra-op work, one inter-op thread; returns the count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    return cores
+
+
+def time_call(fn: Callable[[], object], warmup: int = 3, repeats: int = 20, max_seconds: float = 30.0) -> Timing:
+    """Median wall time of `fn()` under no_grad, threads pinned."""
+    pin_threads()
+    with torch.inference_mode():
+        return measure(fn, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cores": pin_threads(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    for package in PACKAGES:
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        info["graphopt_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                 text=True, cwd=RESULTS.parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_results(name: str, title: str, rows: list[dict[str, Any]], notes: str = "") -> Path:
+    """Write bench/results/<name>.md and .json; returns the .md path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = [f"# {title}", "", _table(columns, rows), ""]
+    if notes:
+        lines += [notes.strip(), ""]
+    lines += ["Machine and versions: " + ", ".join(f"{k}={v}" for k, v in info.items() if v is not None), ""]
+    md = RESULTS / f"{name}.md"
+    md.write_text("\n".join(lines))
+    (RESULTS / f"{name}.json").write_text(json.dumps({"title": title, "machine": info, "rows": rows,
+                                                       "notes": notes}, indent=2, default=str))
+    return md
+
+
+def _table(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value).replace("|", "\\|")
+    head = "| " + " | ".join(columns) + " |"
+    rule = "|" + "---|" * len(columns)
+    body = ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join([head, rule, *body])
