@@ -52,7 +52,7 @@ class FusionPass:
                 log.rejected(self.label, node, outcome)
             elif isinstance(outcome, Match):
                 log.matched(outcome.pattern)
-                ir.erase_unused(gm.graph, [n for n in outcome.dead if not getattr(n, "_erased", False)])
+                ir.erase_unused(gm.graph, [n for n in dict.fromkeys(outcome.dead) if not getattr(n, "_erased", False)])
         return log.result(gm)
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> Match | str | None:
@@ -138,7 +138,7 @@ def _combine(op: Any, sub: list[Poly | None], args: tuple) -> Poly | None:
             return None
         result: Poly = {0: 1.0}
         for _ in range(int(n)):
-            result = _times(result, a)
+            result = times(result, a)
         return result
     if b is None:
         return None
@@ -149,7 +149,7 @@ def _combine(op: Any, sub: list[Poly | None], args: tuple) -> Poly | None:
     if op is aten.rsub:
         return _plus(b, a, -1.0)
     if op is aten.mul:
-        return _times(a, b)
+        return times(a, b)
     if op is aten.div and set(b) == {0} and b[0] != 0:
         return {k: v / b[0] for k, v in a.items()}
     return None
@@ -162,7 +162,7 @@ def _plus(a: Poly, b: Poly, sign: float) -> Poly:
     return out
 
 
-def _times(a: Poly, b: Poly) -> Poly:
+def times(a: Poly, b: Poly) -> Poly:
     out: Poly = {}
     for i, u in a.items():
         for j, v in b.items():
