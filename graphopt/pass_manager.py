@@ -161,6 +161,7 @@ class PassManager:
             report: Report | None = None) -> tuple[Any, Report]:
         report = report if report is not None else Report()
         self._latency_inputs = list(inputs[:1])  # latency is timed on the example inputs
+        self._latency_cache: tuple[Any, float | None] = (None, None)
         current, current_outputs = module, self.ir.run(module, inputs) if self.verify else None
         report.baseline = self._record("captured", current, 0.0, reference, current_outputs, {})
         steps = self._progress(self.selected)
@@ -183,52 +184,57 @@ class PassManager:
 
     def _run_one(self, p: Pass, current: Any, current_outputs: list[Any] | None,
                  inputs: Inputs, reference: list[Any]) -> tuple[Any, list[Any] | None, PassRecord]:
-        candidate = self.ir.copy(current)
         start = time.perf_counter()
         try:
-            result = p.run(candidate)
-            self.ir.finalize(result.module)
-            outputs = self.ir.run(result.module, inputs) if self.verify else None
+            result = p.run(self.ir.copy(current))
+            outputs = current_outputs
+            if result.modified:
+                self.ir.finalize(result.module)
+                outputs = self.ir.run(result.module, inputs) if self.verify else None
         except Exception as exc:  # a crashing pass is rolled back, never fatal
-            elapsed = time.perf_counter() - start
             where = self._write_reproducer(p, current, exc)
-            record = self._record(p.name, current, elapsed, reference, current_outputs, {})
+            record = self._record(p.name, current, time.perf_counter() - start, reference, current_outputs, {})
             record.rolled_back = True
             record.reason = f"pass raised {type(exc).__name__}: {exc}"
             record.reproducer = str(where)
             warnings.warn(f"graphopt: pass {p.name} raised and was rolled back; reproducer in {where}")
             return current, current_outputs, record
         elapsed = time.perf_counter() - start
+        if not result.modified:
+            return current, current_outputs, self._record(p.name, current, elapsed, reference,
+                                                          current_outputs, result.stats)
         budget = getattr(p, "budget", LOSSLESS)
-        reason = None
-        if self.verify and result.modified:
-            reason = budget.check(compare_runs(outputs, current_outputs))
-        if reason:
-            record = self._record(p.name, result.module, elapsed, reference, outputs, result.stats)
-            record.rolled_back = True
+        reason = budget.check(compare_runs(outputs, current_outputs)) if self.verify else None
+        if reason:  # errors are those of the rejected graph; size and latency those kept
+            record = self._record(p.name, current, elapsed, reference, outputs, result.stats)
+            record.modified = record.rolled_back = True
             record.reason = f"{reason} (budget: {budget.describe()}); rolled back"
-            record.modified = True
-            after = self._record(p.name, current, elapsed, reference, current_outputs, result.stats)
-            record.latency_ms = after.latency_ms
             return current, current_outputs, record
         record = self._record(p.name, result.module, elapsed, reference, outputs, result.stats)
-        record.modified = result.modified
+        record.modified = True
         return result.module, outputs, record
 
     def _record(self, name: str, module: Any, elapsed: float, reference: list[Any],
                 outputs: list[Any] | None, stats: dict[str, Any]) -> PassRecord:
         errors = compare_runs(outputs, reference) if outputs is not None else None
-        latency = None
-        if self.measure_latency:
-            latency = measure(lambda: self.ir.run(module, self._latency_inputs), warmup=1,
-                              repeats=5, max_seconds=2.0).median_ms
         return PassRecord(
             name=name, wall_s=elapsed, nodes=self.ir.count_nodes(module),
-            param_bytes=self.ir.param_bytes(module), latency_ms=latency,
+            param_bytes=self.ir.param_bytes(module), latency_ms=self._latency(module),
             max_abs_err=errors.max_abs if errors else None,
             max_rel_err=errors.max_rel if errors else None,
             min_cosine=errors.min_cosine if errors else None,
             stats=stats)
+
+    def _latency(self, module: Any) -> float | None:
+        """Median latency on the example inputs, measured once per distinct module."""
+        if not self.measure_latency:
+            return None
+        cached_module, cached = self._latency_cache
+        if cached_module is not module:
+            cached = measure(lambda: self.ir.run(module, self._latency_inputs), warmup=1,
+                             repeats=5, max_seconds=2.0).median_ms
+            self._latency_cache = (module, cached)
+        return cached
 
     def _write_reproducer(self, p: Pass, module: Any, exc: Exception) -> Path:
         root = Path(self.reproducer_dir) if self.reproducer_dir else Path(tempfile.gettempdir()) / "graphopt-reproducers"

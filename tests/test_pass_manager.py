@@ -1,0 +1,165 @@
+"""The pass manager: selection by level and name, verification, rollback, reproducers."""
+import pytest
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt import ir
+from graphopt.capture import capture
+from graphopt.errors import OptionError
+from graphopt.inputs import verification_inputs
+from graphopt.pass_manager import FxIR, PassManager, PassResult, RewriteLog
+from graphopt.verify import LOSSLESS, Budget, run_on
+
+aten = torch.ops.aten
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class BreaksLinear:
+    """A deliberately wrong 'lossless' pass: drops every linear's bias."""
+    name, level, requires, fixed_point, budget = "breaks_linear", 1, (), False, LOSSLESS
+
+    def run(self, gm):
+        log = RewriteLog()
+        for node in ir.find_nodes(gm, aten.linear):
+            node.args = node.args[:2]
+            log.matched("drop bias")
+        return log.result(gm)
+
+
+class Crashes:
+    name, level, requires, fixed_point, budget = "crashes", 1, (), False, LOSSLESS
+
+    def run(self, gm):
+        raise RuntimeError("boom inside the pass")
+
+
+class ScalesOutput:
+    """A 'lossy' pass that multiplies the output by (1 + eps): within a rel-err budget of 1e-2."""
+    name, level, requires, fixed_point = "scales_output", 2, (), False
+
+    def __init__(self, eps, budget):
+        self.eps, self.budget = eps, budget
+
+    def run(self, gm):
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        (value,) = output.args[0]
+        with gm.graph.inserting_before(output):
+            scaled = gm.graph.call_function(aten.mul.Tensor, (value, 1.0 + self.eps))
+        output.args = ((scaled,),)
+        return PassResult(gm, True, {})
+
+
+class CountsDown:
+    """Fixed-point pass: removes one relu per run."""
+    name, level, requires, fixed_point, budget = "counts_down", 1, (), True, LOSSLESS
+
+    def run(self, gm):
+        relus = ir.find_nodes(gm, aten.relu)
+        if not relus:
+            return PassResult(gm, False, {})
+        node = relus[0]
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        return PassResult(gm, True, {})
+
+
+def _setup(model=None):
+    model = model or TinyNet().eval()
+    x = torch.randn(4, 6)
+    captured = capture(model, (x,))
+    inputs = verification_inputs((x,), {}, 2)
+    return captured.module, inputs, run_on(model, inputs)
+
+
+def test_wrong_lossless_pass_is_rolled_back_with_the_reason():
+    gm, inputs, reference = _setup()
+    out, report = PassManager([BreaksLinear()]).run(gm, inputs, reference)
+    record = report["breaks_linear"]
+    assert record.rolled_back and "exceeds the budget" in record.reason
+    assert out is gm  # the graph before the pass is kept
+    assert len(ir.find_nodes(out, aten.linear)) == 2 and all(len(n.args) == 3 for n in ir.find_nodes(out, aten.linear))
+
+
+def test_crashing_pass_is_rolled_back_and_writes_a_reproducer(tmp_path):
+    gm, inputs, reference = _setup()
+    with pytest.warns(UserWarning, match="rolled back"):
+        out, report = PassManager([Crashes()], reproducer_dir=tmp_path).run(gm, inputs, reference)
+    record = report["crashes"]
+    assert record.rolled_back and "boom inside the pass" in record.reason
+    repro = record.reproducer
+    files = {p.name for p in (tmp_path / repro.split("/")[-1]).iterdir()}
+    assert {"graph.py", "graph.txt", "passes.txt", "exception.txt"} <= files
+    assert "boom inside the pass" in (tmp_path / repro.split("/")[-1] / "exception.txt").read_text()
+    assert "> crashes" in (tmp_path / repro.split("/")[-1] / "passes.txt").read_text()
+    assert out is gm
+    assert repro in str(report)
+
+
+def test_lossy_pass_kept_within_budget_and_rolled_back_beyond():
+    gm, inputs, reference = _setup()
+    within = ScalesOutput(1e-3, Budget(max_rel_err=1e-2))
+    beyond = ScalesOutput(1e-1, Budget(max_rel_err=1e-2))
+    _, report = PassManager([within], level=2).run(gm, inputs, reference)
+    assert not report["scales_output"].rolled_back
+    assert report["scales_output"].max_rel_err == pytest.approx(1e-3, rel=1e-3)
+    _, report = PassManager([beyond], level=2).run(gm, inputs, reference)
+    assert report["scales_output"].rolled_back and "relative error" in report["scales_output"].reason
+
+
+def test_level_enable_disable_select_passes():
+    lossy = ScalesOutput(0, Budget(max_rel_err=1e-2))
+    assert [p.name for p in PassManager([CountsDown(), lossy], level=1).selected] == ["counts_down"]
+    assert [p.name for p in PassManager([CountsDown(), lossy], level=1, enable=["scales_output"]).selected] \
+        == ["counts_down", "scales_output"]
+    assert [p.name for p in PassManager([CountsDown(), lossy], level=2, disable=["counts_down"]).selected] \
+        == ["scales_output"]
+    with pytest.raises(OptionError, match="unknown pass name.*nope.*known passes"):
+        PassManager([CountsDown()], disable=["nope"])
+
+
+def test_requires_is_checked():
+    class NeedsCountdown(CountsDown):
+        name, requires = "needs", ("counts_down",)
+    with pytest.raises(OptionError, match="requires counts_down"):
+        PassManager([NeedsCountdown(), CountsDown()])
+    PassManager([CountsDown(), NeedsCountdown()])
+
+
+def test_fixed_point_reruns_until_no_change_under_the_step_cap():
+    class Deep(nn.Module):
+        def forward(self, x):
+            for _ in range(5):
+                x = torch.relu(x) + 1
+            return x
+    gm, inputs, reference = _setup(Deep())
+    # removing relu changes values: disable verification to test the iteration alone
+    out, report = PassManager([CountsDown()], verify=False, max_steps=3).run(gm, inputs, reference)
+    assert len(report.records) == 3 and len(ir.find_nodes(out, aten.relu)) == 2
+    out, report = PassManager([CountsDown()], verify=False, max_steps=10).run(gm, inputs, reference)
+    assert len(report.records) == 6 and not ir.find_nodes(out, aten.relu)
+
+
+def test_unknown_pass_names_through_optimize_are_clear_errors():
+    with pytest.raises(OptionError, match="unknown pass name"):
+        graphopt.optimize(TinyNet(), (torch.randn(2, 6),), disable=["no_such_pass"])
+
+
+def test_report_renders_every_pass():
+    model = TinyNet().eval()
+    opt = graphopt.optimize(model, (torch.randn(2, 6),), progress=False)
+    text, md, data = str(opt.report), opt.report.to_markdown(), opt.report.to_dict()
+    for record in opt.report.records:
+        assert record.name in text and record.name in md
+    assert data["baseline"]["nodes"] >= data["final"]["nodes"]
+    assert {"name", "wall_s", "nodes", "param_bytes", "latency_ms", "max_abs_err", "max_rel_err",
+            "rolled_back"} <= set(data["passes"][0])
+    assert "latency" in opt.report.summary()
