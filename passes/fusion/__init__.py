@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import Any
 
 from .activation import RecognizeActivations
+from .attention import RecognizeAttention
 from .batchnorm import FoldBatchNorm
 from .normalization import RecognizeNormalization
 
 
 def passes() -> list[Any]:
     """The fusion passes, in the order they run."""
-    return [FoldBatchNorm(), RecognizeActivations(), RecognizeNormalization()]
+    return [FoldBatchNorm(), RecognizeActivations(), RecognizeNormalization(), RecognizeAttention()]
