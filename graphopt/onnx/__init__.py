@@ -1,14 +1,10 @@
-"""ONNX: export of optimized modules and the ONNX-in, ONNX-out path."""
-from __future__ import annotations
+"""ONNX: export of optimized modules and the ONNX-in, ONNX-out path.
 
-from typing import Any
+    graphopt.export_onnx(opt, example_inputs, "model.onnx")
+    report = graphopt.optimize_onnx("in.onnx", "out.onnx", level="O2")
+"""
+from .export import export_onnx
+from .ir import OnnxIR, OnnxModel
+from .optimize import optimize_onnx
 
-from graphopt.errors import UnsupportedError
-
-
-def export_onnx(opt: Any, example_inputs: tuple, path: str, **kwargs: Any) -> None:
-    raise UnsupportedError("graphopt.export_onnx is not available yet in this version")
-
-
-def optimize_onnx(src: str, dst: str, **kwargs: Any) -> Any:
-    raise UnsupportedError("graphopt.optimize_onnx is not available yet in this version")
+__all__ = ["export_onnx", "optimize_onnx", "OnnxIR", "OnnxModel"]

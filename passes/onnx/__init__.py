@@ -1,1 +1,29 @@
-"""ONNX graph passes (onnx-graphsurgeon IR)."""
+"""ONNX graph passes (onnx-graphsurgeon IR), run by graphopt's pass manager through `OnnxIR`.
+
+    dead nodes → identity/dropout → constant folding → Conv+BN → MatMul+Add→Gemm
+    → Transpose/Reshape collapse → (O2) int8
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .base import OnnxPass
+from .constant_folding import ConstantFolding
+from .conv_bn import FoldConvBatchNorm
+from .dead_nodes import DeadNodeElimination
+from .gemm import MatMulAddToGemm
+from .identity import EliminateIdentity
+from .quantize import QuantizeInt8
+from .transpose_reshape import CollapseTransposeReshape
+
+
+def passes(int8: str | None = None, calibration: Sequence[dict] = ()) -> list[Any]:
+    """Every ONNX pass in order; the int8 pass (level O2) when `int8` names a scheme."""
+    selected: list[Any] = [DeadNodeElimination(), EliminateIdentity(), ConstantFolding(), FoldConvBatchNorm(),
+                           MatMulAddToGemm(), CollapseTransposeReshape()]
+    if int8 is not None:
+        selected.append(QuantizeInt8(int8, calibration))
+    return selected
+
+
+__all__ = ["passes", "OnnxPass", "QuantizeInt8"]

@@ -1,0 +1,259 @@
+"""`graphopt.export_onnx`: an optimized (or any) torch module to a checked ONNX file.
+
+    graphopt.export_onnx(opt, example_inputs, "model.onnx")
+
+1. `torch.onnx.export(..., dynamo=True)` of the optimized graph, with
+   graphopt's custom int8 ops translated to standard ONNX operators
+   (`graphopt.onnx.translations`), so ONNX Runtime (CPU, CUDA) and TensorRT
+   run the file without vendor domains.
+2. Cleanup with onnx-graphsurgeon through the ONNX passes (constant folding
+   under the size guard, dead nodes, unused initializers, topological sort).
+3. Dynamic axes: batch (axis 0) of every input, and sequence (axis 1) of
+   integer token inputs, wherever the graph allows them; named `batch` and
+   `sequence` in the file.
+4. Checked before the file is moved into place: `onnx.checker`, an ONNX
+   Runtime session, and ONNX Runtime's outputs against the torch module's on
+   the example inputs, within the scheme's tolerance. Written atomically;
+   models over 2 GB get external data.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+import torch
+import torch.utils._pytree as pytree
+from torch.export import Dim
+
+from graphopt.errors import InputError, VerificationError
+from graphopt.verify import LOSSLESS, Budget, compare
+
+from .files import check_destination, save_model
+from .ir import OnnxModel, session
+
+#: Export tolerance per scheme, against the torch module on the example inputs.
+#: Float: ONNX Runtime's fusions re-associate float32 sums (see verify.LOSSLESS).
+#: Int8: the ONNX graph computes the same integer products, but a value that
+#: lands on a rounding boundary in one runtime may round the other way in the
+#: other (a different summation order before quantization): one int8 step,
+#: 1/127 of a row's range, on a few elements.
+TOLERANCES = {
+    None: LOSSLESS,
+    "int8-dynamic": Budget(max_rel_err=3e-2, min_cosine=0.999),
+    "int8-static": Budget(max_rel_err=3e-2, min_cosine=0.999),
+    "int8-weight-only": Budget(max_rel_err=1e-3, min_cosine=0.9999),
+}
+
+
+def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.PathLike,
+                example_kwargs: Mapping[str, Any] | None = None,
+                dynamic_axes: str | Mapping[str, Mapping[int, str]] | None = "auto",
+                opset: int | None = None, tolerance: Budget | None = None) -> Path:
+    """Export `opt` (an `OptimizedModule` or any `nn.Module`) to `path`; returns the path.
+
+    dynamic_axes: "auto" (batch, and sequence for integer inputs), None (all
+    static), or {input name: {axis: symbol name}}.
+    tolerance: overrides the scheme's export tolerance (`TOLERANCES`).
+    """
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise InputError(f"example_inputs must be a tuple of positional arguments, got "
+                         f"{type(example_inputs).__name__}; wrap a single tensor as (x,)")
+    if not isinstance(opt, torch.nn.Module):
+        raise InputError(f"export_onnx takes the module graphopt.optimize returned (or any torch.nn.Module), "
+                         f"got {type(opt).__name__}")
+    kwargs = dict(example_kwargs or {})
+    path = check_destination(None, path)
+    module, scheme = _exportable(opt, example_inputs, kwargs)
+    with torch.no_grad():
+        reference = opt(*example_inputs, **kwargs)
+    proto = _torch_export(module, example_inputs, kwargs, _dynamic_shapes(module, example_inputs, kwargs, dynamic_axes),
+                          opset)
+    _name_dynamic_axes(proto, example_inputs, kwargs, dynamic_axes)
+    proto = _cleanup(proto)
+    budget = tolerance or TOLERANCES.get(scheme, LOSSLESS)
+    feeds = _feeds(proto, example_inputs, kwargs)
+
+    def check(written: Path) -> None:
+        onnx.checker.check_model(str(written))
+        _check_outputs(session(written), feeds, reference, budget)
+
+    return save_model(proto, path, check=check)
+
+
+def _exportable(opt: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.nn.Module, str | None]:
+    """The module torch.onnx exports (the optimized graph when there is one) and its int8 scheme."""
+    graph_module = getattr(opt, "graph_module", None)
+    if hasattr(opt, "captured") and graph_module is None:
+        with torch.no_grad():
+            opt(*args, **kwargs)          # a lazy OptimizedModule captures on its first call
+        graph_module = opt.graph_module
+    if graph_module is None:
+        return opt.eval() if not opt.training else _eval_copy(opt), None
+    options = getattr(opt, "options", None)
+    return graph_module, _scheme(graph_module, getattr(options, "quantize", None))
+
+
+def _eval_copy(module: torch.nn.Module) -> torch.nn.Module:
+    import copy
+    return copy.deepcopy(module).eval()
+
+
+def _scheme(graph_module: torch.fx.GraphModule, requested: str | None) -> str | None:
+    """The int8 scheme whose ops are in the graph (None for a float graph)."""
+    targets = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_function"}
+    if not any("graphopt." in t for t in targets):
+        return None
+    return requested or "int8-dynamic"
+
+
+def _dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict,
+                    dynamic_axes: str | Mapping[str, Mapping[int, str]] | None) -> Any:
+    """torch.export dynamic_shapes: Dim.AUTO on the axes that may vary."""
+    if dynamic_axes is None:
+        return None
+    symbolic = _symbolic_axes(module)
+    names = _input_names(module, args, kwargs)
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    specs = []
+    for index, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+            specs.append(None)
+            continue
+        if isinstance(dynamic_axes, Mapping):
+            axes = set(dynamic_axes.get(names[index], {}))
+        else:
+            axes = _auto_axes(leaf)
+        if symbolic is not None:
+            axes &= symbolic.get(index, set())
+        specs.append({axis: Dim.AUTO for axis in sorted(axes)} or None)
+    shaped_args, shaped_kwargs = pytree.tree_unflatten(specs, spec)
+    return _by_parameter(module, shaped_args, shaped_kwargs)
+
+
+def _auto_axes(leaf: torch.Tensor) -> set[int]:
+    axes = {0}
+    if not leaf.is_floating_point() and leaf.dim() >= 2:
+        axes.add(1)   # token ids, masks: [batch, sequence]
+    return axes
+
+
+def _symbolic_axes(module: torch.nn.Module) -> dict[int, set[int]] | None:
+    """For a captured GraphModule: the axes of each input leaf that are symbolic; None for eager modules."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return None
+    result = {}
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    for index, node in enumerate(placeholders):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            result[index] = {axis for axis, size in enumerate(value.shape) if not isinstance(size, int)}
+    return result
+
+
+def _input_names(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """A name per flattened input leaf: the forward() parameter (with an index for nested inputs)."""
+    import inspect
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    except TypeError:
+        bound = {f"input_{i}": a for i, a in enumerate(args)} | kwargs
+    names = []
+    for name, value in bound.items():
+        leaves = pytree.tree_leaves(value)
+        names += [name] if len(leaves) == 1 else [f"{name}_{i}" for i in range(len(leaves))]
+    return names
+
+
+def _by_parameter(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    import inspect
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        return dict(bound.arguments)
+    except TypeError:
+        return (*args, *kwargs.values())
+
+
+def _torch_export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
+                  opset: int | None) -> onnx.ModelProto:
+    from .translations import translation_table
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True,
+                                        dynamic_shapes=dynamic_shapes, opset_version=opset,
+                                        custom_translation_table=translation_table(), verbose=False,
+                                        report=False)
+        except Exception as exc:
+            text = " ".join(str(exc).split())[:600]
+            raise InputError(f"torch.onnx.export could not export the module: {type(exc).__name__}: {text}") from exc
+    return program.model_proto
+
+
+def _name_dynamic_axes(proto: onnx.ModelProto, args: tuple, kwargs: dict,
+                       dynamic_axes: str | Mapping[str, Mapping[int, str]] | None) -> None:
+    """Rename the exporter's symbols (s0, s72, …) to `batch`, `sequence` or the requested names."""
+    if dynamic_axes is None:
+        return
+    rename: dict[str, str] = {}
+    for graph_input in proto.graph.input:
+        dims = graph_input.type.tensor_type.shape.dim
+        floating = graph_input.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                               onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+        for axis, dim in enumerate(dims):
+            if not dim.dim_param or dim.dim_param in rename:
+                continue
+            if isinstance(dynamic_axes, Mapping):
+                wanted = dynamic_axes.get(graph_input.name, {}).get(axis, f"{graph_input.name}_{axis}")
+            else:
+                wanted = "batch" if axis == 0 else "sequence" if axis == 1 and not floating \
+                    else f"{graph_input.name}_{axis}"
+            rename[dim.dim_param] = wanted
+    for info in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+
+
+def _cleanup(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding (size-guarded), dead nodes and unused initializers, topological order."""
+    from graphopt.passes.onnx import ConstantFolding, DeadNodeElimination
+    model = OnnxModel.from_proto(proto)
+    for p in (ConstantFolding(), DeadNodeElimination()):
+        p.run(model)
+    model.graph.toposort()
+    return model.to_proto()
+
+
+def _feeds(proto: onnx.ModelProto, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+    """The example inputs keyed by the ONNX graph's input names (tensor leaves, in order)."""
+    leaves = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+    names = [i.name for i in proto.graph.input]
+    if len(names) != len(leaves):
+        raise InputError(f"the ONNX graph has {len(names)} inputs but the example inputs hold {len(leaves)} "
+                         "tensors (a constant input was folded into the graph?)")
+    return {name: leaf.detach().cpu().numpy() for name, leaf in zip(names, leaves)}
+
+
+def _check_outputs(sess: Any, feeds: dict[str, np.ndarray], reference: Any, budget: Budget) -> None:
+    names = [o.name for o in sess.get_outputs()]
+    outputs = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
+    expected = [leaf for leaf in pytree.tree_leaves(reference) if isinstance(leaf, torch.Tensor)]
+    if len(outputs) != len(expected):
+        raise VerificationError(f"the ONNX model has {len(outputs)} outputs, the torch module {len(expected)}")
+    for name, got, want in zip(names, outputs, expected):
+        errors = compare(torch.from_numpy(np.asarray(got)), want.detach().cpu())
+        reason = budget.check(errors)
+        if reason:
+            raise VerificationError(
+                f"ONNX Runtime output {name!r} differs from the torch module: {reason} "
+                f"(max abs err {errors.max_abs:.3g}, max rel err {errors.max_rel:.3g}, "
+                f"tolerance: {budget.describe()}); nothing was written")
+
+
+__all__ = ["export_onnx", "TOLERANCES"]

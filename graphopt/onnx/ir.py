@@ -1,0 +1,190 @@
+"""The ONNX IR adapter: an onnx-graphsurgeon graph the pass manager can drive.
+
+`OnnxModel` wraps a `gs.Graph` (what passes rewrite) with a cached ONNX
+Runtime session; `OnnxIR` implements the pass manager's IR protocol
+(copy, finalize, count_nodes, param_bytes, run, dump). Inputs are
+`((), {input_name: ndarray})` pairs and outputs are tuples of torch tensors,
+so `graphopt.verify.compare_runs` compares them like FX outputs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import torch
+
+from graphopt.errors import UnsupportedError
+
+Inputs = Sequence[tuple[tuple, dict]]
+
+#: Custom or vendor ops are skipped by every pass; these domains are standard ONNX.
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def session(model: onnx.ModelProto | str | os.PathLike, optimize: bool = True,
+            providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+    """An ONNX Runtime session on the CPU (or `providers`), threads pinned to the machine's cores."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=list(providers))
+
+
+class OnnxModel:
+    """A `gs.Graph` plus the model-level fields graphsurgeon does not keep, and a cached session."""
+
+    def __init__(self, graph: gs.Graph, ir_version: int | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        self.graph = graph
+        self.ir_version = ir_version
+        self.metadata = dict(metadata or {})
+        self._session: ort.InferenceSession | None = None
+
+    @classmethod
+    def from_proto(cls, model: onnx.ModelProto) -> "OnnxModel":
+        metadata = {p.key: p.value for p in model.metadata_props}
+        return cls(gs.import_onnx(model), model.ir_version, metadata)
+
+    @property
+    def opset(self) -> int:
+        return int(self.graph.opset)
+
+    def to_proto(self) -> onnx.ModelProto:
+        model = gs.export_onnx(self.graph, do_type_check=False)
+        if self.ir_version is not None:
+            model.ir_version = max(self.ir_version, _min_ir_version(model))
+        for key, value in self.metadata.items():
+            model.metadata_props.add(key=key, value=value)
+        return model
+
+    def session(self) -> ort.InferenceSession:
+        if self._session is None:
+            try:
+                self._session = session(self.to_proto())
+            except Exception as exc:
+                raise UnsupportedError(f"ONNX Runtime cannot run this model: {_first_line(exc)}") from exc
+        return self._session
+
+    def invalidate(self) -> None:
+        self._session = None
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+        names = [i.name for i in self.session().get_inputs()]
+        outputs = self.session().run(None, {name: feeds[name] for name in names})
+        return tuple(torch.from_numpy(np.asarray(o)) for o in outputs)
+
+    def copy(self) -> "OnnxModel":
+        return OnnxModel(self.graph.copy(), self.ir_version, self.metadata)
+
+
+def _min_ir_version(model: onnx.ModelProto) -> int:
+    """The IR version the model's opsets need (onnx's own table)."""
+    try:
+        return onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except TypeError:  # older onnx without ignore_unknown
+        return onnx.helper.find_min_ir_version_for(list(model.opset_import))
+
+
+class OnnxIR:
+    """The pass manager's IR protocol for `OnnxModel`s."""
+
+    def copy(self, module: OnnxModel) -> OnnxModel:
+        return module.copy()
+
+    def finalize(self, module: OnnxModel) -> None:
+        """Drop dead nodes, sort topologically and check the model; the session is rebuilt lazily."""
+        module.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        module.invalidate()
+        onnx.checker.check_model(module.to_proto())
+
+    def count_nodes(self, module: OnnxModel) -> int:
+        return len(module.graph.nodes)
+
+    def param_bytes(self, module: OnnxModel) -> int:
+        return sum(t.values.nbytes for t in module.graph.tensors().values()
+                   if isinstance(t, gs.Constant)) + sum(
+            _const_node_bytes(n) for n in module.graph.nodes if n.op == "Constant")
+
+    def run(self, module: OnnxModel, inputs: Inputs) -> list[Any]:
+        return [module.run(kwargs) for _, kwargs in inputs]
+
+    def dump(self, module: OnnxModel, directory: Path) -> None:
+        onnx.save_model(module.to_proto(), str(directory / "graph.onnx"))
+        (directory / "graph.txt").write_text(str(module.graph))
+
+
+def _const_node_bytes(node: gs.Node) -> int:
+    value = node.attrs.get("value")
+    return value.values.nbytes if isinstance(value, gs.Constant) else 0
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:400]
+
+
+def random_inputs(model: OnnxModel, n: int, seed: int = 0,
+                  dims: dict[str, int] | None = None) -> list[tuple[tuple, dict]]:
+    """`n` random feeds of the graph's declared input shapes and dtypes.
+
+    Symbolic dimensions take `dims[name]` when given, else 2 on axis 0 (batch)
+    and 16 elsewhere (one value per symbol, so inputs that share a sequence
+    axis agree). Floats are standard normal; integer inputs that index a
+    constant table (`Gather` on an embedding) are drawn below its row count;
+    integer inputs named like masks are all ones; other integers are 0/1.
+    """
+    rng = np.random.default_rng(seed)
+    dims = dict(dims or {})
+    feeds = []
+    for _ in range(n):
+        feed = {}
+        for tensor in model.graph.inputs:
+            shape = []
+            for axis, dim in enumerate(tensor.shape or ()):
+                if isinstance(dim, int) and dim >= 0:
+                    shape.append(dim)
+                else:
+                    key = str(dim) if dim is not None else f"{tensor.name}:{axis}"
+                    shape.append(dims.setdefault(key, 2 if axis == 0 else 16))
+            dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
+            feed[tensor.name] = _random_array(model, tensor, tuple(shape), dtype, rng)
+        feeds.append(((), feed))
+    return feeds
+
+
+def _random_array(model: OnnxModel, tensor: gs.Variable, shape: tuple[int, ...], dtype: np.dtype,
+                  rng: np.random.Generator) -> np.ndarray:
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return np.ones(shape, dtype)
+    if "mask" in tensor.name.lower():
+        return np.ones(shape, dtype)
+    rows = _gathered_rows(tensor)
+    return rng.integers(0, rows if rows else 2, size=shape).astype(dtype)
+
+
+def _gathered_rows(tensor: gs.Tensor, depth: int = 3) -> int | None:
+    """Row count of the smallest constant table `tensor` indexes (through casts), if any."""
+    rows = None
+    for consumer in tensor.outputs:
+        if consumer.op == "Gather" and len(consumer.inputs) > 1 and consumer.inputs[1] is tensor \
+                and isinstance(consumer.inputs[0], gs.Constant):
+            axis = consumer.attrs.get("axis", 0)
+            found = consumer.inputs[0].shape[axis]
+        elif consumer.op in ("Cast", "Unsqueeze", "Reshape", "Flatten") and depth > 0:
+            found = _gathered_rows(consumer.outputs[0], depth - 1)
+        else:
+            found = None
+        if found is not None:
+            rows = found if rows is None else min(rows, found)
+    return rows

@@ -1,0 +1,108 @@
+"""What every ONNX pass shares: level/budget fields, opset upgrades, node helpers.
+
+A pass subclasses `OnnxPass`, sets `name`, `level`, `min_opset` and
+implements `rewrite(model, log)`. `run` first makes sure the model's opset
+is at least `min_opset`, upgrading it with `onnx.version_converter` when
+needed; a model that cannot be upgraded is returned unchanged and the pass
+records why it was skipped (`stats["skipped"]`, shown in the report).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+from graphopt.onnx.ir import STANDARD_DOMAINS, OnnxModel
+from graphopt.pass_manager import PassResult, RewriteLog
+from graphopt.verify import LOSSLESS, Budget
+
+
+class OnnxPass:
+    name = "onnx_pass"
+    level = 1
+    requires: tuple[str, ...] = ()
+    fixed_point = False
+    budget: Budget = LOSSLESS
+    min_opset = 1
+
+    def run(self, model: OnnxModel) -> PassResult:
+        log = RewriteLog()
+        if model.opset < self.min_opset:
+            upgraded, reason = upgrade_opset(model, self.min_opset)
+            if upgraded is None:
+                log.rejected("opset upgrade", f"opset {model.opset}", reason)
+                return log.result(model, skipped=f"{self.name}: {reason}")
+            model = upgraded
+            log.matched(f"opset upgrade to {self.min_opset}")
+        self.rewrite(model, log)
+        return log.result(model)
+
+    def rewrite(self, model: OnnxModel, log: RewriteLog) -> None:
+        raise NotImplementedError
+
+
+def upgrade_opset(model: OnnxModel, target: int) -> tuple[OnnxModel | None, str]:
+    """The model converted to opset `target`, or (None, why not)."""
+    try:
+        converted = version_converter.convert_model(model.to_proto(), target)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # the converter raises RuntimeError/ValidationError/…
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return None, f"cannot upgrade opset {model.opset} → {target}: {text}"
+    return OnnxModel.from_proto(converted), ""
+
+
+def is_standard(node: gs.Node) -> bool:
+    return (node.domain or "") in STANDARD_DOMAINS
+
+
+def constant(tensor: Any) -> np.ndarray | None:
+    """The value of `tensor` if it is an initializer or a `Constant` node's output, else None."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        value = tensor.inputs[0].attrs.get("value")
+        return value.values if isinstance(value, gs.Constant) else None
+    return None
+
+
+def only_consumer(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
+    """The single node reading `tensor`, if it has one and is not a graph output."""
+    if len(tensor.outputs) != 1 or tensor in graph.outputs:
+        return None
+    return tensor.outputs[0]
+
+
+def bypass(node: gs.Node, source: gs.Tensor, graph: gs.Graph) -> None:
+    """Make every reader of `node`'s (single) output read `source`; `node` becomes dead.
+
+    When the output is a graph output, the producer of `source` is made to
+    write the graph output tensor instead, so graph output names are kept.
+    """
+    out = node.outputs[0]
+    if out in graph.outputs and source.inputs and source not in graph.outputs and source not in graph.inputs:
+        producer = source.inputs[0]
+        producer.outputs[producer.outputs.index(source)] = out
+        for consumer in list(source.outputs):
+            replace_input(consumer, source, out)
+        node.outputs.clear()
+        node.inputs.clear()
+        return
+    if out in graph.outputs:
+        node.op, node.attrs = "Identity", {}
+        del node.inputs[1:]
+        node.inputs[0] = source
+        return
+    for consumer in list(out.outputs):
+        replace_input(consumer, out, source)
+    node.outputs.clear()
+    node.inputs.clear()
+
+
+def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    for i, tensor in enumerate(node.inputs):
+        if tensor is old:
+            node.inputs[i] = new
