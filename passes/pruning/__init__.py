@@ -1,11 +1,200 @@
-"""Structured pruning (level O3)."""
+"""Structured pruning (level O3): remove whole channels, neurons and attention heads.
+
+    analyze (groups.py) → score units (importance.py) → allocate (allocate.py) → slice (slice.py)
+
+`prune=r` (a number in [0, 1)) removes the fraction r of the FLOPs (or of the
+parameters with prune_options target="params"): `prune=0.5` keeps half the
+FLOPs. `prune={pattern: r}` removes the fraction r of the channels of every
+group whose module path matches the fnmatch pattern.
+
+prune_options:
+    criterion        "l2" (default) | "l1" | "bn_scale" | "taylor" | "activation"
+    ranking          "global" (default) | "local"
+    round_to         kept channels stay a multiple of this (default 8)
+    max_layer_ratio  largest fraction of one group removed (default 0.8)
+    ignored          module-name patterns whose channels are kept
+    target           "flops" (default) | "params"
+    sensitivity      True: allocate from a per-group sweep on calibration data
+    sweep_ratios     ratios of that sweep (default (0.25, 0.5, 0.75))
+    metric           callable(module) -> float, higher is better (the sweep's
+                     measure; default: minus the relative output error)
+    loss_fn          callable(outputs[, labels]) -> loss, for "taylor"
+    labels           one label tensor per calibration batch, for "taylor"
+    max_calibration_batches   batches used for scoring and the sweep (default 8)
+
+The pass is lossy: its budget is unbounded (the report records the error),
+and recovery is `graphopt.finetune`.
+"""
 from __future__ import annotations
 
-from typing import Any
+import copy
+import itertools
+import math
+import warnings
+from fnmatch import fnmatch
+from typing import Any, Callable, Mapping
 
-from graphopt.errors import UnsupportedError
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from graphopt import ir
+from graphopt.errors import OptionError
+from graphopt.pass_manager import PassResult, RewriteLog
+from graphopt.verify import Budget
+
+from . import allocate, importance, slice as slicing
+from .groups import Analysis, analyze, matching_groups
+
+DEFAULTS: dict[str, Any] = {
+    "criterion": "l2", "ranking": "global", "round_to": 8, "max_layer_ratio": 0.8, "ignored": (),
+    "target": "flops", "sensitivity": False, "sweep_ratios": (0.25, 0.5, 0.75), "metric": None,
+    "loss_fn": None, "labels": None, "max_calibration_batches": 8,
+}
+
+
+def validate(prune: Any, prune_options: Mapping[str, Any]) -> dict[str, Any]:
+    """Checked prune_options with defaults filled in; raises OptionError."""
+    unknown = sorted(set(prune_options) - set(DEFAULTS))
+    if unknown:
+        raise OptionError(f"unknown prune_options key(s): {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    opts = {**DEFAULTS, **prune_options}
+    ratios = prune.values() if isinstance(prune, Mapping) else [prune]
+    for ratio in ratios:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise OptionError(f"prune ratio {ratio!r} must be a number in [0, 1)")
+    if opts["criterion"] not in importance.CRITERIA:
+        raise OptionError(f"prune_options criterion={opts['criterion']!r}: choose one of {', '.join(importance.CRITERIA)}")
+    choices = {"ranking": ("global", "local"), "target": ("flops", "params")}
+    for key, allowed in choices.items():
+        if opts[key] not in allowed:
+            raise OptionError(f"prune_options {key}={opts[key]!r}: choose one of {', '.join(allowed)}")
+    if not isinstance(opts["round_to"], int) or isinstance(opts["round_to"], bool) or opts["round_to"] < 1:
+        raise OptionError(f"prune_options round_to={opts['round_to']!r} must be a positive integer")
+    if not isinstance(opts["max_layer_ratio"], (int, float)) or not 0 < opts["max_layer_ratio"] < 1:
+        raise OptionError(f"prune_options max_layer_ratio={opts['max_layer_ratio']!r} must be in (0, 1)")
+    if isinstance(opts["ignored"], str):
+        opts["ignored"] = (opts["ignored"],)
+    if opts["criterion"] == "taylor" and opts["loss_fn"] is None and opts["labels"] is None:
+        raise OptionError("criterion='taylor' needs prune_options['loss_fn'] or prune_options['labels']")
+    for key in ("loss_fn", "metric"):
+        if opts[key] is not None and not callable(opts[key]):
+            raise OptionError(f"prune_options {key} must be callable")
+    return opts
+
+
+class StructuredPruning:
+    """Slice channels, neurons and heads out of the graph (see the package docstring)."""
+    name = "structured_pruning"
+    level = 3
+    requires: tuple[str, ...] = ()
+    fixed_point = False
+    budget = Budget()   # lossy by design: unbounded, the report records the error
+
+    def __init__(self, prune: float | Mapping[str, float], options: Mapping[str, Any] | None = None,
+                 calibration_data: Any = None, progress: bool = True) -> None:
+        self.prune = prune
+        self.options = validate(prune, options or {})
+        self.calibration_data = calibration_data
+        self.progress = progress
+
+    def _batches(self) -> list[Any] | None:
+        if self.calibration_data is None:
+            return None
+        return list(itertools.islice(iter(self.calibration_data), self.options["max_calibration_batches"]))
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        opts = self.options
+        log = RewriteLog()
+        analysis = analyze(gm, opts["ignored"])
+        self._check_patterns(analysis)
+        groups = analysis.prunable()
+        for group in analysis.groups.values():
+            if not group.prunable:
+                log.rejected("channel group", group.name, "; ".join(group.blocked) or "a single unit")
+        if not groups:
+            warnings.warn("graphopt: structured pruning found no prunable channel group; the model is unchanged "
+                          f"(boundaries: {'; '.join(analysis.boundaries[:5]) or 'none'})")
+            return log.result(gm, boundaries=analysis.boundaries)
+        batches = self._batches()
+        scores = importance.compute(gm, analysis, groups, opts["criterion"], batches, opts["labels"],
+                                    opts["loss_fn"])
+        cost = allocate.Cost(gm, analysis)
+        plan = self._allocate(gm, analysis, groups, scores, cost, batches)
+        plan = {k: v for k, v in plan.items() if v}
+        before = (cost.flops({}), cost.params({}))
+        slicing.apply(gm, analysis, plan)
+        after_flops = allocate.count_flops(gm)
+        log.matched("channel group", len(plan))
+        layers = {g.name: {"modules": g.modules, "units": g.units, "unit_channels": g.gran,
+                           "pruned_units": len(plan.get(g.name, ()))} for g in groups}
+        return log.result(gm, flops_before=before[0], flops_after=after_flops, params_before=before[1],
+                          params_after=float(sum(p.numel() for p in gm.parameters())),
+                          flops_ratio=after_flops / before[0] if before[0] else 1.0, layers=layers,
+                          boundaries=analysis.boundaries)
+
+    def _check_patterns(self, analysis: Analysis) -> None:
+        candidates = sorted({m for g in analysis.groups.values() for m in g.modules})
+        patterns = list(self.options["ignored"]) + (list(self.prune) if isinstance(self.prune, Mapping) else [])
+        for pattern in patterns:
+            if not any(fnmatch(m, pattern) for m in candidates) and not any(
+                    fnmatch(s, pattern) for g in analysis.groups.values() for s in g.sources):
+                raise OptionError(f"pattern {pattern!r} matches no layer; candidates: {', '.join(candidates)}")
+
+    def _allocate(self, gm: fx.GraphModule, analysis: Analysis, groups: list, scores: dict, cost: allocate.Cost,
+                  batches: list[Any] | None) -> dict[str, list[int]]:
+        opts = self.options
+        round_to, max_ratio = opts["round_to"], opts["max_layer_ratio"]
+        if isinstance(self.prune, Mapping):
+            ratios: dict[str, float] = {}
+            for pattern, ratio in self.prune.items():
+                for g in matching_groups(analysis, pattern):
+                    ratios[g.name] = ratio
+            return allocate.by_ratio(groups, scores, ratios, round_to, max_ratio)
+        keep = 1.0 - float(self.prune)
+        measure = cost.of(opts["target"])
+        if opts["sensitivity"]:
+            if not batches:
+                raise OptionError("prune_options sensitivity=True needs calibration_data")
+            drop = _drop_fn(gm, analysis, batches, opts["metric"])
+            return allocate.sensitivity(groups, scores, measure, keep, round_to, max_ratio, drop,
+                                        opts["sweep_ratios"], self.progress)
+        rank = allocate.global_rank if opts["ranking"] == "global" else allocate.uniform
+        return rank(groups, scores, measure, keep, round_to, max_ratio)
+
+
+def _drop_fn(gm: fx.GraphModule, analysis: Analysis, batches: list[Any],
+             metric: Callable[[torch.nn.Module], float] | None) -> Callable[[Mapping[str, list[int]]], float]:
+    """Metric lost when a plan is applied as a mask (equal to slicing, much cheaper)."""
+    with torch.no_grad():
+        reference = [importance.call(gm, b) for b in batches]
+    base = metric(gm) if metric is not None else 0.0
+
+    def score(module: torch.nn.Module) -> float:
+        if metric is not None:
+            return metric(module)
+        errors = []
+        with torch.no_grad():
+            for b, ref in zip(batches, reference):
+                got = [t.double() for t in pytree.tree_leaves(importance.call(module, b)) if isinstance(t, torch.Tensor)]
+                want = [t.double() for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
+                num = math.sqrt(sum(((g - w) ** 2).sum().item() for g, w in zip(got, want)))
+                den = math.sqrt(sum((w ** 2).sum().item() for w in want)) or 1.0
+                errors.append(num / den)
+        return -sum(errors) / len(errors)
+
+    def drop(plan: Mapping[str, list[int]]) -> float:
+        masked = copy.deepcopy(gm)
+        slicing.mask(masked, analysis, plan)
+        return base - score(masked)
+
+    return drop
 
 
 def passes(options: Any) -> list[Any]:
     """The pruning passes for `options.prune` (a ratio or {pattern: ratio}) and `options.prune_options`."""
-    raise UnsupportedError("prune= (structured pruning, level O3) is not available yet in this version")
+    return [StructuredPruning(options.prune, options.prune_options, options.calibration_data,
+                              getattr(options, "progress", True))]
+
+
+__all__ = ["StructuredPruning", "passes", "validate", "analyze"]
