@@ -32,7 +32,7 @@ from typing import Any, Protocol, Sequence
 import torch.fx as fx
 
 from . import ir
-from .errors import OptionError
+from .errors import InputError, OptionError
 from .report import PassRecord, Report
 from .timing import measure
 from .verify import LOSSLESS, Budget, compare_runs
@@ -191,6 +191,8 @@ class PassManager:
             if result.modified:
                 self.ir.finalize(result.module)
                 outputs = self.ir.run(result.module, inputs) if self.verify else None
+        except InputError:        # bad user data (e.g. NaN in calibration batches): the caller's to fix
+            raise
         except Exception as exc:  # a crashing pass is rolled back, never fatal
             where = self._write_reproducer(p, current, exc)
             record = self._record(p.name, current, time.perf_counter() - start, reference, current_outputs, {})

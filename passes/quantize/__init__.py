@@ -1,11 +1,24 @@
-"""Int8 rewriting (level O2)."""
+"""Int8 rewriting (level O2).
+
+    smoothquant      (W8A8 with calibration data) float-exact: activation outliers
+                     migrated into the weights, see smoothquant.py
+    int8_dynamic | int8_static | int8_weight_only
+                     linears onto torch.ops.graphopt int8 kernels, with calibration,
+                     accuracy-aware fallback and a per-layer report, see rewrite.py
+
+The options (`quantize`, `calibration_data`, `accuracy_budget`,
+`quantize_options`) are documented and validated in config.py.
+"""
 from __future__ import annotations
 
 from typing import Any
 
-from graphopt.errors import UnsupportedError
+from .config import QuantConfig, parse
 
 
 def passes(options: Any) -> list[Any]:
     """The int8 passes for `options.quantize` (a scheme name) and `options.quantize_options`."""
-    raise UnsupportedError(f"quantize={options.quantize!r} (int8, level O2) is not available yet in this version")
+    config: QuantConfig = parse(options)
+    from .rewrite import QuantizeLinears          # imports graphopt.kernels (the custom ops)
+    from .smoothquant import SmoothQuant
+    return ([SmoothQuant(config)] if config.smoothquant else []) + [QuantizeLinears(config)]

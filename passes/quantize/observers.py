@@ -1,0 +1,213 @@
+"""Symmetric int8 quantization math and the observers that choose its range.
+
+Symmetric int8 with a clipping range c > 0 (c = 127·scale):
+
+    q = clamp(round(x / scale), -127, 127)      x̂ = q · scale      scale = c / 127
+
+Inside the range (|x| ≤ c) the error |x̂ − x| is at most scale/2 (half a step);
+outside it the value is clipped to ±c. Observers pick c from the values seen
+during calibration:
+
+    minmax          c = max|x| over all batches
+    moving_average  c = EMA over batches of each batch's max|x| (smoothing constant a)
+    percentile      c = the p-th percentile of |x| (histogram of |x|)
+    mse             c minimising E[(x̂ − x)²] over a histogram of |x|: rounding noise
+                    step²/12 for |x| ≤ c plus (|x| − c)² for the clipped tail
+
+The histogram keeps `bins` equal bins over [0, upper]; when a batch exceeds
+`upper` the range doubles (adjacent bins merge), so memory stays fixed.
+Scales are floored at `MIN_SCALE`: an all-zero or constant-zero activation
+gets a tiny positive finite scale, never 0 or inf.
+
+Weights are quantized per output channel (row of W[N, K]) with the same
+math, c_n = max_k |W[n, k]| ("minmax") or the per-row MSE-optimal clip ("mse").
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from graphopt.errors import OptionError
+
+QMAX = 127
+#: Smallest scale used: keeps x / scale finite for all-zero tensors (fp32 normal range, with margin).
+MIN_SCALE = 1e-12
+
+
+def scale_from_range(amax: torch.Tensor | float) -> torch.Tensor:
+    """scale = c / 127, floored at MIN_SCALE (so it is positive and finite)."""
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    amax = torch.nan_to_num(amax, nan=0.0, posinf=torch.finfo(torch.float32).max / 2)
+    return (amax / QMAX).clamp(min=MIN_SCALE)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes of `x` for `scale` (broadcast against x)."""
+    return torch.clamp(torch.round(x.float() / scale), -QMAX, QMAX).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return dequantize(quantize(x, scale), scale)
+
+
+def per_token_fake_quantize(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-row quantization of a 2-D activation, as `quantize_per_token` does it."""
+    return fake_quantize(x, scale_from_range(x.abs().amax(dim=-1, keepdim=True)))
+
+
+WEIGHT_OBSERVERS = ("minmax", "mse")
+_CLIP_RATIOS = torch.linspace(1.0, 0.5, 51)
+
+
+def quantize_weight(w: torch.Tensor, observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: W[N, K] -> (int8[N, K], float32[N] scale)."""
+    if observer not in WEIGHT_OBSERVERS:
+        raise OptionError(f"weight_observer={observer!r}: choose one of {', '.join(WEIGHT_OBSERVERS)}")
+    w = w.detach().float()
+    amax = w.abs().amax(dim=1)
+    if observer == "mse":
+        amax = _mse_row_clip(w, amax)
+    scale = scale_from_range(amax)
+    return quantize(w, scale[:, None]), scale
+
+
+def _mse_row_clip(w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """Per row, the clip c = r·max|W_row| (r in [0.5, 1]) with the least squared error."""
+    best, best_err = amax.clone(), torch.full_like(amax, math.inf)
+    for ratio in _CLIP_RATIOS.tolist():
+        clip = amax * ratio
+        scale = scale_from_range(clip)[:, None]
+        err = (fake_quantize(w, scale) - w).pow(2).sum(dim=1)
+        better = err < best_err
+        best = torch.where(better, clip, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+class Observer:
+    """Accumulates activation statistics over calibration batches; `scale()` gives the int8 scale."""
+
+    def observe(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def clip(self) -> float:
+        raise NotImplementedError
+
+    def scale(self) -> torch.Tensor:
+        return scale_from_range(self.clip())
+
+
+class MinMaxObserver(Observer):
+    def __init__(self) -> None:
+        self.amax = 0.0
+
+    def observe(self, x: torch.Tensor) -> None:
+        if x.numel():
+            self.amax = max(self.amax, x.detach().abs().max().item())
+
+    def clip(self) -> float:
+        return self.amax
+
+
+class MovingAverageObserver(Observer):
+    """c ← (1 − a)·c + a·max|x_batch| (the first batch sets c)."""
+
+    def __init__(self, averaging_constant: float = 0.01) -> None:
+        self.a = averaging_constant
+        self.amax: float | None = None
+
+    def observe(self, x: torch.Tensor) -> None:
+        if not x.numel():
+            return
+        batch = x.detach().abs().max().item()
+        self.amax = batch if self.amax is None else (1 - self.a) * self.amax + self.a * batch
+
+    def clip(self) -> float:
+        return self.amax or 0.0
+
+
+class HistogramObserver(Observer):
+    """Histogram of |x| over [0, upper], `bins` bins; the range doubles when exceeded."""
+
+    def __init__(self, bins: int = 2048) -> None:
+        self.bins = bins
+        self.counts = torch.zeros(bins, dtype=torch.float64)
+        self.upper = 0.0
+
+    def observe(self, x: torch.Tensor) -> None:
+        values = x.detach().abs().flatten().float()
+        if not values.numel():
+            return
+        top = values.max().item()
+        if top <= 0 and self.upper == 0:
+            self.counts[0] += values.numel()
+            return
+        if self.upper == 0:
+            self.upper = top
+        while top > self.upper:
+            self._double()
+        self.counts += torch.histc(values, bins=self.bins, min=0.0, max=self.upper).double()
+
+    def _double(self) -> None:
+        merged = self.counts.view(-1, 2).sum(dim=1)
+        self.counts = torch.cat([merged, torch.zeros(self.bins - merged.numel(), dtype=torch.float64)])
+        self.upper *= 2
+
+    def _edges(self) -> torch.Tensor:
+        """Upper edge of each bin."""
+        return torch.arange(1, self.bins + 1, dtype=torch.float64) * (self.upper / self.bins)
+
+
+class PercentileObserver(HistogramObserver):
+    def __init__(self, percentile: float = 99.99, bins: int = 2048) -> None:
+        super().__init__(bins)
+        self.percentile = percentile
+
+    def clip(self) -> float:
+        total = self.counts.sum()
+        if self.upper == 0 or total == 0:
+            return 0.0
+        cumulative = torch.cumsum(self.counts, 0) / total
+        index = int(torch.searchsorted(cumulative, torch.tensor(self.percentile / 100, dtype=torch.float64)))
+        return self._edges()[min(index, self.bins - 1)].item()
+
+
+class MSEObserver(HistogramObserver):
+    """The clip minimising the expected squared int8 error over the observed histogram."""
+
+    def clip(self) -> float:
+        if self.upper == 0 or self.counts.sum() == 0:
+            return 0.0
+        width = self.upper / self.bins
+        centers = (torch.arange(self.bins, dtype=torch.float64) + 0.5) * width
+        clips = self._edges()                         # candidate i clips at the upper edge of bin i
+        n = self.counts
+
+        def tail(v: torch.Tensor) -> torch.Tensor:    # sum over bins j > i
+            return torch.flip(torch.cumsum(torch.flip(v, [0]), 0), [0]) - v
+
+        rounding = torch.cumsum(n, 0) * (clips / QMAX) ** 2 / 12
+        clipped = tail(n * centers ** 2) - 2 * clips * tail(n * centers) + clips ** 2 * tail(n)
+        error = (rounding + clipped)[self.bins // 64:]  # clips below 1/64 of the range never win
+        return clips[self.bins // 64 + int(error.argmin())].item()
+
+
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
+
+
+def make_observer(name: str, percentile: float = 99.99, averaging_constant: float = 0.01) -> Observer:
+    """An activation observer by name (see the module docstring)."""
+    if name == "minmax":
+        return MinMaxObserver()
+    if name == "moving_average":
+        return MovingAverageObserver(averaging_constant)
+    if name == "percentile":
+        return PercentileObserver(percentile)
+    if name == "mse":
+        return MSEObserver()
+    raise OptionError(f"observer={name!r}: choose one of {', '.join(OBSERVERS)}")

@@ -1,0 +1,266 @@
+"""Int8 rewrite (level O2, lossy): linear layers onto the graphopt int8 kernels.
+
+    linear(x, W, b) [→ act]  ⇒  x₂ = reshape(x, [-1, K])
+        int8-dynamic:       x_q, s_x = quantize_per_token(x₂, smooth)         per-row scale at run time
+        int8-static:        x_q = clamp(round(x₂ · (1 / (s·smooth))), ±127);  s_x = expand(s, [M])
+        W8A8:               y₂ = int8_linear(x_q, W_q, s_x, s_W, b, act)      act ∈ relu, gelu, gelu_tanh, silu
+        int8-weight-only:   y₂ = w8a16_linear(x₂, W_q, s_W, b)                 (act stays a separate node)
+                            y  = reshape(y₂, [*x.shape[:-1], N])
+
+with W_q = clamp(round(W / s_W[:, None]), ±127) per output channel (s_W[n] =
+max_k |W[n, k]| / 127) and s_x per token (dynamic) or per tensor from the
+calibration observer (static). `matmul(x, W[K, N])` with a constant W is the
+same with W ← Wᵀ. A SmoothQuant `div(x, smooth)` in front of the layer is
+absorbed into the quantization of x. The output error of one layer is bounded
+by the steps: |Δy[m, n]| ≤ Σ_k (|x̂| s_W[n]/2 + |W| s_x[m]/2) (+ clipping for
+static scales), which is what the tests check.
+
+M is read from the graph with `sym_size`, so a dynamic batch stays dynamic.
+The int8 weight and its scales are buffers (int8 bytes: the module shrinks
+~4×) and survive `state_dict()`. Layers that cannot or should not run int8
+stay float with their reason in the report; convolutions stay float in torch
+(there is no int8 convolution kernel for CPU in torch) and are marked
+(`node.meta["graphopt_int8"]`) for QDQ quantization in the ONNX export.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.*)
+from graphopt import ir
+from graphopt.pass_manager import PassResult, RewriteLog
+from graphopt.verify import Budget
+
+from . import fallback
+from .calibrate import as_inputs, calibrate, layer_name, run_batches
+from .config import DEFAULT_MIN_COSINE, QuantConfig
+from .observers import QMAX, make_observer, quantize_weight
+from .sites import Site, find_convolutions, find_sites
+
+aten = torch.ops.aten
+ACTIVATIONS = {aten.relu: "relu", aten.silu: "silu"}   # gelu: by its `approximate` argument
+CONV_REASON = "no int8 convolution kernel in torch on CPU: float in torch, marked for QDQ int8 in the ONNX export"
+
+
+def budget_for(config: QuantConfig) -> Budget:
+    """The error the pass may add, checked by the pass manager on its verification inputs."""
+    fidelity = config.fidelity
+    if fidelity is None:
+        return Budget(min_cosine=DEFAULT_MIN_COSINE)
+    if fidelity.kind == "cosine":
+        return Budget(min_cosine=fidelity.threshold)
+    if fidelity.kind == "sqnr":   # noise orthogonal to the signal: cos = 1 / sqrt(1 + 10^(−SQNR/10))
+        return Budget(min_cosine=(1 + 10 ** (-fidelity.threshold / 10)) ** -0.5)
+    return Budget()                # the user's metric is enforced by the fallback, on the user's data
+
+
+class QuantizeLinears:
+    level = 2
+    requires: tuple[str, ...] = ()
+    fixed_point = False
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+        self.name = config.scheme.replace("-", "_")          # int8_dynamic | int8_static | int8_weight_only
+        self.budget = budget_for(config)
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        config = self.config
+        log = RewriteLog()
+        sites = find_sites(gm, config.min_in_features, config.exclude)
+        eligible = [s.node.name for s in sites if s.reason is None]
+        batches = [as_inputs(gm, b) for b in config.batches]
+        scales = self._calibrate(gm, sites, batches) if config.scheme == "int8-static" else {}
+        selection = None
+        if config.fidelity is not None and eligible:
+            float_gm = copy.deepcopy(gm)
+            reference = run_batches(float_gm, batches)
+            selection = fallback.select(eligible, lambda names: quantized_copy(float_gm, names, config, scales),
+                                        config.fidelity, batches, reference, config.progress)
+            chosen = set(selection.quantized)
+        else:
+            chosen = set(eligible)
+        bytes_before = bytes_after = 0
+        layers = []
+        for site in sites:
+            row = {"layer": site.name, "op": ir.overload_packet(site.node.target).__name__,
+                   "shape": _shape(gm, site)}
+            float_bytes = _nbytes(ir.val(site.weight_node))
+            bytes_before += float_bytes
+            if site.reason is None and site.node.name in chosen:
+                n, k = site.weight(gm).shape
+                row.update(scheme=config.scheme, runs=rewrite_site(gm, site, config, scales.get(site.node.name)))
+                bytes_after += n * k + 4 * n          # int8 weight + float32 per-channel scale
+                log.matched(f"{row['op']} → int8")
+            else:
+                reason = site.reason or "fell back to float: most sensitive layer, the accuracy budget needs it"
+                row.update(scheme="float", runs="torch float", reason=reason)
+                bytes_after += float_bytes
+                log.rejected(row["op"], site.node, reason)
+            if selection is not None and site.node.name in selection.sensitivity:
+                row.update(sensitivity=selection.sensitivity[site.node.name],
+                           error_share=selection.share[site.node.name])
+            layers.append(row)
+        layers += self._mark_convolutions(gm, batches)
+        ir.drop_unused_attributes(gm)
+        stats: dict[str, Any] = {"layers": layers, "scheme": config.scheme,
+                                 "weight_bytes": {"before": bytes_before, "after": bytes_after}}
+        if selection is not None:
+            stats["accuracy"] = {"budget": config.fidelity.describe(), "met": selection.met,
+                                 "float": selection.float_score, "int8": selection.score,
+                                 "history": selection.history, "fallback": _names(sites, selection.fallback)}
+        return log.result(gm, **stats)
+
+    def _calibrate(self, gm: fx.GraphModule, sites: list[Site], batches: list) -> dict[str, torch.Tensor]:
+        """Static scale of every eligible layer's (smoothed) input, by linear node name."""
+        config = self.config
+        observers, watch = {}, {}
+        for site in sites:
+            if site.reason is None:
+                observer = make_observer(config.observer, config.percentile, config.averaging_constant)
+                observers[site.node.name] = observer
+                watch.setdefault(site.x.name, []).append(observer.observe)
+        calibrate(gm, batches, watch, config.progress, desc="int8 calibration")
+        return {name: observer.scale() for name, observer in observers.items()}
+
+    def _mark_convolutions(self, gm: fx.GraphModule, batches: list) -> list[dict[str, Any]]:
+        convs = find_convolutions(gm)
+        scales = {}
+        if convs and self.config.scheme == "int8-static":
+            observers = {c.name: make_observer(self.config.observer, self.config.percentile,
+                                               self.config.averaging_constant) for c in convs}
+            calibrate(gm, batches, {c.args[0].name: [observers[c.name].observe] for c in convs},
+                      self.config.progress, desc="int8 calibration (convolutions)")
+            scales = {name: float(o.scale()) for name, o in observers.items()}
+        rows = []
+        for conv in convs:
+            conv.meta["graphopt_int8"] = {"scheme": self.config.scheme, "x_scale": scales.get(conv.name)}
+            rows.append({"layer": layer_name(gm, conv), "op": ir.overload_packet(conv.target).__name__,
+                         "scheme": "float in torch", "runs": "torch float; ONNX export: QDQ int8",
+                         "reason": CONV_REASON})
+        return rows
+
+
+def quantized_copy(gm: fx.GraphModule, names: Sequence[str], config: QuantConfig,
+                   scales: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """A copy of `gm` with the linears named `names` (node names) rewritten to int8."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        copied = copy.deepcopy(gm)
+    wanted = set(names)
+    for site in find_sites(copied, config.min_in_features, config.exclude):
+        if site.node.name in wanted:
+            rewrite_site(copied, site, config, scales.get(site.node.name))
+    copied.recompile()
+    return copied
+
+
+def rewrite_site(gm: fx.GraphModule, site: Site, config: QuantConfig, x_scale: torch.Tensor | None) -> str:
+    """Replace one linear (and a fusable activation after it) by the int8 ops; says what runs."""
+    graph, node = gm.graph, site.node
+    x, smooth = _unsmoothed_input(gm, site) if config.w8a8 else (site.x, None)
+    w_q, w_scale = quantize_weight(site.weight(gm), config.weight_observer)
+    n, k = w_q.shape
+    out_dtype = ir.dtype(node)
+    act_node, activation = _fusable_activation(node) if config.w8a8 else (None, "none")
+    wq_node = ir.add_constant(gm, f"{site.name}_w_int8", w_q, parameter=False)
+    ws_node = ir.add_constant(gm, f"{site.name}_w_scale", w_scale, parameter=False)
+    bias = site.bias
+    if bias is not None and ir.dtype(bias) != out_dtype:
+        raise AssertionError(f"bias dtype {ir.dtype(bias)} differs from the output's {out_dtype}")
+    with graph.inserting_before(node):
+        x_shape = ir.shape(x)
+        x2 = x if len(x_shape) == 2 else graph.call_function(aten.reshape.default, (x, [-1, k]))
+        if config.scheme == "int8-weight-only":
+            y2 = graph.call_function(torch.ops.graphopt.w8a16_linear.default, (x2, wq_node, ws_node, bias))
+            runs = "graphopt::w8a16_linear"
+        else:
+            if config.scheme == "int8-dynamic":
+                x_q, s_x = _quantize_dynamic(gm, x2, smooth, site.name)
+            else:
+                x_q, s_x = _quantize_static(gm, x2, x_scale, smooth, out_dtype, site.name)
+            y2 = graph.call_function(torch.ops.graphopt.int8_linear.default,
+                                     (x_q, wq_node, s_x, ws_node, bias),
+                                     {"activation": activation, "out_dtype": out_dtype})
+            runs = "graphopt::int8_linear" + (f" + {activation} epilogue" if activation != "none" else "")
+        y = y2 if len(x_shape) == 2 else graph.call_function(
+            aten.reshape.default, (y2, [*_dims(graph, x, x_shape[:-1]), n]))
+    last = act_node if act_node is not None else node
+    ir.replace_all_uses(last, y)
+    ir.erase_unused(graph, [n_ for n_ in (act_node, node, site.x if smooth is not None else None) if n_ is not None])
+    return runs
+
+
+def _unsmoothed_input(gm: fx.GraphModule, site: Site) -> tuple[fx.Node, torch.Tensor | None]:
+    """(x, s) if the layer's input is SmoothQuant's div(x, s) with a constant s[K], else (input, None)."""
+    x = site.x
+    if ir.is_op(x, aten.div) and len(x.args) == 2 and isinstance(x.args[1], fx.Node):
+        s = ir.const_value(gm, x.args[1])
+        if isinstance(s, torch.Tensor) and s.dim() == 1 and s.numel() == site.in_features:
+            return x.args[0], s.float()
+    return x, None
+
+
+def _quantize_dynamic(gm: fx.GraphModule, x2: fx.Node, smooth: torch.Tensor | None,
+                      name: str) -> tuple[fx.Node, fx.Node]:
+    graph = gm.graph
+    smooth_node = None if smooth is None else ir.add_constant(gm, f"{name}_smooth", smooth, parameter=False)
+    pair = graph.call_function(torch.ops.graphopt.quantize_per_token.default, (x2, smooth_node))
+    return graph.call_function(operator.getitem, (pair, 0)), graph.call_function(operator.getitem, (pair, 1))
+
+
+def _quantize_static(gm: fx.GraphModule, x2: fx.Node, scale: torch.Tensor, smooth: torch.Tensor | None,
+                     dtype: torch.dtype, name: str) -> tuple[fx.Node, fx.Node]:
+    """x_q = clamp(round(x · 1/(scale·smooth)), ±127) as int8; s_x = scale expanded to [M]."""
+    graph = gm.graph
+    inverse = 1.0 / (scale.reshape(1) * (smooth if smooth is not None else 1.0))
+    inv_node = ir.add_constant(gm, f"{name}_x_inv_scale", inverse.to(dtype), parameter=False)
+    scale_node = ir.add_constant(gm, f"{name}_x_scale", scale.reshape(1).float(), parameter=False)
+    scaled = graph.call_function(aten.mul.Tensor, (x2, inv_node))
+    rounded = graph.call_function(aten.round.default, (scaled,))
+    clamped = graph.call_function(aten.clamp.default, (rounded, -QMAX, QMAX))
+    x_q = graph.call_function(aten._to_copy.default, (clamped,), {"dtype": torch.int8})
+    m = graph.call_function(aten.sym_size.int, (x2, 0))
+    s_x = graph.call_function(aten.expand.default, (scale_node, [m]))
+    return x_q, s_x
+
+
+def _dims(graph: fx.Graph, x: fx.Node, sizes: Sequence[Any]) -> list[Any]:
+    """Leading sizes of x: ints where static, `sym_size` nodes where symbolic."""
+    return [s if isinstance(s, int) else graph.call_function(aten.sym_size.int, (x, i)) for i, s in enumerate(sizes)]
+
+
+def _fusable_activation(node: fx.Node) -> tuple[fx.Node | None, str]:
+    """The relu/gelu/silu that alone consumes the linear's output, and its epilogue name."""
+    user = ir.only_user(node)
+    if user is None or user.args[0] is not node:
+        return None, "none"
+    if ir.is_op(user, *ACTIVATIONS):
+        return user, ACTIVATIONS[ir.overload_packet(user.target)]
+    if ir.is_op(user, aten.gelu):
+        approximate = user.kwargs.get("approximate", user.args[1] if len(user.args) > 1 else "none")
+        return user, "gelu_tanh" if approximate == "tanh" else "gelu"
+    return None, "none"
+
+
+def _shape(gm: fx.GraphModule, site: Site) -> str:
+    s = ir.shape(site.weight_node)
+    if s is None or len(s) != 2:
+        return "?"
+    n, k = (s[1], s[0]) if site.transposed else s
+    return f"{n}×{k}"
+
+
+def _nbytes(value: Any) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+def _names(sites: list[Site], node_names: Sequence[str]) -> list[str]:
+    by_node = {s.node.name: s.name for s in sites}
+    return [by_node.get(n, n) for n in node_names]
