@@ -52,11 +52,16 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
         raise InputError("example inputs hold no tensor: pass the tensors the model's forward() takes")
     work = copy.deepcopy(model).eval()
     notes: list[str] = []
+    dynamic_shapes = _batch_dims(work, args, kwargs)
+    try:  # a model that does not run on its inputs is the caller's problem, not an export failure
+        with torch.no_grad():
+            work(*args, **kwargs)
+    except Exception as exc:
+        raise InputError(f"the model fails on the example inputs: {_first_line(exc)}") from exc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            exported = torch.export.export(work, args, kwargs, dynamic_shapes=_batch_dims(work, args, kwargs),
-                                           strict=False)
+            exported = torch.export.export(work, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as exc:  # torch raises many types; all become CaptureError
             raise CaptureError(_first_line(exc), _hint(exc)) from exc
     unlifted = exported.module()
