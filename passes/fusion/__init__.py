@@ -6,9 +6,10 @@ from typing import Any
 from .activation import RecognizeActivations
 from .attention import RecognizeAttention
 from .batchnorm import FoldBatchNorm
+from .horizontal_gemm import MergeParallelGemms
 from .normalization import RecognizeNormalization
 
 
 def passes() -> list[Any]:
     """The fusion passes, in the order they run."""
-    return [FoldBatchNorm(), RecognizeActivations(), RecognizeNormalization(), RecognizeAttention()]
+    return [FoldBatchNorm(), RecognizeActivations(), RecognizeNormalization(), RecognizeAttention(), MergeParallelGemms()]
