@@ -51,7 +51,12 @@ class OnnxModel:
 
     @classmethod
     def from_proto(cls, model: onnx.ModelProto) -> "OnnxModel":
+        """Import `model`, with ONNX shape inference first so passes see intermediate shapes."""
         metadata = {p.key: p.value for p in model.metadata_props}
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001  (custom ops, > 2 GB: passes then see fewer shapes, and say so)
+            pass
         return cls(gs.import_onnx(model), model.ir_version, metadata)
 
     @property

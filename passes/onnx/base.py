@@ -47,7 +47,7 @@ class OnnxPass:
 def upgrade_opset(model: OnnxModel, target: int) -> tuple[OnnxModel | None, str]:
     """The model converted to opset `target`, or (None, why not)."""
     try:
-        converted = version_converter.convert_model(model.to_proto(), target)
+        converted = version_converter.convert_version(model.to_proto(), target)
         onnx.checker.check_model(converted)
     except Exception as exc:  # the converter raises RuntimeError/ValidationError/…
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -4,8 +4,8 @@
     Dropout(x, ratio, training_mode=False) ⇒ x      (inference: dropout is the identity)
     Cast(x, to=dtype(x)) ⇒ x
 
-A Dropout whose mask output is read, or whose training_mode is not a
-constant False, is kept (with the reason).
+A Dropout whose mask output is read, whose training_mode is not a
+constant False, or (opset < 7) whose is_test is not 1, is kept (with the reason).
 """
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ class EliminateIdentity(OnnxPass):
 
 def _why_not(node: gs.Node, graph: gs.Graph) -> str | None:
     if node.op == "Dropout":
+        if graph.opset < 7 and node.attrs.get("is_test", 0) != 1:
+            return "is_test is not 1 (opset < 7: training-mode dropout)"
         if len(node.outputs) > 1 and node.outputs[1].outputs or (len(node.outputs) > 1 and node.outputs[1] in graph.outputs):
             return "its mask output is used"
         if len(node.inputs) > 2 and node.inputs[2].name:

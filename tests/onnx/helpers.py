@@ -1,0 +1,35 @@
+"""Shared helpers of the ONNX tests: save a model, run it in ONNX Runtime, compare."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def save(model: onnx.ModelProto, directory: Path, name: str = "model.onnx") -> Path:
+    path = Path(directory) / name
+    onnx.save_model(model, str(path))
+    return path
+
+
+def run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    scale = float(np.abs(want).max()) or 1.0
+    return float(np.abs(got.astype(np.float64) - want).max()) / scale
+
+
+def cosine(got: np.ndarray, want: np.ndarray) -> float:
+    a, b = got.astype(np.float64).ravel(), want.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def op_types(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]

@@ -1,0 +1,173 @@
+"""ONNX passes: random graphs through optimize_onnx, and each rewrite on a graph made to trigger it."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.verify import LOSSLESS_REL_TOL
+
+from .graphs import onnx_graphs
+from .helpers import op_types, rel_err, run, save
+
+FAST = dict(measure_latency=False, progress=False)
+
+
+def _inputs(model: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = model.graph.input[0]
+    shape = [d.dim_value for d in x.type.tensor_type.shape.dim]
+    return {x.name: rng.standard_normal(shape).astype(np.float32)}
+
+
+@settings(max_examples=25, deadline=None)
+@given(onnx_graphs())
+def test_random_graphs_keep_their_outputs(tmp_path_factory, model):
+    """O1 on random graphs: ONNX Runtime outputs equal the original's within float32 rounding."""
+    tmp = tmp_path_factory.mktemp("g")
+    src = save(model, tmp)
+    report = graphopt.optimize_onnx(src, tmp / "out.onnx", level="O1", **FAST)
+    assert not report.rolled_back, [r.reason for r in report.rolled_back]   # a rollback would hide a bug
+    for seed in range(2):
+        feeds = _inputs(model, seed)
+        (want,), (got,) = run(src, feeds), run(tmp / "out.onnx", feeds)
+        assert got.shape == want.shape
+        assert rel_err(got, want) <= LOSSLESS_REL_TOL
+
+
+def _model(nodes, inputs, outputs, inits, opset=17, domains=()):
+    graph = helper.make_graph(nodes, "m", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]
+                              + [helper.make_opsetid(d, 1) for d in domains])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _vi(name, shape, dtype=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+rng = np.random.default_rng(0)
+f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+
+
+def _optimize(tmp_path, model, **options):
+    src = save(model, tmp_path)
+    dst = tmp_path / "out.onnx"
+    report = graphopt.optimize_onnx(src, dst, **{**FAST, **options})
+    return src, dst, report
+
+
+def test_conv_bn_folds_and_matmul_add_becomes_gemm(tmp_path):
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn"]),
+             helper.make_node("Relu", ["bn"], ["r"]),
+             helper.make_node("Reshape", ["r", "s"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["mm"]),
+             helper.make_node("Add", ["mm", "bias"], ["y"])]
+    inits = {"w": f32(4, 2, 3, 3), "g": f32(4) + 2, "b": f32(4), "m": f32(4), "v": np.abs(f32(4)) + 0.5,
+             "s": np.array([-1, 64], np.int64), "fc": f32(64, 5), "bias": f32(5)}
+    model = _model(nodes, [_vi("x", [3, 2, 4, 4])], [_vi("y", [3, 5])], inits)
+    src, dst, report = _optimize(tmp_path, model, level="O1")
+    assert op_types(dst) == ["Conv", "Relu", "Reshape", "Gemm"]
+    assert report.matches() == {"Conv+BatchNormalization": 1, "MatMul+Add": 1}
+    feeds = {"x": f32(3, 2, 4, 4)}
+    assert rel_err(run(dst, feeds)[0], run(src, feeds)[0]) <= LOSSLESS_REL_TOL
+
+
+def test_transposes_reshapes_identities_and_dropout_collapse(tmp_path):
+    nodes = [helper.make_node("Identity", ["x"], ["i"]),
+             helper.make_node("Transpose", ["i"], ["t1"], perm=[0, 2, 1]),
+             helper.make_node("Transpose", ["t1"], ["t2"], perm=[0, 2, 1]),
+             helper.make_node("Dropout", ["t2"], ["d"]),
+             helper.make_node("Reshape", ["d", "s1"], ["r1"]),
+             helper.make_node("Reshape", ["r1", "s2"], ["r2"]),
+             helper.make_node("Transpose", ["r2"], ["t3"], perm=[1, 0]),
+             helper.make_node("Transpose", ["t3"], ["y"], perm=[1, 0])]
+    inits = {"s1": np.array([24], np.int64), "s2": np.array([4, 6], np.int64)}
+    model = _model(nodes, [_vi("x", [2, 3, 4])], [_vi("y", [4, 6])], inits)
+    src, dst, report = _optimize(tmp_path, model, level="O1")
+    assert op_types(dst) == ["Reshape"]
+    feeds = {"x": f32(2, 3, 4)}
+    np.testing.assert_array_equal(run(dst, feeds)[0], run(src, feeds)[0])   # data movement only: exact
+
+
+def test_reshape_that_copies_a_dimension_is_kept_with_a_reason(tmp_path):
+    nodes = [helper.make_node("Reshape", ["x", "s1"], ["r1"]), helper.make_node("Reshape", ["r1", "s2"], ["y"])]
+    inits = {"s1": np.array([6, 4], np.int64), "s2": np.array([0, 2, 2], np.int64)}
+    model = _model(nodes, [_vi("x", [2, 3, 4])], [_vi("y", [6, 2, 2])], inits)
+    _, dst, report = _optimize(tmp_path, model, level="O1")
+    assert op_types(dst) == ["Reshape", "Reshape"]
+    rejected = report["onnx_collapse_transpose_reshape"].stats["rejected"]
+    assert any("copies a dimension" in r for r in rejected)
+
+
+def test_constant_folding_never_materializes_a_huge_generator(tmp_path):
+    """ConstantOfShape of 64 Mi floats stays a node; the small Shape→Gather chain folds."""
+    big = helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["ones"], value=big),
+             helper.make_node("ReduceSum", ["ones", "axes"], ["total"], keepdims=0),
+             helper.make_node("Add", ["x", "small"], ["a"]),
+             helper.make_node("Mul", ["a", "total"], ["y"])]
+    inits = {"shape": np.array([4096, 16384], np.int64), "axes": np.array([0, 1], np.int64),
+             "small": f32(3) }
+    model = _model(nodes, [_vi("x", [3])], [_vi("y", [3])], inits)
+    src, dst, report = _optimize(tmp_path, model, level="O1")
+    assert dst.stat().st_size < 10_000
+    assert "ConstantOfShape" in op_types(dst)
+    assert any("ConstantOfShape would add" in r for r in report["onnx_constant_folding"].stats["rejected"])
+    feeds = {"x": f32(3)}
+    assert rel_err(run(dst, feeds)[0], run(src, feeds)[0]) <= LOSSLESS_REL_TOL
+
+
+def test_custom_domain_ops_are_skipped_with_a_reason(tmp_path):
+    """A com.microsoft op (ORT runs it) on a constant: not folded, left alone with the reason."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]),
+             helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("Gelu", ["c"], ["g"], domain="com.microsoft"),
+             helper.make_node("Add", ["a", "g"], ["y"])]
+    model = _model(nodes, [_vi("x", [2, 8])], [_vi("y", [2, 4])], {"w": f32(8, 4), "b": f32(4), "c": f32(4)},
+                   domains=["com.microsoft"])
+    src, dst, report = _optimize(tmp_path, model, level="O1")
+    assert sorted(op_types(dst)) == ["Add", "Gelu", "Gemm"]
+    feeds = {"x": f32(2, 8)}
+    assert rel_err(run(dst, feeds)[0], run(src, feeds)[0]) <= LOSSLESS_REL_TOL
+    rejected = report["onnx_constant_folding"].stats["rejected"]
+    assert any("custom domain 'com.microsoft'" in r for r in rejected)
+
+
+def test_unknown_custom_op_cannot_be_verified_but_optimizes_without_verify(tmp_path):
+    nodes = [helper.make_node("Identity", ["x"], ["i"]),
+             helper.make_node("MyOp", ["i"], ["y"], domain="acme.custom")]
+    model = _model(nodes, [_vi("x", [2, 8])], [_vi("y", [2, 8])], {}, domains=["acme.custom"])
+    src = save(model, tmp_path)
+    with pytest.raises(graphopt.UnsupportedError, match="verify=False"):
+        graphopt.optimize_onnx(src, tmp_path / "out.onnx", **FAST)
+    assert not (tmp_path / "out.onnx").exists()
+    graphopt.optimize_onnx(src, tmp_path / "out.onnx", verify=False, **FAST)
+    assert op_types(tmp_path / "out.onnx") == ["MyOp"]
+
+
+def test_old_opset_is_upgraded_for_int8(tmp_path):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    model = _model(nodes, [_vi("x", [4, 16])], [_vi("y", [4, 8])], {"w": f32(16, 8)}, opset=11)
+    _, dst, report = _optimize(tmp_path, model, level="O2", quantize="int8-weight-only")
+    assert onnx.load(str(dst)).opset_import[0].version == 13
+    assert report.matches()["opset upgrade to 13"] == 1
+    assert "DequantizeLinear" in op_types(dst)
+
+
+def test_model_that_cannot_be_upgraded_skips_the_pass_and_says_so(tmp_path):
+    """Opset 6 training-mode Dropout has no adapter to opset 13: the int8 pass is skipped, O1 still runs.
+
+    ONNX Runtime runs opset ≥ 7 only, so this model is optimized without verification."""
+    nodes = [helper.make_node("Identity", ["x"], ["i"]), helper.make_node("MatMul", ["i", "w"], ["m"]),
+             helper.make_node("Dropout", ["m"], ["y"], is_test=0)]
+    model = _model(nodes, [_vi("x", [4, 16])], [_vi("y", [4, 8])], {"w": f32(16, 8)}, opset=6)
+    _, dst, report = _optimize(tmp_path, model, level="O2", quantize="int8-weight-only", verify=False)
+    assert any("onnx_int8_weight_only: cannot upgrade opset 6 → 13" in s for s in report.meta["skipped"])
+    assert op_types(dst) == ["MatMul", "Dropout"]
+    assert any("training-mode dropout" in r for r in report["onnx_eliminate_identity"].stats["rejected"])
