@@ -1,0 +1,31 @@
+"""graphopt.kernels: int8 kernels for the quantized matmul hot path.
+
+Importing this package registers the ``torch.ops.graphopt`` ops
+(``quantize_per_token``, ``int8_linear``, ``w8a16_linear``; see ``ops.py``).
+Nothing is compiled or launched at import, and no GPU is needed.
+
+- ``triton_*``: the Triton implementations, callable directly (CPU tensors run
+  in Triton's interpreter), with an optional ``out=`` and block ``config=``.
+- ``reference_*``: float64 references with the ops' signatures.
+- ``SCALE_FLOOR``: the smallest scale ``quantize_per_token`` emits.
+"""
+
+from . import ops
+from .checks import SCALE_FLOOR
+from .configs import BlockConfig
+from .int8_linear import triton_int8_linear
+from .quantize import triton_quantize_per_token
+from .reference import reference_int8_linear, reference_quantize_per_token, reference_w8a16_linear
+from .w8a16 import triton_w8a16_linear
+
+__all__ = [
+    "BlockConfig",
+    "SCALE_FLOOR",
+    "ops",
+    "reference_int8_linear",
+    "reference_quantize_per_token",
+    "reference_w8a16_linear",
+    "triton_int8_linear",
+    "triton_quantize_per_token",
+    "triton_w8a16_linear",
+]

@@ -1,0 +1,176 @@
+"""Block configurations for the Triton kernels: a table per shape class, and an
+optional autotune whose results are cached on disk.
+
+A GEMM launch is tiled into ``BLOCK_M x BLOCK_N`` output tiles, each reducing
+K in steps of ``BLOCK_K``; ``GROUP_M`` is the height (in tiles) of the band of
+consecutive programs that walk N together so their A rows stay in L2;
+``SPLIT_K`` splits the K loop across programs (W8A16 only). The shape class is
+the bucket of M (the token count), which is what changes between prefill and
+decode; N and K only enter through the split-K heuristic and the autotune key.
+
+The table entries are starting points for Hopper-class GPUs (int8 tensor-core
+tiles of K = 128 bytes, fp16 tiles of K = 64 elements); they are not measured
+in this repository yet. With ``GRAPHOPT_AUTOTUNE=1`` and a CUDA device,
+``pick`` times every candidate once per (kernel, device, Triton version,
+shape class, N, K, dtype) and stores the winner in a JSON file
+(``$GRAPHOPT_CACHE_DIR/autotune.json``, default ``~/.cache/graphopt``), so
+later processes reuse it instead of retuning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import triton
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# (largest M of the class, config); the last class has no upper bound.
+INT8_LINEAR_TABLE: tuple[tuple[Optional[int], BlockConfig], ...] = (
+    (16, BlockConfig(16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
+    (64, BlockConfig(64, 64, 128, num_warps=4, num_stages=4)),
+    (256, BlockConfig(128, 128, 128, num_warps=8, num_stages=3)),
+    (None, BlockConfig(128, 256, 128, num_warps=8, num_stages=3)),
+)
+
+W8A16_TABLE: tuple[tuple[Optional[int], BlockConfig], ...] = (
+    (16, BlockConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)),
+    (64, BlockConfig(64, 64, 64, num_warps=4, num_stages=4)),
+    (None, BlockConfig(128, 128, 64, num_warps=8, num_stages=3)),
+)
+
+MAX_SPLIT_K = 16
+MIN_K_BLOCKS_PER_SPLIT = 4
+
+
+def from_table(table: Sequence[tuple[Optional[int], BlockConfig]], m: int) -> BlockConfig:
+    """The configuration of the shape class that ``m`` falls in."""
+    for largest_m, config in table:
+        if largest_m is None or m <= largest_m:
+            return config
+    raise ValueError("a config table must end with an unbounded class")
+
+
+def split_k(m: int, n: int, k: int, config: BlockConfig, programs_wanted: int) -> int:
+    """How many K slices give about ``programs_wanted`` programs.
+
+    Splitting pays when the output has fewer tiles than the device has
+    compute units (small M, modest N); each slice keeps at least
+    ``MIN_K_BLOCKS_PER_SPLIT`` K blocks so the partial sums stay worth their
+    extra write and reduction.
+    """
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    k_blocks = triton.cdiv(k, config.block_k)
+    by_occupancy = max(1, programs_wanted // tiles)
+    by_depth = max(1, k_blocks // MIN_K_BLOCKS_PER_SPLIT)
+    return min(by_occupancy, by_depth, MAX_SPLIT_K)
+
+
+def compute_units(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs one by one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("GRAPHOPT_AUTOTUNE", "0") == "1"
+
+
+def cache_path() -> Path:
+    root = os.environ.get("GRAPHOPT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "graphopt")
+    return Path(root) / "autotune.json"
+
+
+_memory: dict[str, BlockConfig] = {}
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, entries: dict[str, dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(entries, f, indent=1, sort_keys=True)
+    os.replace(f.name, path)
+
+
+def autotune(
+    key: str,
+    candidates: Sequence[BlockConfig],
+    run: Callable[[BlockConfig], object],
+    bench: Callable[[Callable[[], object]], float],
+) -> BlockConfig:
+    """The fastest of ``candidates`` for ``key``: from memory, from the disk cache, or timed now.
+
+    ``run(config)`` launches the kernel once; ``bench(fn)`` returns its time.
+    A newly timed winner is merged into the cache file (re-read just before
+    writing, then atomically replaced) so concurrent processes lose nothing
+    but a duplicate measurement.
+    """
+    if key in _memory:
+        return _memory[key]
+    path = cache_path()
+    stored = _read_cache(path).get(key)
+    if stored is not None:
+        _memory[key] = BlockConfig(**stored)
+        return _memory[key]
+    best = min(candidates, key=lambda config: bench(lambda: run(config)))
+    entries = _read_cache(path)
+    entries[key] = asdict(best)
+    _write_cache(path, entries)
+    _memory[key] = best
+    return best
+
+
+def pick(
+    kernel: str,
+    table: Sequence[tuple[Optional[int], BlockConfig]],
+    m: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    run: Callable[[BlockConfig], object],
+    programs_wanted: Optional[int] = None,
+) -> BlockConfig:
+    """Block configuration for one launch: autotuned (if enabled) or from ``table``.
+
+    With ``programs_wanted`` the kernel supports split-K and the chosen
+    configuration gets its ``split_k`` from ``split_k()``.
+    """
+    def finish(config: BlockConfig) -> BlockConfig:
+        if programs_wanted is None:
+            return config
+        return replace(config, split_k=split_k(m, n, k, config, programs_wanted))
+
+    if not autotune_enabled(device):
+        return finish(from_table(table, m))
+    from triton.testing import do_bench
+
+    shape_class = next(i for i, (largest_m, _) in enumerate(table) if largest_m is None or m <= largest_m)
+    key = "|".join(
+        (kernel, torch.cuda.get_device_name(device), triton.__version__, f"class{shape_class}", f"n{n}", f"k{k}", str(dtype))
+    )
+    candidates = [finish(config) for _, config in table]
+    return autotune(key, candidates, run, do_bench)

@@ -1,0 +1,90 @@
+"""CPU paths of the graphopt kernel ops, in plain torch (they also run on any other device).
+
+int8_linear computes the exact int32 product with float32 GEMMs: x_q and w_q
+are converted to float32 and multiplied in K-chunks of ``K_CHUNK`` = 1024
+columns. Every product is an integer of magnitude <= 128 * 128 = 2**14, so
+every partial sum inside a chunk is an integer of magnitude <= 1024 * 2**14 =
+2**24, which float32 represents exactly whatever the summation order or FMA
+use of the BLAS: each chunk's GEMM is exact. Chunks are accumulated in float64
+(exact for any K accepted) and the total is rounded once to float32, exactly
+like the Triton kernel's int32 -> float32 conversion. The epilogue then runs in
+float32 in the kernel's order (times x_scale, times w_scale, plus bias,
+activation, cast).
+
+Why this path (measured on the 2-core AVX2 development machine, see
+bench/results/kernels.md): ``torch._int_mm`` and ``torch._weight_int8pack_mm``
+are tens of times slower than a float32 GEMM there; a float64 GEMM is exact in
+one piece but about 2-3x slower than float32; fbgemm's u8 x s8 kernels
+saturate their int16 pair sums on AVX2 (no VNNI) when activations use the
+full 8-bit range (measured: 8160 instead of 1032256 for 64 x 127 * 127), so
+they would need a 7-bit split of x_q into two GEMMs plus a per-weight prepack
+(~80-100 ms for 4096 x 4096) held in a cache; and their float32 output
+rounds partial results above 2**24, so the split halves cancel inexactly.
+
+quantize_per_token and w8a16_linear follow the formulas of their Triton
+kernels (see quantize.py and w8a16.py) in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .activations import apply_activation
+from .checks import SCALE_FLOOR, check_int8_linear_args, check_quantize_args, check_w8a16_args
+
+K_CHUNK = 1024
+
+
+def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """``float32(x_q @ w_q.T)``: the exact int32 product, rounded once to float32."""
+    k = x_q.shape[1]
+    if k <= K_CHUNK:
+        return x_q.float() @ w_q.float().T
+    acc = torch.zeros((x_q.shape[0], w_q.shape[0]), dtype=torch.float64, device=x_q.device)
+    for start in range(0, k, K_CHUNK):
+        stop = start + K_CHUNK
+        acc += x_q[:, start:stop].float() @ w_q[:, start:stop].float().T
+    return acc.float()
+
+
+def int8_linear(
+    x_q: torch.Tensor,
+    w_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``act((x_q @ w_q.T) * x_scale[:, None] * w_scale[None, :] + bias)`` as ``out_dtype[M, N]``."""
+    check_int8_linear_args(x_q, w_q, x_scale, w_scale, bias, activation, out_dtype)
+    y = int8_matmul(x_q, w_q)
+    y.mul_(x_scale[:, None]).mul_(w_scale[None, :])
+    if bias is not None:
+        y.add_(bias.float())
+    return apply_activation(y, activation).to(out_dtype)
+
+
+def quantize_per_token(x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_q int8[M, K], scale float32[M])`` with ``x / smooth ~= x_q * scale[:, None]``."""
+    check_quantize_args(x, smooth)
+    xf = x.float()
+    if smooth is not None:
+        xf = xf / smooth.float()
+    scale = (xf.abs().amax(dim=1) / 127.0).clamp_min_(SCALE_FLOOR)
+    q = torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def w8a16_linear(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``(x @ w_q.T) * w_scale[None, :] + bias`` as ``x.dtype[M, N]``, accumulated in float32."""
+    check_w8a16_args(x, w_q, w_scale, bias)
+    y = x.float() @ w_q.float().T
+    y.mul_(w_scale[None, :])
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x.dtype)

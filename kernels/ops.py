@@ -1,0 +1,95 @@
+"""``torch.ops.graphopt.*``: the kernel ops registered with ``torch.library``.
+
+    quantize_per_token(x, smooth=None) -> (x_q int8[M, K], scale float32[M])
+    int8_linear(x_q, w_q, x_scale, w_scale, bias=None, activation="none", out_dtype=float32) -> out_dtype[M, N]
+    w8a16_linear(x, w_q, w_scale, bias=None) -> x.dtype[M, N]
+
+Dispatch: CUDA tensors run the Triton kernels (``quantize_per_token`` falls
+back to the torch path for rows longer than ``quantize.MAX_ROW``); every other
+device runs the torch path of ``cpu.py``. Each op has a fake (meta) kernel
+that validates metadata and allocates the output, so modules calling the ops
+can be captured by ``torch.export`` and compiled by ``torch.compile``. The
+ops are pure functions (no mutation, outputs never alias inputs) and define
+no autograd formula: they serve inference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import cpu
+from .checks import check_int8_linear_args, check_quantize_args, check_w8a16_args
+from .int8_linear import triton_int8_linear
+from .quantize import MAX_ROW, triton_quantize_per_token
+from .w8a16 import triton_w8a16_linear
+
+
+@torch.library.custom_op("graphopt::quantize_per_token", mutates_args=())
+def quantize_per_token(x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantization of ``x / smooth``."""
+    return cpu.quantize_per_token(x, smooth)
+
+
+@quantize_per_token.register_kernel("cuda")
+def _quantize_per_token_cuda(x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dim() == 2 and x.shape[1] > MAX_ROW:
+        return cpu.quantize_per_token(x, smooth)
+    return triton_quantize_per_token(x, smooth)
+
+
+@quantize_per_token.register_fake
+def _quantize_per_token_fake(x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = check_quantize_args(x, smooth, values=False)
+    return x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.custom_op("graphopt::int8_linear", mutates_args=())
+def int8_linear(
+    x_q: torch.Tensor,
+    w_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``act((x_q @ w_q.T) * x_scale[:, None] * w_scale[None, :] + bias)`` as ``out_dtype``."""
+    return cpu.int8_linear(x_q, w_q, x_scale, w_scale, bias, activation, out_dtype)
+
+
+int8_linear.register_kernel("cuda")(triton_int8_linear)
+
+
+@int8_linear.register_fake
+def _int8_linear_fake(
+    x_q: torch.Tensor,
+    w_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    m, n, _ = check_int8_linear_args(x_q, w_q, x_scale, w_scale, bias, activation, out_dtype, values=False)
+    return x_q.new_empty((m, n), dtype=out_dtype)
+
+
+@torch.library.custom_op("graphopt::w8a16_linear", mutates_args=())
+def w8a16_linear(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``(x @ w_q.T) * w_scale[None, :] + bias`` as ``x.dtype``."""
+    return cpu.w8a16_linear(x, w_q, w_scale, bias)
+
+
+w8a16_linear.register_kernel("cuda")(triton_w8a16_linear)
+
+
+@w8a16_linear.register_fake
+def _w8a16_linear_fake(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    m, n, _ = check_w8a16_args(x, w_q, w_scale, bias, values=False)
+    return x.new_empty((m, n))

@@ -1,0 +1,144 @@
+"""Weight-only int8 GEMM (W8A16) for small M, with optional split-K (Triton).
+
+    y[m, n] = (sum_k x[m, k] * w_q[n, k]) * w_scale[n] + bias[n]      -> x.dtype[M, N]
+
+``x`` is float16, bfloat16 or float32; ``w_q`` int8 per-output-channel
+quantized. Each weight tile is converted to x's dtype in registers (exact:
+|w_q| <= 128 is representable in all three) and fed to ``tl.dot`` with float32
+accumulation; the per-channel scale is applied once per output, after the K
+reduction, since it does not depend on k. float32 inputs use
+``input_precision="ieee"`` so they are not silently rounded to TF32 (float16
+and bfloat16 tiles take the tensor-core path whatever the setting).
+
+Split-K (for decode-like shapes, where the M x N output has fewer tiles than
+the GPU has SMs): program (n, m, s) reduces K blocks
+``[s * per, (s + 1) * per)`` and writes its scaled partial sum (plus the bias
+when s == 0) in float32 to ``partials[s]``; the wrapper then sums the slices
+in a fixed order (deterministic, unlike atomics) and casts to x's dtype.
+With one slice the kernel writes the final output directly.
+
+Triton 3.9's interpreter multiplies bfloat16 tiles as their raw uint16 bit
+patterns and mis-converts int8 -> bfloat16, so when bfloat16 runs
+interpreted the tiles are multiplied in float32 instead (``DOT_DTYPE``),
+which gives the same values: a bfloat16 x int8 product has at most 16
+significant bits, exact in float32, and the accumulation is float32 either
+way. The weight always converts through float32, which the interpreter gets
+right and which costs the compiled kernel nothing extra.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .checks import check_out, check_w8a16_args
+from .launch import interpreting, triton_kernel
+
+
+@triton_kernel
+def _w8a16_kernel(
+    x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_os, stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    first_block = pid_s * per_split
+    last_block = tl.minimum(first_block + per_split, k_blocks)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for block in range(first_block, last_block):
+        k = block * BLOCK_K + offs_k
+        in_k = k < K
+        a = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & in_k[None, :], other=0.0)
+        b = tl.load(w_cols + k[:, None], mask=in_k[:, None] & mask_n[None, :], other=0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(tl.float32).to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+    y = acc * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        y += tl.where(pid_s == 0, bias, 0.0)[None, :]
+    out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def triton_w8a16_linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+    config: Optional[configs.BlockConfig] = None,
+) -> torch.Tensor:
+    """``(x @ w_q.T) * w_scale[None, :] + bias`` as ``x.dtype[M, N]``.
+
+    ``out`` (optional) receives the result; ``config`` overrides the block
+    configuration and split-K (table + heuristic, or autotune). CPU tensors
+    run in Triton's interpreter.
+    """
+    m, n, k = check_w8a16_args(x, w_q, w_scale, bias)
+    out = check_out(out, (m, n), x.dtype, x)
+    if m == 0 or n == 0:
+        return out
+    kernel = _w8a16_kernel.on(x.device)
+    if x.dtype == torch.float16:
+        dot_dtype = tl.float16
+    elif x.dtype == torch.bfloat16 and not interpreting(x.device):
+        dot_dtype = tl.bfloat16
+    else:
+        dot_dtype = tl.float32
+
+    def run(cfg: configs.BlockConfig) -> None:
+        if cfg.split_k == 1:
+            target, stride_split = out, 0
+        else:
+            target = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
+            stride_split = target.stride(0)
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
+        kernel[grid](
+            x, w_q, w_scale, bias, target,
+            m, n, k,
+            x.stride(0), w_q.stride(0), stride_split, target.stride(-2),
+            HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            SPLIT_K=cfg.split_k,
+            DOT_DTYPE=dot_dtype,
+            INPUT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        if cfg.split_k > 1:
+            out.copy_(target.sum(dim=0))
+
+    if config is None:
+        config = configs.pick(
+            "w8a16_linear", configs.W8A16_TABLE, m, n, k, x.dtype, x.device, run,
+            programs_wanted=2 * configs.compute_units(x.device),
+        )
+    run(config)
+    return out
