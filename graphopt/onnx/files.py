@@ -23,6 +23,8 @@ from graphopt.errors import InputError, OptionError
 
 #: protobuf cannot serialize a message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1
+#: tensors from this size up go to the external-data file (small shape constants stay inline).
+EXTERNAL_MIN_BYTES = 1024
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -94,7 +96,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike,
     try:
         if model.ByteSize() >= PROTOBUF_LIMIT:
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
+                            location=tmp_data.name, size_threshold=EXTERNAL_MIN_BYTES)
             if check is not None:
                 check(tmp)
             _relocate_external_data(tmp, tmp_data.name, data_name)

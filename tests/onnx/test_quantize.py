@@ -1,0 +1,97 @@
+"""ONNX int8 rewriting: dynamic, static (ORT calibration) and weight-only, on random and fixed graphs."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.passes.onnx.quantize import QuantizeInt8, quantize_weight
+
+from .graphs import onnx_graphs
+from .helpers import cosine, op_types, run, save
+
+FAST = dict(measure_latency=False, progress=False)
+BUDGET = QuantizeInt8.budget.min_cosine
+
+
+@settings(max_examples=12, deadline=None)
+@given(onnx_graphs(), st.sampled_from(["int8-dynamic", "int8-weight-only"]))
+def test_random_graphs_stay_within_the_int8_budget(tmp_path_factory, model, scheme):
+    """Kept int8 rewrites hold the budget on fresh inputs too; a rollback always says why."""
+    tmp = tmp_path_factory.mktemp("q")
+    src = save(model, tmp)
+    report = graphopt.optimize_onnx(src, tmp / "out.onnx", level="O2", quantize=scheme, **FAST)
+    for record in report.rolled_back:
+        assert "budget" in record.reason
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    feeds = {"x": np.random.default_rng(7).standard_normal(shape).astype(np.float32)}
+    (want,), (got,) = run(src, feeds), run(tmp / "out.onnx", feeds)
+    if np.abs(want).max() > 0:
+        assert cosine(got, want) >= BUDGET - 0.01   # fresh inputs: the budget, less sampling noise
+
+
+def _mlp(rng, hidden=256) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array((rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32), n)
+             for n, s in (("w1", (64, hidden)), ("w2", (hidden, 10)))]
+    inits += [numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32) * 0.1, "b1")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("scheme,ops", [
+    ("int8-dynamic", {"DynamicQuantizeLinear", "MatMulInteger"}),
+    ("int8-static", {"QuantizeLinear", "DequantizeLinear"}),
+    ("int8-weight-only", {"DequantizeLinear"}),
+])
+def test_int8_schemes_store_int8_weights_and_keep_accuracy(tmp_path, scheme, ops):
+    rng = np.random.default_rng(0)
+    src = save(_mlp(rng), tmp_path)
+    calibration = [{"x": rng.standard_normal((8, 64)).astype(np.float32)} for _ in range(4)]
+    report = graphopt.optimize_onnx(src, tmp_path / "out.onnx", quantize=scheme, calibration_data=calibration,
+                                    **FAST)
+    out = tmp_path / "out.onnx"
+    assert not report.rolled_back
+    assert ops <= set(op_types(out))
+    int8 = [i for i in onnx.load(str(out)).graph.initializer
+            if i.data_type == TensorProto.INT8 and i.name.endswith("weight_int8")]
+    assert sum(np.prod(i.dims) for i in int8) == 64 * 256 + 256 * 10
+    assert out.stat().st_size < 0.3 * src.stat().st_size       # int8 weights: ~¼ of float32, plus scales
+    feeds = {"x": rng.standard_normal((5, 64)).astype(np.float32)}
+    assert cosine(run(out, feeds)[0], run(src, feeds)[0]) >= BUDGET
+
+
+def test_static_calibration_from_an_npz_directory(tmp_path):
+    rng = np.random.default_rng(1)
+    src = save(_mlp(rng), tmp_path)
+    (tmp_path / "calib").mkdir()
+    for i in range(3):
+        np.savez(tmp_path / "calib" / f"{i}.npz", x=rng.standard_normal((4, 64)).astype(np.float32))
+    report = graphopt.optimize_onnx(src, tmp_path / "out.onnx", quantize="int8-static",
+                                    calibration_data=tmp_path / "calib", **FAST)
+    assert report.matches() == {"MatMul+Add": 1, "Gemm → int8 static": 1, "MatMul → int8 static": 1}
+
+
+def test_weight_quantization_is_within_half_a_step():
+    w = np.random.default_rng(2).standard_normal((32, 16)).astype(np.float32)
+    for axis in (0, 1):
+        w_q, scale = quantize_weight(w, axis)
+        shape = [1, 1]
+        shape[axis] = -1
+        assert np.abs(w - w_q * scale.reshape(shape)).max() <= scale.max() / 2 + 1e-7
+        assert np.abs(w_q).max() == 127
+
+
+def test_activation_products_are_left_float_with_a_reason(tmp_path):
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "aa", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 4]) for n in "ab"],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])])
+    src = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path)
+    report = graphopt.optimize_onnx(src, tmp_path / "out.onnx", quantize="int8-dynamic", **FAST)
+    assert any("activation × activation" in r for r in report["onnx_int8_dynamic"].stats["rejected"])
