@@ -92,7 +92,7 @@ def _describe(spec: pytree.TreeSpec) -> str:
 
 def optimize(model: torch.nn.Module, example_inputs: tuple | None = None, *,
              example_kwargs: Mapping[str, Any] | None = None,
-             level: str | int | None = None, quantize: str | None = None,
+             level: str | int | None = None, quantize: str | None = "auto",
              prune: float | Mapping[str, float] | None = None,
              calibration_data: Iterable[Any] | None = None,
              verify: bool = True, **options: Any) -> OptimizedModule:
@@ -100,6 +100,8 @@ def optimize(model: torch.nn.Module, example_inputs: tuple | None = None, *,
 
     With `example_inputs` (a tuple of positional args) and/or `example_kwargs`
     the model is captured and optimized now; without them, on the first call.
+    `quantize="auto"` is "int8-dynamic" at O2/O3 and nothing below; None keeps
+    the model float at any level.
     Further options: enable=/disable= (pass names), accuracy_budget=,
     backend=, reproducer_dir=, verify_samples=, measure_latency=, progress=, seed=.
     """

@@ -2,8 +2,9 @@
 
 Levels: O0 capture only · O1 lossless rewrites · O2 + int8 · O3 + pruning.
 When `level` is not given it follows the other options: `prune` implies O3,
-`quantize` implies O2, otherwise O1. A level of O2 without `quantize` uses
-"int8-dynamic".
+`quantize` implies O2, otherwise O1. `quantize="auto"` (the default) means
+"int8-dynamic" at O2 and O3 and no int8 below; `quantize=None` keeps the
+model float at any level (e.g. O3 pruning alone, before `finetune`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .errors import OptionError
 
 LEVELS = {"O0": 0, "O1": 1, "O2": 2, "O3": 3}
 QUANT_SCHEMES = ("int8-dynamic", "int8-static", "int8-weight-only")
+AUTO = "auto"
 BACKENDS = (None, "eager", "inductor")
 
 
@@ -42,22 +44,23 @@ class Options:
         return f"O{self.level}"
 
 
-def parse_options(level: str | int | None = None, quantize: str | None = None,
+def parse_options(level: str | int | None = None, quantize: str | None = AUTO,
                   prune: float | Mapping[str, float] | None = None, **rest: Any) -> Options:
     """Validate user options and fill in what they imply."""
-    if quantize is not None and quantize not in QUANT_SCHEMES:
+    if quantize not in (None, AUTO, *QUANT_SCHEMES):
         raise OptionError(f"quantize={quantize!r} is not a scheme; choose one of {', '.join(QUANT_SCHEMES)} or None")
     _check_prune(prune)
+    explicit = quantize if quantize != AUTO else None
     if level is None:
-        numeric = 3 if prune is not None else 2 if quantize is not None else 1
+        numeric = 3 if prune is not None else 2 if explicit is not None else 1
     else:
         numeric = _parse_level(level)
-    if quantize is not None and numeric < 2:
+    if explicit is not None and numeric < 2:
         raise OptionError(f"quantize={quantize!r} needs level O2 or O3, not O{numeric}")
     if prune is not None and numeric < 3:
         raise OptionError(f"prune={prune!r} needs level O3, not O{numeric}")
-    if numeric >= 2 and quantize is None:
-        quantize = "int8-dynamic"
+    if quantize == AUTO:
+        quantize = "int8-dynamic" if numeric >= 2 else None
     backend = rest.get("backend")
     if backend not in BACKENDS:
         raise OptionError(f"backend={backend!r}: choose None/'eager' or 'inductor'")
