@@ -30,5 +30,5 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	touch $@
 
 bench: $(VENV)/.bench-installed
-	for b in o1 fusion kernels int8 onnx pruning compile; do \
+	for b in fusion kernels int8 onnx pruning compile; do \
 	  [ -f bench/$$b.py ] && $(BIN)/python -m bench.$$b || exit 1; done
