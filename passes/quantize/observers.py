@@ -11,8 +11,8 @@ during calibration:
     minmax          c = max|x| over all batches
     moving_average  c = EMA over batches of each batch's max|x| (smoothing constant a)
     percentile      c = the p-th percentile of |x| (histogram of |x|)
-    mse             c minimising E[(x̂ − x)²] over a histogram of |x|: rounding noise
-                    step²/12 for |x| ≤ c plus (|x| − c)² for the clipped tail
+    mse             c minimising E[(x̂ − x)²] over a histogram of |x|: x² for |x| < step/2
+                    (rounds to 0), rounding noise step²/12 up to c, (|x| − c)² beyond
 
 The histogram keeps `bins` equal bins over [0, upper]; when a batch exceeds
 `upper` the range doubles (adjacent bins merge), so memory stays fixed.
@@ -191,10 +191,21 @@ class MSEObserver(HistogramObserver):
         def tail(v: torch.Tensor) -> torch.Tensor:    # sum over bins j > i
             return torch.flip(torch.cumsum(torch.flip(v, [0]), 0), [0]) - v
 
-        rounding = torch.cumsum(n, 0) * (clips / QMAX) ** 2 / 12
+        # inside the range: values below half a step round to 0 (error v²), the rest carry
+        # uniform rounding noise step²/12; `small` counts the bins below half a step
+        steps = clips / QMAX
+        small = torch.searchsorted(centers, steps / 2)
+        counts, squares = _cumsum0(n), _cumsum0(n * centers ** 2)
+        inside = torch.arange(1, self.bins + 1)
+        rounding = squares[small] + (counts[inside] - counts[small]) * steps ** 2 / 12
         clipped = tail(n * centers ** 2) - 2 * clips * tail(n * centers) + clips ** 2 * tail(n)
         error = (rounding + clipped)[self.bins // 64:]  # clips below 1/64 of the range never win
         return clips[self.bins // 64 + int(error.argmin())].item()
+
+
+def _cumsum0(v: torch.Tensor) -> torch.Tensor:
+    """[0, v0, v0+v1, …]: sums of the first i entries."""
+    return torch.cat([v.new_zeros(1), torch.cumsum(v, 0)])
 
 
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse")

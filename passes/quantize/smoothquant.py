@@ -16,7 +16,8 @@ diag(s)⁻¹ is folded into what produces X when it can be:
 
 α is given (`quantize_options["alpha"]`) or searched per group over
 `alpha_grid`: the α whose simulated W8A8 output error ‖Q(X/s) Q(W·s)ᵀ − X Wᵀ‖²
-on calibration rows is least, kept only if it beats no smoothing at all.
+on held-out calibration rows is least (s fitted on the other rows), kept only if it
+beats no smoothing at all.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from .sites import Site, find_sites
 aten = torch.ops.aten
 #: Bounds of s: keeps both X/s and W·s within float range for dead (all-zero) channels.
 S_MIN, S_MAX = 1e-4, 1e4
+#: Floor of a channel's calibrated range, relative to the mean channel range (see smoothing_factors).
+SILENT_FLOOR = 0.1
 #: Calibration rows kept per group for the α search.
 SAMPLE_ROWS = 512
 
@@ -62,21 +65,35 @@ class ChannelStats:
 
 
 def smoothing_factors(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s_j = max|X_j|^α / max|W_j|^(1−α), clamped to [S_MIN, S_MAX]."""
-    x_amax = x_amax.clamp(min=1e-5)
+    """s_j = max|X_j|^α / max|W_j|^(1−α), clamped to [S_MIN, S_MAX].
+
+    A channel (nearly) silent on the calibration data would get a tiny s_j and be
+    amplified by 1/s_j on inputs where it is not silent; its max|X_j| is floored
+    at SILENT_FLOOR × the mean channel range.
+    """
+    x_amax = x_amax.clamp(min=max(SILENT_FLOOR * x_amax.mean().item(), 1e-5))
     w_amax = w_amax.clamp(min=1e-5)
     return (x_amax.pow(alpha) / w_amax.pow(1 - alpha)).clamp(S_MIN, S_MAX)
 
 
-def simulated_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None, static: bool) -> float:
-    """‖Q(X/s) Q(W·s)ᵀ − X Wᵀ‖² summed over the group, with the scheme's activation quantizer."""
-    xs = x if s is None else x / s
-    xq = fake_quantize(xs, scale_from_range(xs.abs().max())) if static else per_token_fake_quantize(xs)
+def simulated_error(fit: torch.Tensor, held: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None,
+                    static: bool) -> float:
+    """‖Q(X/s) Q(W·s)ᵀ − X Wᵀ‖² on the held-out rows, summed over the group.
+
+    The activation quantizer is the scheme's: per token, or (static) one scale taken
+    from the fitting rows, so a range that does not generalize is paid for in clipping.
+    """
+    xs = held if s is None else held / s
+    if static:
+        fitted = fit if s is None else fit / s
+        xq = fake_quantize(xs, scale_from_range(fitted.abs().max()))
+    else:
+        xq = per_token_fake_quantize(xs)
     total = 0.0
     for w in weights:
         ws = w if s is None else w * s
         w_q, w_scale = quantize_weight(ws)
-        total += ((xq @ (w_q.float() * w_scale[:, None]).t()) - x @ w.t()).pow(2).sum().item()
+        total += ((xq @ (w_q.float() * w_scale[:, None]).t()) - held @ w.t()).pow(2).sum().item()
     return total
 
 
@@ -107,7 +124,7 @@ class SmoothQuant:
             alpha, s, gain = self._choose(stats[x], weights)
             names = [site.name for site in group]
             if s is None:
-                log.rejected("smoothquant", x, f"no α lowers the simulated int8 error of {', '.join(names)}")
+                log.rejected("smoothquant", x, f"no α lowers the simulated int8 error on held-out calibration rows of {', '.join(names)}")
                 continue
             target = _apply(gm, x, group, s.to(ir.dtype(x)))
             log.matched(f"smooth → {target}")
@@ -121,14 +138,19 @@ class SmoothQuant:
         static = self.config.scheme == "int8-static"
         if self.config.alpha != "search":
             return self.config.alpha, smoothing_factors(stats.amax, w_amax, self.config.alpha), 1.0
-        x = stats.sample()
-        baseline = simulated_error(x, weights, None, static)
+        # α is fitted on half the sampled rows and judged on the other half, so smoothing
+        # factors that only fit the calibration rows (e.g. few rows, silent channels) lose
+        rows = stats.sample()
+        fit, held = rows[0::2], rows[1::2]
+        if held.shape[0] == 0:
+            return None, None, 1.0
+        fit_amax = fit.abs().amax(dim=0)
+        baseline = simulated_error(fit, held, weights, None, static)
         best: tuple[float | None, Any, float] = (None, None, baseline)
         for alpha in self.config.alpha_grid:
-            s = smoothing_factors(stats.amax, w_amax, alpha)
-            error = simulated_error(x, weights, s, static)
+            error = simulated_error(fit, held, weights, smoothing_factors(fit_amax, w_amax, alpha), static)
             if error < best[2]:
-                best = (alpha, s, error)
+                best = (alpha, smoothing_factors(stats.amax, w_amax, alpha), error)
         alpha, s, error = best
         return alpha, s, (error / baseline if baseline > 0 else 1.0)
 
