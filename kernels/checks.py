@@ -10,8 +10,8 @@ Constraints and why they exist:
 
 - 2-D operands are row-major along K (``stride(-1) == 1``): the kernels read
   K-contiguous tiles; the row stride may be anything (row slices work).
-- 1-D vectors (scales, bias, smooth) are contiguous: the kernels index them
-  with unit stride.
+- 1-D vectors (scales, bias, smooth) may have any stride: the kernels take
+  it as an argument (a per-tensor scale expanded to [M] has stride 0).
 - ``K <= INT8_K_MAX`` for the int8 GEMM: the int32 accumulator holds at most
   ``K * 128 * 128`` in magnitude, which must stay below ``2**31``.
 - Scales and smoothing factors are positive and finite (a zero scale would
@@ -63,12 +63,10 @@ def check_matrix(name: str, t: object, dtypes: tuple[torch.dtype, ...]) -> torch
 
 
 def check_vector(name: str, t: object, length: int, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
-    """A contiguous 1-D tensor of ``length`` elements of one of ``dtypes``."""
+    """A 1-D tensor of ``length`` elements of one of ``dtypes``."""
     t = _check_tensor(name, t, dtypes)
     if t.dim() != 1 or t.shape[0] != length:
         raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (call .contiguous())")
     return t
 
 

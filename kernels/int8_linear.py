@@ -35,7 +35,7 @@ from .launch import triton_kernel
 def _int8_linear_kernel(
     x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
     M, N, K,
-    stride_xm, stride_wn, stride_om,
+    stride_xm, stride_wn, stride_om, stride_xs, stride_ws, stride_b,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -69,11 +69,11 @@ def _int8_linear_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    x_scale = tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0.0)
-    w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    x_scale = tl.load(x_scale_ptr + offs_m * stride_xs, mask=mask_m, other=0.0)
+    w_scale = tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=0.0)
     y = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
     if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y += tl.load(bias_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == "relu":
         y = tl.maximum(y, 0.0)
     elif ACTIVATION == "gelu":
@@ -116,6 +116,7 @@ def triton_int8_linear(
             x_q, w_q, x_scale, w_scale, bias, out,
             m, n, k,
             x_q.stride(0), w_q.stride(0), out.stride(0),
+            x_scale.stride(0), w_scale.stride(0), 0 if bias is None else bias.stride(0),
             HAS_BIAS=bias is not None,
             ACTIVATION=activation,
             BLOCK_M=cfg.block_m,

@@ -11,8 +11,9 @@ so that ``x' ~= x_q * scale[:, None]``. SmoothQuant convention: with
 applies the ``diag(s)^-1`` half (divides by ``smooth``), the caller folds
 ``s`` into the weights before quantizing them.
 
-One program per row, the whole row in registers: a single read of x, the
-absmax reduction, the scale and the int8 store in one pass. Rounding is
+Each program takes ROWS whole rows into registers (ROWS * BLOCK_K elements,
+at most ``TILE`` of them, so short rows are batched): a single read of x, the
+per-row absmax reduction, the scale and the int8 store in one pass. Rounding is
 half-to-even (as ``torch.round`` and ONNX QuantizeLinear) through the
 float32 identity ``(v + 1.5 * 2**23) - 1.5 * 2**23``, exact for
 ``|v| < 2**22`` (here ``|v| <= 127``), which needs no libdevice call and so
@@ -33,28 +34,34 @@ from .checks import SCALE_FLOOR, check_out, check_quantize_args
 from .launch import triton_kernel
 
 MAX_ROW = 2**17
-"""Longest row the register-resident kernel takes (ops fall back to the CPU path beyond it)."""
+"""Longest row the register-resident kernel takes (the CUDA op falls back to the torch path beyond it)."""
+TILE = 8192
+"""Elements per program when rows are short: ROWS = TILE // BLOCK_K rows at once."""
 
 
 @triton_kernel
 def _quantize_per_token_kernel(
     x_ptr, smooth_ptr, q_ptr, scale_ptr,
-    K, stride_xm, stride_qm, scale_floor,
+    M, K, stride_xm, stride_qm, stride_s, scale_floor,
     HAS_SMOOTH: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_K)
-    mask = offs < K
-    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_SMOOTH:
-        x = tl.math.div_rn(x, tl.load(smooth_ptr + offs, mask=mask, other=1.0).to(tl.float32))
-    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), 127.0), scale_floor)
-    v = tl.math.div_rn(x, scale)
+        smooth = tl.load(smooth_ptr + cols * stride_s, mask=cols < K, other=1.0).to(tl.float32)
+        x = tl.math.div_rn(x, smooth[None, :])
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), 127.0), scale_floor)
+    v = tl.math.div_rn(x, scale[:, None])
     rounded = (v + 12582912.0) - 12582912.0
     q = tl.minimum(tl.maximum(rounded, -127.0), 127.0)
-    tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=mask)
-    tl.store(scale_ptr + row, scale)
+    tl.store(q_ptr + rows64 * stride_qm + cols[None, :], q.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
 
 
 def triton_quantize_per_token(
@@ -78,11 +85,13 @@ def triton_quantize_per_token(
     if m == 0:
         return q, scale
     block_k = triton.next_power_of_2(k)
-    _quantize_per_token_kernel.on(x.device)[(m,)](
+    rows = max(TILE // block_k, 1)
+    _quantize_per_token_kernel.on(x.device)[(triton.cdiv(m, rows),)](
         x, smooth, q, scale,
-        k, x.stride(0), q.stride(0), SCALE_FLOOR,
+        m, k, x.stride(0), q.stride(0), 0 if smooth is None else smooth.stride(0), SCALE_FLOOR,
         HAS_SMOOTH=smooth is not None,
+        ROWS=rows,
         BLOCK_K=block_k,
-        num_warps=min(max(block_k // 1024, 1), 16),
+        num_warps=min(max(rows * block_k // 1024, 1), 16),
     )
     return q, scale

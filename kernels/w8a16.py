@@ -43,7 +43,7 @@ from .launch import interpreting, triton_kernel
 def _w8a16_kernel(
     x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     M, N, K,
-    stride_xm, stride_wn, stride_os, stride_om,
+    stride_xm, stride_wn, stride_os, stride_om, stride_ws, stride_b,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -76,9 +76,9 @@ def _w8a16_kernel(
         b = tl.load(w_cols + k[:, None], mask=in_k[:, None] & mask_n[None, :], other=0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(tl.float32).to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
-    y = acc * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    y = acc * tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)
         y += tl.where(pid_s == 0, bias, 0.0)[None, :]
     out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -122,6 +122,7 @@ def triton_w8a16_linear(
             x, w_q, w_scale, bias, target,
             m, n, k,
             x.stride(0), w_q.stride(0), stride_split, target.stride(-2),
+            w_scale.stride(0), 0 if bias is None else bias.stride(0),
             HAS_BIAS=bias is not None,
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
