@@ -71,6 +71,11 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
+    def to_html(self, path: str) -> Any:
+        """Write the report as a self-contained HTML page with plots (see graphopt.report_html)."""
+        from .report_html import write_html
+        return write_html(self, path)
+
     def rows(self) -> list[list[str]]:
         rows = []
         for r in ([self.baseline] if self.baseline else []) + self.records:

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
+import onnxruntime as ort
+
 from .ir import OnnxModel, session
 
 
@@ -25,7 +27,7 @@ def tensor_ranges(model: OnnxModel, names: Sequence[str],
         if name not in present:
             elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(types.get(name) or np.float32))
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    sess = session(proto, optimize=False)
+    sess = session(proto, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     inputs = [i.name for i in sess.get_inputs()]
     ranges: dict[str, tuple[float, float]] = {}
     feeds = list(feeds)

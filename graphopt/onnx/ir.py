@@ -26,15 +26,15 @@ Inputs = Sequence[tuple[tuple, dict]]
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
-def session(model: onnx.ModelProto | str | os.PathLike, optimize: bool = True,
+def session(model: onnx.ModelProto | str | os.PathLike,
+            level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
             providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
     """An ONNX Runtime session on the CPU (or `providers`), threads pinned to the machine's cores."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = level
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=list(providers))
 

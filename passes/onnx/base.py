@@ -1,7 +1,7 @@
 """What every ONNX pass shares: level/budget fields, opset upgrades, node helpers.
 
 A pass subclasses `OnnxPass`, sets `name`, `level`, `min_opset` and
-implements `rewrite(model, log)`. `run` first makes sure the model's opset
+implements `rewrite(model, log)` (which may return extra statistics). `run` first makes sure the model's opset
 is at least `min_opset`, upgrading it with `onnx.version_converter` when
 needed; a model that cannot be upgraded is returned unchanged and the pass
 records why it was skipped (`stats["skipped"]`, shown in the report).
@@ -37,10 +37,11 @@ class OnnxPass:
                 return log.result(model, skipped=f"{self.name}: {reason}")
             model = upgraded
             log.matched(f"opset upgrade to {self.min_opset}")
-        self.rewrite(model, log)
-        return log.result(model)
+        extra = self.rewrite(model, log) or {}
+        return log.result(model, **extra)
 
-    def rewrite(self, model: OnnxModel, log: RewriteLog) -> None:
+    def rewrite(self, model: OnnxModel, log: RewriteLog) -> dict[str, Any] | None:
+        """Rewrite `model` in place, logging matches and rejections; may return extra stats."""
         raise NotImplementedError
 
 

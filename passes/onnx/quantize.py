@@ -52,7 +52,7 @@ class QuantizeInt8(OnnxPass):
         self.calibration = list(calibration)
         self.name = f"onnx_int8_{scheme.replace('-', '_')}"
 
-    def rewrite(self, model: OnnxModel, log: RewriteLog) -> None:
+    def rewrite(self, model: OnnxModel, log: RewriteLog) -> dict:
         graph = model.graph
         targets = []
         for node in list(graph.nodes):
@@ -67,9 +67,12 @@ class QuantizeInt8(OnnxPass):
         if self.scheme == "static" and targets:
             ranges = tensor_ranges(model, sorted({n.inputs[0].name for n in targets}), self.calibration)
         activations: dict[str, tuple] = {}
+        layers = []
         for node in targets:
             weight, axis = _weight(node)
             w_q, w_scale = quantize_weight(weight, axis)
+            layers.append({"layer": node.name, "op": node.op, "scheme": self.scheme,
+                           "weight_rel_err": weight_error(weight, w_q, w_scale, axis)})
             if self.scheme == "dynamic":
                 _dynamic(graph, node, w_q, w_scale, axis, activations)
             else:
@@ -77,6 +80,7 @@ class QuantizeInt8(OnnxPass):
                 if self.scheme == "static":
                     _static_activation(graph, node, ranges[node.inputs[0].name], activations)
             log.matched(f"{node.op} → int8 {self.scheme}")
+        return {"layers": layers}
 
 
 def _why_not(node: gs.Node) -> str | None:
@@ -123,6 +127,14 @@ def quantize_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarr
     shape[axis] = -1
     w_q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
     return w_q, scale
+
+
+def weight_error(weight: np.ndarray, w_q: np.ndarray, scale: np.ndarray, axis: int) -> float:
+    """‖W − W_q·s_w‖ / ‖W‖: how much of the layer's weight int8 loses."""
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    norm = float(np.linalg.norm(weight))
+    return float(np.linalg.norm(weight - w_q * scale.reshape(shape))) / norm if norm else 0.0
 
 
 def _const(name: str, value: np.ndarray) -> gs.Constant:
