@@ -95,6 +95,8 @@ class QuantizeLinears:
             bytes_before += float_bytes
             if site.reason is None and site.node.name in chosen:
                 n, k = site.weight(gm).shape
+                if _on_int8_grid(site.weight(gm)):
+                    row["note"] = "weight already quantized (on a per-channel int8 grid): requantized exactly"
                 row.update(scheme=config.scheme, runs=rewrite_site(gm, site, config, scales.get(site.node.name)))
                 bytes_after += n * k + 4 * n          # int8 weight + float32 per-channel scale
                 log.matched(f"{row['op']} → int8")
@@ -255,6 +257,13 @@ def _shape(gm: fx.GraphModule, site: Site) -> str:
         return "?"
     n, k = (s[1], s[0]) if site.transposed else s
     return f"{n}×{k}"
+
+
+def _on_int8_grid(w: torch.Tensor) -> bool:
+    """True if every row of W is an integer multiple of its own max|W_row| / 127."""
+    step = (w.float().abs().amax(dim=1, keepdim=True) / QMAX).clamp(min=1e-30)
+    codes = w.float() / step
+    return bool(torch.allclose(codes, codes.round(), rtol=0, atol=1e-3))
 
 
 def _nbytes(value: Any) -> int:

@@ -36,7 +36,7 @@ def step_bound(x2: torch.Tensor, w: torch.Tensor, scheme: str) -> torch.Tensor:
     return s_x / 2 * w.abs().sum(1)[None, :] + x2.abs().sum(1, keepdim=True) * s_w / 2 + k * s_x * s_w / 4
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(k=st.integers(17, 96), n=st.integers(1, 64), rows=st.integers(1, 8), seq=st.sampled_from([None, 5]),
        bias=st.booleans(), act=st.sampled_from(sorted(ACT)), seed=st.integers(0, 2**16),
        scheme=st.sampled_from(["int8-dynamic", "int8-static", "int8-weight-only"]))
@@ -102,7 +102,7 @@ def test_convolutions_are_reported_float_in_torch_and_marked_for_onnx():
     assert conv.meta["graphopt_int8"]["x_scale"] > 0
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(case=st.one_of(mlp_cases(), attention_cases()),
        scheme=st.sampled_from(["int8-dynamic", "int8-weight-only", "int8-static"]))
 def test_random_models_stay_close_on_fresh_inputs_and_other_batch_sizes(case, scheme):
