@@ -52,11 +52,23 @@ class FusionPass:
                 log.rejected(self.label, node, outcome)
             elif isinstance(outcome, Match):
                 log.matched(outcome.pattern)
-                ir.erase_unused(gm.graph, [n for n in dict.fromkeys(outcome.dead) if not getattr(n, "_erased", False)])
+                dead = [n for n in dict.fromkeys(outcome.dead) if not getattr(n, "_erased", False)]
+                checks = [u for n in dead for u in n.users if _is_check(u)]
+                ir.erase_unused(gm.graph, checks + dead)
         return log.result(gm)
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> Match | str | None:
         raise NotImplementedError
+
+
+def _is_check(node: fx.Node) -> bool:
+    """torch.export's metadata asserts: they read a value but compute nothing."""
+    return ir.is_op(node, aten._assert_tensor_metadata)
+
+
+def users(node: fx.Node) -> list[fx.Node]:
+    """The nodes that compute with `node` (metadata asserts on it left out)."""
+    return [u for u in node.users if not _is_check(u)]
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -98,7 +110,7 @@ def call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None,
 
 def interior(node: Any, owner: fx.Node) -> bool:
     """`node` is a computed value used only by `owner` (so a fusion may absorb it)."""
-    return isinstance(node, fx.Node) and node.op == "call_function" and set(node.users) == {owner}
+    return isinstance(node, fx.Node) and node.op == "call_function" and users(node) == [owner]
 
 
 Poly = dict[int, float]   # power of the variable -> coefficient

@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from graphopt import ir
 
-from ._match import FusionPass, Match, arg, call, interior, rank, same_shape, scalar
+from ._match import FusionPass, Match, arg, call, interior, rank, same_shape, scalar, users
 
 aten = torch.ops.aten
 
@@ -39,10 +39,11 @@ class RecognizeAttention(FusionPass):
     label = "attention"
 
     def rewrite(self, gm: fx.GraphModule, softmax: fx.Node) -> Match | str | None:
-        out = next(iter(softmax.users), None)
+        consumers = users(softmax)
+        out = consumers[0] if consumers else None
         if out is None or not ir.is_op(out, *_MATMULS) or out.args[0] is not softmax:
             return None   # a softmax that does not weight values
-        if len(softmax.users) != 1:
+        if len(consumers) != 1:
             return "softmax output has other users"
         r = rank(softmax)
         if r is None or r < 3 or softmax.args[1] % r != r - 1:
