@@ -193,6 +193,8 @@ class PassManager:
                 outputs = self.ir.run(result.module, inputs) if self.verify else None
         except InputError:        # bad user data (e.g. NaN in calibration batches): the caller's to fix
             raise
+        except OptionError:       # an option that does not fit this model (e.g. a pattern matching no layer)
+            raise
         except Exception as exc:  # a crashing pass is rolled back, never fatal
             where = self._write_reproducer(p, current, exc)
             record = self._record(p.name, current, time.perf_counter() - start, reference, current_outputs, {})

@@ -64,7 +64,7 @@ POOLS = {aten.adaptive_avg_pool2d, aten.adaptive_avg_pool1d, aten.avg_pool2d, at
 REDUCTIONS = {aten.mean, aten.sum, aten.amax, aten.amin}
 SOFTMAX = {aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax}
 SPLITS = {aten.split, aten.split_with_sizes, aten.chunk}
-MAX_ROUNDS = 8
+MAX_ROUNDS = 16
 
 
 @dataclass(frozen=True)
@@ -119,10 +119,6 @@ class Analysis:
         return value.get(dim, ()) if isinstance(value, dict) else ()
 
 
-class _Restart(Exception):
-    pass
-
-
 class _Walk:
     def __init__(self, gm: fx.GraphModule, gran: dict[str, int], cuts: dict[str, set[int]],
                  ignored: list[str]) -> None:
@@ -158,21 +154,23 @@ class _Walk:
             for segs in _dims_of(self.ann.get(arg)).values():
                 self.block(segs, reason)
 
-    # requests that make the walk restart
+    # requests for coarser units or source cuts: the walk is then run again
     def coarsen(self, seg: Seg, factor: int) -> None:
         """Make the units of `seg.group` `factor` times coarser (e.g. channels -> heads)."""
-        source, _, gran, _ = self.info[seg.group]
-        self.new_gran[source] = max(self.new_gran.get(source, gran), gran * factor)
-        for other, (src, _, g, _) in self.info.items():
-            if self.find(other) == self.find(seg.group):
-                self.new_gran[src] = max(self.new_gran.get(src, g), g * factor)
-        raise _Restart
+        coupled = [o for o in self.info if self.find(o) == self.find(seg.group)]
+        for other in coupled:
+            _, _, g, units = self.info[other]
+            if (g * units) % (g * factor) or self.blocked.get(other):
+                self.block([seg], f"units of {g * factor} channels do not divide the {g * units} of {other}")
+                return
+        for other in coupled:
+            g = self.info[other][2]
+            self.new_gran[other] = max(self.new_gran.get(other, g), g * factor)
 
     def cut(self, seg: Seg, unit: int) -> None:
         for other, (src, start, gran, _) in self.info.items():
             if self.find(other) == self.find(seg.group):
                 self.new_cuts[src].add(start + unit * gran)
-        raise _Restart
 
     # sources
     def source(self, node: fx.Node, channels: int, weight: str, dims: tuple[int, ...],
@@ -181,14 +179,15 @@ class _Walk:
         name = node.name
         module = weight.rpartition(".")[0]
         per = channels // groups
-        gran = self.gran.get(name, 1)
         ignored = any(fnmatch(module, p) or fnmatch(weight, p) for p in self.ignored)
         bounds = sorted({0, per, *(c for c in self.cuts.get(name, ()) if 0 < c < per)}) if groups == 1 else [0, per]
         segs: list[Seg] = []
         for start, end in zip(bounds, bounds[1:]):
             gid = f"{name}" if (start, end) == (0, per) else f"{name}[{start}:{end}]"
-            units = (end - start) // gran if (end - start) % gran == 0 else 1
-            block = gran if (end - start) % gran == 0 else end - start
+            gran = self.gran.get(gid, 1)
+            if (end - start) % gran:
+                gran = end - start
+            units, block = (end - start) // gran, gran
             self.parent[gid] = gid
             self.info[gid] = (name, start, gran, units)
             self.modules[gid].add(module)
@@ -653,24 +652,24 @@ class _Walk:
 
 def analyze(gm: fx.GraphModule, ignored: Iterable[str] = ()) -> Analysis:
     """Channel groups of `gm` (see the module docstring)."""
-    gran: dict[str, int] = {}
-    cuts: dict[str, set[int]] = {}
+    gran: dict[str, int] = {}          # channels per unit, by group
+    cuts: dict[str, set[int]] = {}     # channel offsets where a source splits into groups
     for _ in range(MAX_ROUNDS):
         walk = _Walk(gm, gran, cuts, list(ignored))
-        try:
-            walk.run()
-        except _Restart:
-            changed = False
-            for src, g in walk.new_gran.items():
-                if gran.get(src, 1) != g:
-                    gran[src], changed = g, True
-            for src, c in walk.new_cuts.items():
-                if not c <= cuts.get(src, set()):
-                    cuts[src], changed = cuts.get(src, set()) | c, True
-            if changed:
-                continue
+        walk.run()
+        changed = False
+        for gid, g in walk.new_gran.items():
+            if gran.get(gid, 1) != g:
+                gran[gid], changed = g, True
+        for src, c in walk.new_cuts.items():
+            if not c <= cuts.get(src, set()):
+                cuts[src], changed = cuts.get(src, set()) | c, True
+        if changed:
+            continue
         return _finish(walk)
-    raise RuntimeError("channel analysis did not settle")  # unreachable for finite graphs
+    for gid in walk.info:   # requests kept coming: prune nothing rather than guess
+        walk.blocked[gid].append("channel analysis did not settle")
+    return _finish(walk)
 
 
 def _finish(walk: _Walk) -> Analysis:
