@@ -3,14 +3,21 @@
     quantize_per_token(x, smooth)  ⇒  s = max(ReduceMax(|x / smooth|, axis 1) / 127, tiny)
                                       x_q = Cast(Clip(Round(x / s[:, None]), −127, 127), int8)
     int8_linear(x_q, w_q, s_x, s_w, b, act, dtype)
-                                   ⇒  act(Cast(MatMulInteger(x_q, w_qᵀ), float) · s_x[:, None] · s_w + b)
+                                   ⇒  act(MatMul(DequantizeLinear(x_q, s_x, axis=0),
+                                                 DequantizeLinear(w_qᵀ, s_w, axis=1)) + b)      (QDQ)
     w8a16_linear(x, w_q, s_w, b)   ⇒  MatMul(x, DequantizeLinear(w_qᵀ, s_w, axis=1)) + b
 
-The same float32 operations in the same order as the ops' CPU path (Round is
-half-to-even in both), with the int8 × int8 products summed exactly in int32
-by `MatMulInteger`: ONNX Runtime reproduces the torch module up to float
-rounding. The int8 weights stay int8 initializers (the transposes are folded
-by the post-export cleanup). Only the default ONNX domain is used.
+The quantization itself is the same float32 arithmetic as the ops' CPU path
+(Round is half-to-even in both), so the int8 values are identical; the
+products of the dequantized values are summed in float32, which differs from
+the exact int32 sum by float rounding only. QDQ was chosen by measurement
+(`python -m bench.onnx --only choice`, bench/results/onnx_int8_forms.md): on
+this AVX2 CPU without VNNI, ONNX Runtime runs the per-token int8 × int8
+`MatMulInteger` form 2× slower than the QDQ form at the same error, and its
+fast uint8 × int8 kernels saturate (0.5 relative error; the same with
+per-tensor `DynamicQuantizeLinear`). The int8 weights stay int8 initializers
+(the transposes are folded by the post-export cleanup). Only the default ONNX
+domain is used.
 """
 from __future__ import annotations
 
@@ -55,8 +62,8 @@ def quantize_per_token(x: Any, smooth: Any = None) -> tuple[Any, Any]:
 def int8_linear(x_q: Any, w_q: Any, x_scale: Any, w_scale: Any, bias: Any = None, activation: str = "none",
                 out_dtype: torch.dtype = torch.float32) -> Any:
     op = _op()
-    acc = op.Cast(op.MatMulInteger(x_q, op.Transpose(w_q, perm=[1, 0])), to=_FLOAT)
-    y = op.Mul(op.Mul(acc, op.Unsqueeze(x_scale, op.Constant(value_ints=[1]))), w_scale)
+    x = op.DequantizeLinear(x_q, x_scale, axis=0)
+    y = op.MatMul(x, op.DequantizeLinear(op.Transpose(w_q, perm=[1, 0]), w_scale, axis=1))
     if bias is not None:
         y = op.Add(y, op.Cast(bias, to=_FLOAT))
     y = _activation(op, y, activation)
