@@ -1,10 +1,149 @@
-"""Recovery fine-tuning by distillation (see the pruning issue)."""
+"""Recovery fine-tuning after pruning: knowledge distillation from the original model.
+
+    opt = graphopt.finetune(opt, train_data, teacher=model, epochs=3)
+
+Loss per batch, with student logits s, teacher logits t, temperature T:
+
+    L = α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 - α) · CE(s, labels)   (labels given)
+    L = T² · KL(softmax(t/T) ‖ softmax(s/T))                                 (logits, no labels)
+    L = Σ_outputs MSE(student, teacher) / ‖teacher‖²_mean                    (no logits: features)
+
+"Logits" are a 2-D first output; `distill="kl"|"mse"` forces one or the other.
+`train_data` yields `(inputs, labels)` pairs — labels an integer tensor — or
+inputs alone (pure distillation); inputs are a tensor, a tuple of positional
+args or a dict of keyword args.
+
+What is trained: the optimized `fx.GraphModule` itself (`opt.graph_module`),
+not a re-capture. It was exported in eval mode, so dropout is gone and
+BatchNorm normalizes with its running statistics — an affine map per channel
+whose scale and shift still train; for short recovery runs that is what one
+wants (batch statistics of small batches would only add noise). Every
+floating parameter trains; integer tensors (int8 weights of quantized layers)
+stay as they are. The caller's `opt` and the teacher are never modified:
+the student is a deep copy, the teacher runs under no_grad and is checked.
+Deterministic for a given `seed` and data order.
+"""
 from __future__ import annotations
 
-from typing import Any
+import copy
+import math
+from typing import Any, Iterable
 
-from graphopt.errors import UnsupportedError
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+from .errors import InputError, OptionError, UnsupportedError
+
+DISTILL = ("auto", "kl", "mse")
 
 
-def finetune(opt: Any, train_data: Any, teacher: Any = None, epochs: int = 3, qat: bool = False, **kwargs: Any) -> Any:
-    raise UnsupportedError("graphopt.finetune is not available yet in this version")
+def _split(item: Any) -> tuple[tuple, dict, torch.Tensor | None]:
+    labels = None
+    if (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor)
+            and not item[1].is_floating_point()):
+        item, labels = item
+    if isinstance(item, torch.Tensor):
+        return (item,), {}, labels
+    if isinstance(item, dict):
+        return (), dict(item), labels
+    if isinstance(item, (tuple, list)):
+        return tuple(item), {}, labels
+    raise InputError(f"train_data items must be tensors, tuples, dicts or (inputs, labels) pairs, "
+                     f"got {type(item).__name__}")
+
+
+def _floats(outputs: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def distillation_loss(student: Any, teacher: Any, labels: torch.Tensor | None, temperature: float,
+                      alpha: float, distill: str) -> torch.Tensor:
+    s_out, t_out = _floats(student), _floats(teacher) if teacher is not None else []
+    logits = s_out[0]
+    use_kl = distill == "kl" or (distill == "auto" and logits.dim() == 2)
+    if not t_out:
+        if labels is None:
+            raise InputError("finetune without a teacher needs (inputs, labels) pairs in train_data")
+        return F.cross_entropy(logits, labels)
+    if use_kl:
+        kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(t_out[0] / temperature, -1),
+                      reduction="batchmean", log_target=True) * temperature ** 2
+        return kl if labels is None else alpha * kl + (1 - alpha) * F.cross_entropy(logits, labels)
+    loss = sum(F.mse_loss(s, t) / (t.pow(2).mean() + 1e-12) for s, t in zip(s_out, t_out))
+    return loss if labels is None or logits.dim() != 2 else loss + F.cross_entropy(logits, labels)
+
+
+def finetune(opt: Any, train_data: Iterable[Any], teacher: torch.nn.Module | None = None, epochs: int = 3,
+             qat: bool = False, *, lr: float = 1e-3, weight_decay: float = 0.0, temperature: float = 2.0,
+             alpha: float = 0.5, distill: str = "auto", seed: int = 0, progress: bool = True) -> Any:
+    """Distil `teacher` into a copy of `opt` on `train_data`; returns the tuned copy (see module docstring)."""
+    if qat:
+        raise UnsupportedError("finetune(qat=True) needs the int8 rewrite (torch.ops.graphopt.int8_linear), "
+                               "which this build does not register yet; run finetune without qat")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise OptionError(f"epochs={epochs!r} must be a positive integer")
+    if distill not in DISTILL:
+        raise OptionError(f"distill={distill!r}: choose one of {', '.join(DISTILL)}")
+    if not lr > 0 or not temperature > 0 or not 0 <= alpha <= 1:
+        raise OptionError("finetune needs lr > 0, temperature > 0 and 0 <= alpha <= 1")
+    if teacher is not None and not isinstance(teacher, torch.nn.Module):
+        raise InputError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+    from .api import OptimizedModule
+    tuned = copy.deepcopy(opt)
+    if isinstance(tuned, OptimizedModule):
+        if tuned.graph_module is None:
+            raise InputError("finetune needs a captured OptimizedModule: call it once, or pass example_inputs "
+                             "to graphopt.optimize")
+        student: torch.nn.Module = tuned.graph_module
+    elif isinstance(tuned, torch.nn.Module):
+        student = tuned
+    else:
+        raise InputError(f"finetune takes an OptimizedModule or a torch.nn.Module, got {type(opt).__name__}")
+    params = [p for p in student.parameters() if p.is_floating_point()]
+    if not params:
+        raise InputError("the module has no floating-point parameters to fine-tune")
+    for p in params:
+        p.requires_grad_(True)
+    teacher_state = None
+    if teacher is not None:
+        teacher_state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+        teacher_mode = teacher.training
+        teacher.eval()
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    batches = list(train_data)
+    if not batches:
+        raise InputError("train_data is empty")
+    total = epochs * len(batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, desc="graphopt finetune", unit="batch", disable=None if progress else True)
+    student.train()
+    try:
+        for _ in range(epochs):
+            for item in batches:
+                args, kwargs, labels = _split(item)
+                target = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(*args, **kwargs)
+                loss = distillation_loss(student(*args, **kwargs), target, labels, temperature, alpha, distill)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+    finally:
+        bar.close()
+        student.eval()
+        for p in params:
+            p.grad = None
+        if teacher is not None:
+            teacher.train(teacher_mode)
+    if teacher_state is not None:
+        changed = [k for k, v in teacher.state_dict().items() if not torch.equal(v, teacher_state[k])]
+        if changed:   # a teacher whose forward writes into its own state (e.g. BN in train mode)
+            raise InputError(f"the teacher modified its own state during finetune: {changed[:3]}")
+    return tuned

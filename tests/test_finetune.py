@@ -1,0 +1,94 @@
+"""graphopt.finetune: distillation recovers a pruned digits model; teacher untouched; deterministic."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphopt
+from graphopt.errors import OptionError, UnsupportedError
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.c2, self.b2 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.b1(self.c1(x)))
+        y = F.max_pool2d(F.relu(self.b2(self.c2(y)) + y), 2)
+        return self.fc(y.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(y), generator=g)
+    x, y = x[order], y[order]
+    train = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 1400, 64)]
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(4):
+        for xb, yb in train:
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+    return model.eval(), train, (x[1400:], y[1400:])
+
+
+def accuracy(module, test) -> float:
+    with torch.no_grad():
+        return (module(test[0]).argmax(1) == test[1]).float().mean().item()
+
+
+def prune(model, train, ratio=0.75):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return graphopt.optimize(model, (train[0][0],), prune=ratio, disable=["int8_dynamic"],
+                                 measure_latency=False, progress=False)
+
+
+def test_finetune_recovers_accuracy_and_leaves_the_teacher_alone(digits):
+    model, train, test = digits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = prune(model, train)
+    tuned = graphopt.finetune(pruned, train, teacher=model, epochs=2, lr=2e-3, progress=False)
+    base, cut, recovered = accuracy(model, test), accuracy(pruned, test), accuracy(tuned, test)
+    assert recovered > cut + 0.05, (base, cut, recovered)    # a 4x FLOPs cut loses accuracy; tuning wins it back
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert accuracy(pruned, test) == cut                       # the caller's optimized module is untouched
+    assert tuned(test[0][:3]).shape == (3, 10)
+
+
+def test_pure_distillation_is_deterministic(digits):
+    model, train, test = digits
+    pruned = prune(model, train)
+    inputs_only = [xb for xb, _ in train[:6]]
+    a = graphopt.finetune(pruned, inputs_only, teacher=model, epochs=1, seed=3, progress=False)
+    b = graphopt.finetune(pruned, inputs_only, teacher=model, epochs=1, seed=3, progress=False)
+    with torch.no_grad():
+        assert torch.equal(a(test[0]), b(test[0]))
+        teacher = F.softmax(model(test[0]), -1)
+        gap = lambda m: F.kl_div(F.log_softmax(m(test[0]), -1), teacher, reduction="batchmean").item()  # noqa: E731
+        assert gap(a) < gap(pruned)
+
+
+def test_bad_finetune_arguments(digits):
+    model, train, _ = digits
+    pruned = prune(model, train)
+    with pytest.raises(OptionError):
+        graphopt.finetune(pruned, train, teacher=model, epochs=0)
+    with pytest.raises(graphopt.InputError):
+        graphopt.finetune(pruned, [xb for xb, _ in train[:2]], teacher=None, progress=False)
+    with pytest.raises(UnsupportedError, match="qat"):
+        graphopt.finetune(pruned, train, teacher=model, qat=True)
