@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .capture import capture
+from .compile import inductor_runner
 from .config import Options, parse_options
 from .errors import InputError
 from .inputs import verification_inputs
@@ -42,6 +43,7 @@ class OptimizedModule(torch.nn.Module):
         self.report = Report()
         self._pending = [model]   # a list, so the original is not registered as a submodule
         self._in_spec: pytree.TreeSpec | None = None
+        self._runner: Any = None   # the torch.compile'd graph when options.backend == "inductor"
 
     @property
     def captured(self) -> bool:
@@ -51,7 +53,7 @@ class OptimizedModule(torch.nn.Module):
         if self.graph_module is None:
             self._optimize(args, kwargs)
         self._check_structure(args, kwargs)
-        return self.graph_module(*args, **kwargs)
+        return (self._runner or self.graph_module)(*args, **kwargs)
 
     def _optimize(self, args: tuple, kwargs: dict) -> None:
         model = self._pending[0]
@@ -69,6 +71,8 @@ class OptimizedModule(torch.nn.Module):
         gm, report = manager.run(gm, inputs, reference, report)
         report.meta["total_s"] = time.perf_counter() - start
         self.graph_module, self.report = gm, report
+        if options.backend == "inductor":
+            self._runner = inductor_runner(gm, captured.dynamic_batch)
         self._in_spec = pytree.tree_structure((args, kwargs))
         self._pending = [None]
 

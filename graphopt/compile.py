@@ -1,0 +1,300 @@
+"""graphopt with torch.compile: graphopt's graph rewrites, then inductor's code generation.
+
+graphopt rewrites what inductor cannot (BN folding across layers, GEMM merges,
+structured pruning, int8 with accuracy control, SmoothQuant); inductor then
+generates fused kernels for what is left. Two routes lead there:
+
+1. `graphopt.optimize(model, example_inputs, backend="inductor")`: the
+   optimized GraphModule runs through `torch.compile(gm, backend="inductor")`
+   (`inductor_runner`). Compilation happens on the first call. The
+   `graphopt::*` custom ops have fake kernels, so dynamo traces them into one
+   graph and inductor calls them as extern kernels (no graph break). When
+   capture kept the batch dimension symbolic, dimension 0 of every tensor
+   input is marked `maybe_mark_dynamic` on the first call, so other batch
+   sizes reuse the compiled code instead of recompiling per size.
+
+2. `torch.compile(model, backend="graphopt", options={"level": "O2", ...})`
+   (`GraphoptBackend`, registered under the name "graphopt" when graphopt is
+   imported). Dynamo hands the backend each captured subgraph (torch-level
+   ops; parameters and buffers are placeholders). Lowering to ATen is done by
+   the same capture as route 1, on the first call, with real inputs:
+
+   - parameter and buffer placeholders become buffers of a new GraphModule
+     (frozen at the first call, like inductor's `freezing=True`); a symbolic
+     size placeholder becomes `aten.sym_size(input, dim)` of the user input
+     whose dimension it is;
+   - that module goes through `graphopt.optimize(..., backend="inductor")`:
+     torch.export (non-strict) to ATen, the pass pipeline with verification on
+     the first call's inputs, then route 1.
+
+   Models with graph breaks work: each subgraph is optimized on its own and
+   `GraphoptBackend.reports` (for the string name: `graphopt.compile.reports()`)
+   holds one report per subgraph. A subgraph graphopt cannot take (a size that
+   is not dimension 0 of an input, a non-tensor input, an export failure) is
+   compiled by inductor alone and its report says why.
+
+Options under the dynamo backend (what cannot work as in `graphopt.optimize`):
+
+- verify: compares with the subgraph as dynamo captured it, on the first
+  call's inputs and random look-alikes (there are no example inputs before).
+- calibration_data (and so "int8-static", SmoothQuant and accuracy_budget,
+  which need it): refused with an OptionError. Calibration batches are inputs
+  of the model, but a subgraph's inputs are whatever dynamo cut at a graph
+  break; use route 1, `graphopt.optimize(model, calibration_data=...,
+  backend="inductor")`.
+- example_kwargs: not an option (dynamo supplies the inputs).
+- backend: "inductor" (default) or "eager" (graphopt's passes, no inductor).
+- Parameters are read at the first call: retraining after it needs
+  `torch._dynamo.reset()`. The backend serves inference: it runs under
+  `torch.no_grad()` and its outputs carry no autograd history.
+- Recompiles: dynamo itself recompiles a frame once when a batch size
+  changes (automatic dynamic shapes) and calls the backend again; the new
+  subgraph is optimized again, and later batch sizes reuse it.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._dynamo.backends.registry import register_backend
+
+from .config import parse_options
+from .errors import GraphoptError, OptionError
+from .pipeline import build_passes
+from .report import Report
+
+UNSUPPORTED_UNDER_BACKEND = {
+    "calibration_data": "calibration batches are model inputs, but a dynamo subgraph's inputs are whatever "
+                        "dynamo cut at a graph break",
+    "example_kwargs": "dynamo supplies the inputs",
+}
+
+
+def inductor_runner(gm: fx.GraphModule, dynamic_batch: bool) -> Callable[..., Any]:
+    """`gm` compiled by `torch.compile(backend="inductor")` on the first call (a plain callable)."""
+    compiled = torch.compile(gm, backend="inductor")
+    first = [True]
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if first[0] and dynamic_batch:
+            args, kwargs = pytree.tree_map(_dynamic_batch_view, (args, kwargs))
+        first[0] = False
+        return compiled(*args, **kwargs)
+    return run
+
+
+def _dynamic_batch_view(leaf: Any) -> Any:
+    """An alias of a tensor input with dimension 0 marked dynamic (the caller's tensor is not touched)."""
+    if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+        return leaf
+    alias = leaf.view_as(leaf)
+    torch._dynamo.maybe_mark_dynamic(alias, 0)
+    return alias
+
+
+@dataclass
+class Subgraph:
+    """One subgraph dynamo handed to the backend, and what became of it."""
+    index: int
+    nodes: int
+    module: Any = None                 # the graphopt OptimizedModule, or None when inductor ran alone
+    skipped: str | None = None         # why graphopt did not optimize it
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def report(self) -> Report | None:
+        return self.module.report if self.module is not None and self.module.captured else None
+
+
+@dataclass
+class _Plan:
+    """How dynamo's flat argument list maps onto the lowered module's inputs."""
+    inputs: list[int]                               # positions of user tensors
+    state: dict[int, torch.Tensor]                  # position -> parameter/buffer value
+    sizes: dict[int, tuple[int, int]]               # position of a SymInt -> (input position, dim)
+
+
+class GraphoptBackend:
+    """A dynamo backend: graphopt's passes on each captured subgraph, then inductor.
+
+        backend = GraphoptBackend({"level": "O2"})
+        compiled = torch.compile(model, backend=backend)
+        compiled(x); backend.reports          # one Report per subgraph
+    """
+
+    def __init__(self, options: Mapping[str, Any] | None = None,
+                 subgraphs: list[Subgraph] | None = None) -> None:
+        options = dict(options or {})
+        for name, why in UNSUPPORTED_UNDER_BACKEND.items():
+            if options.get(name) is not None:
+                raise OptionError(f"{name}= does not work under torch.compile(backend='graphopt'): {why}; "
+                                  "use graphopt.optimize(model, ..., backend='inductor') instead")
+        options.setdefault("backend", "inductor")
+        options.setdefault("progress", False)
+        if options["backend"] not in ("inductor", "eager"):
+            raise OptionError(f"backend={options['backend']!r}: the graphopt dynamo backend hands its graph "
+                              "to 'inductor' (default) or runs it 'eager'")
+        self._options = parse_options(**options)
+        build_passes(self._options)   # validates the pass options now, not at the first call
+        self.subgraphs: list[Subgraph] = subgraphs if subgraphs is not None else []
+
+    @property
+    def reports(self) -> list[Report]:
+        """The reports of the subgraphs optimized so far (each after its first call)."""
+        return [s.report for s in self.subgraphs if s.report is not None]
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        record = Subgraph(len(self.subgraphs), sum(n.op == "call_function" or n.op == "call_method"
+                                                    for n in gm.graph.nodes))
+        self.subgraphs.append(record)
+        plan = _plan(gm, example_inputs)
+        if isinstance(plan, str):
+            record.skipped = plan
+            return _inductor_alone(gm, example_inputs, self._options.backend)
+        from .api import OptimizedModule   # api imports this module
+        record.module = OptimizedModule(_freeze(gm, plan), self._options)
+        return self._runner(record, plan, gm, example_inputs)
+
+    def _runner(self, record: Subgraph, plan: _Plan, gm: fx.GraphModule,
+                example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        fallback: list[Callable[..., Any]] = []
+
+        def run(*args: Any) -> Any:
+            user = [args[i] for i in plan.inputs]
+            with torch.no_grad():
+                if fallback:
+                    return fallback[0](*args)
+                if not record.module.captured:
+                    start = time.perf_counter()
+                    try:
+                        record.module._optimize(tuple(user), {})
+                    except GraphoptError as exc:   # e.g. export fails on this subgraph: inductor alone
+                        record.skipped, record.module = f"{type(exc).__name__}: {exc}", None
+                        warnings.warn(f"graphopt: subgraph {record.index} runs without graphopt: {exc}")
+                        fallback.append(_inductor_alone(gm, example_inputs, self._options.backend))
+                        return fallback[0](*args)
+                    record.notes.append(f"optimized on the first call in {time.perf_counter() - start:.1f} s")
+                return record.module(*user)
+        return run
+
+
+def _plan(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> _Plan | str:
+    """Classify dynamo's placeholders, or say why graphopt cannot take this subgraph."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    plan = _Plan([], {}, {})
+    symbols: list[tuple[int, fx.Node]] = []
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        fake = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt) or isinstance(fake, torch.SymInt):
+            symbols.append((i, node))
+        elif not isinstance(value, torch.Tensor):
+            return f"input {node.name} is a {type(value).__name__}, not a tensor"
+        elif _is_state(node, value):
+            plan.state[i] = value.detach()
+        else:
+            plan.inputs.append(i)
+            for dim, size in enumerate(getattr(fake, "shape", ())):
+                if dim > 0 and isinstance(size, torch.SymInt):
+                    return (f"dimension {dim} of input {node.name} is dynamic ({size}); graphopt captures "
+                            "with a dynamic batch dimension (0) only")
+    for i, node in symbols:
+        where = _find_size(node.meta.get("example_value"), placeholders, plan.inputs)
+        if where is None:
+            return f"the size {node.name} is not dimension 0 of an input of this subgraph"
+        plan.sizes[i] = where
+    return plan
+
+
+def _is_state(node: fx.Node, value: torch.Tensor) -> bool:
+    """A parameter or buffer of the compiled module (dynamo lifts them as placeholders)."""
+    if isinstance(value, torch.nn.Parameter):
+        return True
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    from torch._dynamo.source import ParamBufferSource, UnspecializedParamBufferSource
+    if isinstance(source, (ParamBufferSource, UnspecializedParamBufferSource)):
+        return True
+    return getattr(getattr(source, "base", None), "member", None) in ("_parameters", "_buffers")
+
+
+def _find_size(symbol: Any, placeholders: list[fx.Node], inputs: list[int]) -> tuple[int, int] | None:
+    if not isinstance(symbol, torch.SymInt):
+        return None
+    for i in inputs:
+        shape = getattr(placeholders[i].meta.get("example_value"), "shape", ())
+        if shape and isinstance(shape[0], torch.SymInt) and shape[0].node.expr == symbol.node.expr:
+            return i, 0
+    return None
+
+
+def _freeze(gm: fx.GraphModule, plan: _Plan) -> fx.GraphModule:
+    """Dynamo's subgraph with parameters and buffers as buffers and sizes read from the inputs."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i in plan.inputs:
+        env[placeholders[i]] = graph.placeholder(placeholders[i].name)
+    attrs: dict[str, Any] = {}
+    for i, value in plan.state.items():
+        name = f"state_{placeholders[i].name}"
+        attrs[name] = value
+        env[placeholders[i]] = graph.get_attr(name)
+    for i, (source, dim) in plan.sizes.items():
+        env[placeholders[i]] = graph.call_function(torch.ops.aten.sym_size.int, (env[placeholders[source]], dim))
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op in ("get_attr", "call_module"):
+            attrs[node.target] = _fetch(gm, node.target)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    module = fx.GraphModule(attrs, graph, class_name="DynamoSubgraph")
+    for i in plan.state:   # buffers, so that capture's deep copy and export see module state
+        name = f"state_{placeholders[i].name}"
+        value = getattr(module, name)
+        delattr(module, name)
+        module.register_buffer(name, value)
+    return module.eval()
+
+
+def _fetch(module: torch.nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _inductor_alone(gm: fx.GraphModule, example_inputs: Sequence[Any], backend: str) -> Callable[..., Any]:
+    if backend == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, list(example_inputs))
+
+
+#: Subgraphs compiled through the registered name "graphopt", oldest first (see `reports`).
+_REGISTERED: list[Subgraph] = []
+
+
+@register_backend(name="graphopt")
+def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                     options: Mapping[str, Any] | None = None) -> Callable[..., Any]:
+    """`torch.compile(model, backend="graphopt", options={...})`: see the module docstring."""
+    return GraphoptBackend(options, _REGISTERED)(gm, example_inputs)
+
+
+def subgraphs() -> list[Subgraph]:
+    """Every subgraph the registered "graphopt" backend compiled in this process, oldest first."""
+    return list(_REGISTERED)
+
+
+def reports() -> list[Report]:
+    """The reports of the subgraphs the registered "graphopt" backend optimized, oldest first."""
+    return [s.report for s in _REGISTERED if s.report is not None]
+
+
+def clear() -> None:
+    """Forget the subgraphs of the registered backend (e.g. after `torch._dynamo.reset()`)."""
+    _REGISTERED.clear()

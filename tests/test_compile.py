@@ -1,0 +1,167 @@
+"""graphopt composed with torch.compile: both routes of graphopt/compile.py.
+
+- `optimize(..., backend="inductor")`: the optimized graph compiled by inductor
+  matches the original within the level's tolerance, the graphopt::* int8 ops
+  trace without a graph break, and other batch sizes reuse the compiled code.
+- `torch.compile(model, backend="graphopt")`: random models match the original,
+  a model with graph breaks has every subgraph optimized and reported, and a
+  changing batch size recompiles a bounded number of times.
+
+Tolerances: O1 is lossless, so the compiled module must match the original to
+float32 rounding (LOSSLESS_REL_TOL; inductor re-associates sums in its fused
+kernels, which stays orders of magnitude below it). O2 is judged by the
+budget the int8 pass itself keeps (cosine ≥ DEFAULT_MIN_COSINE vs the float
+model) on the inputs verification checked it on, and on fresh inputs the
+compiled graph must compute what the same graph computes eagerly (cosine ≥
+COMPILED_VS_EAGER_COS: the graphs are identical, only the rounding of fused
+float kernels differs, which can flip a per-token int8 rounding or two).
+
+torch.compile takes ~5-20 s a graph on the 2-core machine: the examples are few
+and the models small.
+"""
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+import graphopt
+from graphopt.compile import GraphoptBackend
+from graphopt.errors import OptionError
+from graphopt.verify import LOSSLESS_REL_TOL, compare
+from graphopt.passes.quantize.config import DEFAULT_MIN_COSINE
+from tests.strategies import Transformer, models, randomize_
+
+COMPILED_VS_EAGER_COS = 0.9999
+QUIET = dict(measure_latency=False, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    graphopt.compile.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def check_level(level: str, actual, expected) -> None:
+    errors = compare(actual, expected)
+    assert errors.mismatch is None, errors.mismatch
+    if level == "O1":
+        assert errors.max_rel <= LOSSLESS_REL_TOL, f"rel err {errors.max_rel:.3g}"
+    else:
+        assert errors.min_cosine >= DEFAULT_MIN_COSINE, f"cosine {errors.min_cosine:.6f}"
+
+
+def small_transformer() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_(Transformer(dim=32, heads=4, hidden=64, depth=1, activation="gelu",
+                                  scale_first=False, masked=False), seed=0)
+
+
+@settings(max_examples=3, deadline=None)
+@given(case=models(), level=st.sampled_from(["O1", "O2"]))
+def test_inductor_route_matches_the_original(case, level):
+    torch._dynamo.reset()
+    example = case.make_inputs(3, 1)
+    eager = graphopt.optimize(case.model, example, level=level, **QUIET)
+    compiled = graphopt.optimize(case.model, example, level=level, backend="inductor", **QUIET)
+    with torch.no_grad():
+        check_level(level, compiled(*example), case.model(*example))
+        batch = 5 if compiled.report.meta["dynamic_batch"] else 3
+        fresh = case.make_inputs(batch, 99)
+        actual, expected = compiled(*fresh), case.model(*fresh)
+        if level == "O1":
+            check_level(level, actual, expected)
+        else:
+            assert compare(actual, eager(*fresh)).min_cosine >= COMPILED_VS_EAGER_COS
+
+
+def test_int8_ops_compile_without_graph_breaks():
+    model = small_transformer()
+    x = torch.randn(4, 6, 32)
+    opt = graphopt.optimize(model, (x,), level="O2", **QUIET)
+    targets = {str(n.target) for n in opt.graph_module.graph.nodes}
+    assert {"graphopt.quantize_per_token.default", "graphopt.int8_linear.default"} <= targets, targets
+    explained = torch._dynamo.explain(opt.graph_module)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_inductor_route_does_not_recompile_per_batch_size():
+    model = small_transformer()
+    opt = graphopt.optimize(model, (torch.randn(4, 6, 32),), level="O2", backend="inductor", **QUIET)
+    assert opt.report.meta["dynamic_batch"]
+    with torch.no_grad():
+        for batch in (4, 5, 7, 9, 12):
+            x = torch.randn(batch, 6, 32)
+            assert compare(opt(x), model(x)).min_cosine >= DEFAULT_MIN_COSINE
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+@settings(max_examples=2, deadline=None)
+@given(case=models(), level=st.sampled_from(["O1", "O2"]))
+def test_backend_matches_the_original(case, level):
+    torch._dynamo.reset()
+    backend = GraphoptBackend({"level": level, **QUIET})
+    compiled = torch.compile(case.model, backend=backend)
+    example = case.make_inputs(3, 1)
+    with torch.no_grad():
+        check_level(level, compiled(*example), case.model(*example))
+    optimized = [s for s in backend.subgraphs if s.skipped is None]
+    assert len(optimized) == len(backend.reports) >= 1
+    assert all(r.meta["level"] == level and not r.rolled_back for r in backend.reports)
+
+
+class BranchingModel(nn.Module):
+    """A graph break on a data-dependent branch: dynamo captures three subgraphs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(24, 48), nn.BatchNorm1d(48), nn.ReLU(), nn.Linear(48, 48))
+        self.b = nn.Sequential(nn.Linear(48, 48), nn.GELU(), nn.Linear(48, 16))
+        self.c = nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if x[:, 0].mean() > 0:
+            return self.b(h)
+        return self.c(h) * 2
+
+
+def test_backend_optimizes_and_reports_every_subgraph_across_a_graph_break():
+    torch.manual_seed(0)
+    model = randomize_(BranchingModel(), seed=0)
+    compiled = torch.compile(model, backend="graphopt", options={"level": "O2", **QUIET})
+
+    def run(batches) -> None:
+        for batch in batches:
+            for sign in (1.0, -1.0):   # both sides of the branch
+                x = torch.randn(batch, 24)
+                x[:, 0] = sign * x[:, 0].abs()
+                with torch.no_grad():
+                    assert compare(compiled(x), model(x)).min_cosine >= DEFAULT_MIN_COSINE
+
+    run([6, 9])   # dynamo compiles each frame statically, then once more with a dynamic batch
+    subgraphs = graphopt.compile.subgraphs()
+    assert all(s.skipped is None for s in subgraphs), [(s.index, s.skipped) for s in subgraphs]
+    reports = graphopt.compile.reports()
+    assert len(reports) == len(subgraphs) >= 3
+    assert all(not r.rolled_back and r.meta["level"] == "O2" for r in reports)
+    assert all(r["int8_dynamic"].matches.get("linear → int8", 0) >= 1 for r in reports), "each holds linears"
+    matches = [r.matches() for r in reports]
+    assert any("batchnorm→linear" in m for m in matches), "block a: BatchNorm folded into its linear"
+    assert any(m.get("linear → int8") == 2 and "batchnorm→linear" not in m for m in matches), "branch b"
+    assert any("scalar → linear (output)" in m for m in matches), "branch c: `* 2` folded into its linear"
+    run([13, 20, 31])
+    assert len(graphopt.compile.subgraphs()) == len(subgraphs), "recompiled for a new batch size"
+
+
+def test_backend_refuses_options_that_need_model_inputs():
+    with pytest.raises(OptionError, match="calibration_data"):
+        GraphoptBackend({"level": "O2", "calibration_data": [torch.randn(2, 4)]})
+    with pytest.raises(OptionError, match="int8-static"):
+        GraphoptBackend({"level": "O2", "quantize": "int8-static"})
+    with pytest.raises(OptionError, match="backend"):
+        GraphoptBackend({"backend": "tensorrt"})
