@@ -280,7 +280,7 @@ def measure_case(case: Case, work: Path, quick: bool) -> list[dict]:
 
             def run(feed: dict, sess=sess, inputs=inputs) -> list:
                 return sess.run(None, {k: v for k, v in feed.items() if k in inputs})
-            timing = time_call(lambda: run(case.timed), warmup=2, repeats=5 if quick else 15, max_seconds=30)
+            timing = time_call(lambda: run(case.timed), warmup=3, repeats=5 if quick else 40, max_seconds=20)
             size = _file_bytes(out)
             base_ms, base_bytes = base_ms or timing.median_ms, base_bytes or size
             row.update(file_kib=size / 1024, size_vs_original=size / base_bytes, latency_ms=timing.median_ms,

@@ -137,15 +137,19 @@ def _first_line(exc: Exception) -> str:
     return (lines[0] if lines else type(exc).__name__)[:400]
 
 
-def random_inputs(model: OnnxModel, n: int, seed: int = 0,
-                  dims: dict[str, int] | None = None) -> list[tuple[tuple, dict]]:
+def random_inputs(model: OnnxModel, n: int, seed: int = 0, dims: dict[str, int] | None = None,
+                  like: dict[str, np.ndarray] | None = None) -> list[tuple[tuple, dict]]:
     """`n` random feeds of the graph's declared input shapes and dtypes.
 
-    Symbolic dimensions take `dims[name]` when given, else 2 on axis 0 (batch)
-    and 16 elsewhere (one value per symbol, so inputs that share a sequence
-    axis agree). Floats are standard normal; integer inputs that index a
-    constant table (`Gather` on an embedding) are drawn below its row count;
-    integer inputs named like masks are all ones; other integers are 0/1.
+    With `like` (a calibration feed), each input is a look-alike of it: its
+    shape, floats with its mean and spread, integers within its range (as
+    graphopt.inputs does for torch models), so verification exercises the
+    value ranges the model is calibrated for. Otherwise symbolic dimensions
+    take `dims[name]` when given, else 2 on axis 0 (batch) and 16 elsewhere
+    (one value per symbol, so inputs sharing a sequence axis agree); floats
+    are standard normal; integer inputs that index a constant table (`Gather`
+    on an embedding) are drawn below its row count; integer inputs named like
+    masks are all ones; other integers are 0/1.
     """
     rng = np.random.default_rng(seed)
     dims = dict(dims or {})
@@ -153,6 +157,9 @@ def random_inputs(model: OnnxModel, n: int, seed: int = 0,
     for _ in range(n):
         feed = {}
         for tensor in model.graph.inputs:
+            if like is not None and tensor.name in like:
+                feed[tensor.name] = _look_alike(np.asarray(like[tensor.name]), rng)
+                continue
             shape = []
             for axis, dim in enumerate(tensor.shape or ()):
                 if isinstance(dim, int) and dim >= 0:
@@ -164,6 +171,15 @@ def random_inputs(model: OnnxModel, n: int, seed: int = 0,
             feed[tensor.name] = _random_array(model, tensor, tuple(shape), dtype, rng)
         feeds.append(((), feed))
     return feeds
+
+
+def _look_alike(example: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if example.dtype.kind == "f":
+        std = float(example.std()) or 1.0
+        return (rng.standard_normal(example.shape) * std + float(example.mean())).astype(example.dtype)
+    if example.dtype.kind == "b" or example.size == 0:
+        return example.copy()
+    return rng.integers(int(example.min()), int(example.max()) + 1, size=example.shape).astype(example.dtype)
 
 
 def _random_array(model: OnnxModel, tensor: gs.Variable, shape: tuple[int, ...], dtype: np.dtype,

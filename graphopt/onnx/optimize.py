@@ -4,8 +4,11 @@
 
 The model is loaded with onnx-graphsurgeon, the ONNX passes run through
 graphopt's `PassManager` with the `OnnxIR` adapter, and every pass is
-checked against the graph before it on random inputs of the declared shapes
-(plus calibration inputs when given). The result is written atomically.
+checked against the graph before it on random inputs of the declared shapes,
+or, when calibration data is given, on (up to 4 of) its feeds: an int8
+pass calibrated for real inputs is judged on real inputs (on Gaussian-noise
+images a correctly calibrated digits CNN scores a cosine of 0.80 against
+float, on real digits it keeps 98.0% accuracy against 98.7%). The result is written atomically.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from graphopt.report import Report
 from .files import check_destination, load_model, save_model
 from .ir import OnnxIR, OnnxModel, random_inputs
 
-#: How many calibration feeds also serve as verification inputs.
+#: How many calibration feeds serve as verification inputs.
 VERIFY_CALIBRATION_FEEDS = 4
 
 
@@ -53,8 +56,10 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, level: str | i
     scheme = quantize.removeprefix("int8-") if quantize else None
     passes = onnx_passes.passes(scheme, feeds)
     ir = OnnxIR()
-    inputs = random_inputs(model, verify_samples, seed, dict(input_dims or {}))
-    inputs += [((), feed) for feed in feeds[:VERIFY_CALIBRATION_FEEDS]]
+    inputs = [((), feed) for feed in feeds[:VERIFY_CALIBRATION_FEEDS]]
+    if len(inputs) < verify_samples:
+        inputs += random_inputs(model, verify_samples - len(inputs), seed, dict(input_dims or {}),
+                                like=feeds[0] if feeds else None)
     runnable = _runnable(model, inputs) if verify or measure_latency else None
     if verify and runnable:
         raise UnsupportedError(f"{runnable}; optimize with verify=False (--no-verify) to skip verification")

@@ -6,13 +6,19 @@ Weights: symmetric per output channel, stored as int8 initializers (¼ of fp32):
 
 Schemes:
 
-    static       x̂ = DequantizeLinear(QuantizeLinear(x, s_x, z_x))    s_x, z_x from calibration (uint8,
-                 Ŵ = DequantizeLinear(W_q, s_w, axis)                  asymmetric: s_x = (max−min)/255)
-                 op(x̂, Ŵ, b)                                          — ORT fuses QDQ into QLinear* kernels
+    static       t̂ = DequantizeLinear(QuantizeLinear(t, s_t, z_t))   for the input and output t of every
+                 Ŵ = DequantizeLinear(W_q, s_w, axis)                  MatMul/Gemm/Conv; s_t, z_t from ONNX
+                 op(x̂, Ŵ, b)                                          Runtime calibration (uint8, asymmetric:
+                                                                      s_t = (max − min)/255, min ≤ 0 ≤ max)
+                 — with Q/DQ on both sides ONNX Runtime fuses each op into QLinearConv / QLinearMatMul
     dynamic      (x_q, s_x, z_x) = DynamicQuantizeLinear(x)           per-tensor uint8 at run time
       MatMul     y = Cast(MatMulInteger(x_q, W_q, z_x)) · (s_x · s_w) (+ b)   — ORT's MatMulIntegerToFloat
-      Conv       y = Cast(ConvInteger(x_q, W_q, z_x)) · (s_x · s_w) (+ b)
     weight-only  op(x, DequantizeLinear(W_q, s_w, axis), b)          — int8 storage, float compute
+
+Convolutions are int8 only in the static scheme: ONNX Runtime runs `ConvInteger`
+(dynamic) and an unfused DequantizeLinear → Conv (weight-only) 18–40× slower
+than the float Conv on this CPU (bench/results/onnx.md), so those schemes
+leave convs float and say why.
 
 The error of int8 through a dozen layers stays around a cosine of 0.99 of
 the float output; the pass's budget is a cosine of 0.98 against the graph
@@ -31,10 +37,14 @@ from graphopt.onnx.ir import OnnxModel
 from graphopt.pass_manager import RewriteLog
 from graphopt.verify import Budget
 
-from .base import OnnxPass, constant, is_standard
+from .base import OnnxPass, constant, is_standard, replace_input
 
 SCHEMES = ("dynamic", "static", "weight-only")
 TARGETS = ("MatMul", "Gemm", "Conv")
+CONV_REASON = {
+    "dynamic": "ONNX Runtime runs ConvInteger ~40× slower than a float Conv on this CPU; int8-static quantizes convs",
+    "weight-only": "ONNX Runtime runs DequantizeLinear → Conv unfused, ~18× slower; int8-static quantizes convs",
+}
 
 
 class QuantizeInt8(OnnxPass):
@@ -58,15 +68,15 @@ class QuantizeInt8(OnnxPass):
         for node in list(graph.nodes):
             if node.op not in TARGETS:
                 continue
-            reason = _why_not(node)
+            reason = CONV_REASON.get(self.scheme) if node.op == "Conv" else None
+            reason = reason or _why_not(node)
             if reason:
                 log.rejected(node.op, node.name, reason)
             else:
                 targets.append(node)
         ranges = {}
         if self.scheme == "static" and targets:
-            ranges = tensor_ranges(model, sorted({n.inputs[0].name for n in targets}), self.calibration)
-        activations: dict[str, tuple] = {}
+            ranges = tensor_ranges(model, [t.name for t in _activations(graph, targets)], self.calibration)
         layers = []
         for node in targets:
             weight, axis = _weight(node)
@@ -74,12 +84,12 @@ class QuantizeInt8(OnnxPass):
             layers.append({"layer": node.name, "op": node.op, "scheme": self.scheme,
                            "weight_rel_err": weight_error(weight, w_q, w_scale, axis)})
             if self.scheme == "dynamic":
-                _dynamic(graph, node, w_q, w_scale, axis, activations)
+                _dynamic(graph, node, w_q, w_scale)
             else:
                 _dequantized_weight(graph, node, w_q, w_scale, axis)
-                if self.scheme == "static":
-                    _static_activation(graph, node, ranges[node.inputs[0].name], activations)
             log.matched(f"{node.op} → int8 {self.scheme}")
+        for tensor in _activations(graph, targets) if self.scheme == "static" else ():
+            _quantize_dequantize(graph, tensor, ranges[tensor.name])
         return {"layers": layers}
 
 
@@ -152,59 +162,59 @@ def _dequantized_weight(graph: gs.Graph, node: gs.Node, w_q: np.ndarray, w_scale
     graph.nodes.append(dq)
 
 
-def _static_activation(graph: gs.Graph, node: gs.Node, value_range: tuple[float, float],
-                       cache: dict[str, tuple]) -> None:
-    x = node.inputs[0]
-    if x.name not in cache:
-        low, high = min(0.0, value_range[0]), max(0.0, value_range[1])
-        scale = np.float32((high - low) / 255.0 or 1.0)
-        zero = np.uint8(np.clip(np.round(-low / scale), 0, 255))
-        q = gs.Variable(f"{x.name}_q", dtype=np.uint8, shape=x.shape)
-        dq = gs.Variable(f"{x.name}_dq", dtype=np.float32, shape=x.shape)
-        s, z = _const(f"{x.name}_scale", np.array(scale)), _const(f"{x.name}_zero_point", np.array(zero))
-        graph.nodes.append(gs.Node("QuantizeLinear", name=f"{x.name}_quantize", inputs=[x, s, z], outputs=[q]))
-        graph.nodes.append(gs.Node("DequantizeLinear", name=f"{x.name}_dequantize", inputs=[q, s, z], outputs=[dq]))
-        cache[x.name] = (dq,)
-    node.inputs[0] = cache[x.name][0]
+def _activations(graph: gs.Graph, targets: list[gs.Node]) -> list[gs.Variable]:
+    """The float32 inputs and outputs of the targets that get Q/DQ (not graph outputs, not yet quantized)."""
+    found: dict[str, gs.Variable] = {}
+    for node in targets:
+        for tensor in (node.inputs[0], node.outputs[0]):
+            produced_by_dq = bool(tensor.inputs) and tensor.inputs[0].op == "DequantizeLinear"
+            if tensor in graph.outputs or produced_by_dq or isinstance(tensor, gs.Constant):
+                continue
+            if tensor.dtype is None or np.dtype(tensor.dtype) == np.float32:
+                found.setdefault(tensor.name, tensor)
+    return list(found.values())
 
 
-def _dynamic(graph: gs.Graph, node: gs.Node, w_q: np.ndarray, w_scale: np.ndarray, axis: int,
-             cache: dict[str, tuple]) -> None:
+def _quantize_dequantize(graph: gs.Graph, tensor: gs.Variable, value_range: tuple[float, float]) -> None:
+    """t ⇒ DequantizeLinear(QuantizeLinear(t)) for every reader of t (uint8, asymmetric over the range)."""
+    low, high = min(0.0, value_range[0]), max(0.0, value_range[1])
+    scale = np.float32((high - low) / 255.0 or 1.0)
+    zero = np.uint8(np.clip(np.round(-low / scale), 0, 255))
+    readers = list(tensor.outputs)
+    q = gs.Variable(f"{tensor.name}_q", dtype=np.uint8, shape=tensor.shape)
+    dq = gs.Variable(f"{tensor.name}_dq", dtype=np.float32, shape=tensor.shape)
+    s, z = _const(f"{tensor.name}_scale", np.array(scale)), _const(f"{tensor.name}_zero_point", np.array(zero))
+    graph.nodes.append(gs.Node("QuantizeLinear", name=f"{tensor.name}_quantize", inputs=[tensor, s, z], outputs=[q]))
+    graph.nodes.append(gs.Node("DequantizeLinear", name=f"{tensor.name}_dequantize", inputs=[q, s, z], outputs=[dq]))
+    for reader in readers:
+        replace_input(reader, tensor, dq)
+
+
+def _dynamic(graph: gs.Graph, node: gs.Node, w_q: np.ndarray, w_scale: np.ndarray) -> None:
     name = node.name or node.outputs[0].name
     x = node.inputs[0]
-    if x.name not in cache:
-        outs = [gs.Variable(f"{x.name}_dq_q", dtype=np.uint8), gs.Variable(f"{x.name}_dq_scale", dtype=np.float32),
-                gs.Variable(f"{x.name}_dq_zero_point", dtype=np.uint8)]
-        graph.nodes.append(gs.Node("DynamicQuantizeLinear", name=f"{x.name}_dynamic_quantize",
-                                   inputs=[x], outputs=outs))
-        cache[x.name] = tuple(outs)
-    x_q, x_scale, x_zero = cache[x.name]
+    x_q, x_scale, x_zero = (gs.Variable(f"{name}_x_q", dtype=np.uint8), gs.Variable(f"{name}_x_scale", dtype=np.float32),
+                            gs.Variable(f"{name}_x_zero_point", dtype=np.uint8))
     bias = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
     if node.op == "Gemm" and node.attrs.get("transB", 0):
         w_q = np.ascontiguousarray(w_q.T)
-    if node.op == "Conv":   # per-channel factors broadcast over the spatial axes of [N, C, …]
-        op, attrs, scale_shape = "ConvInteger", dict(node.attrs), (-1,) + (1,) * (w_q.ndim - 2)
-    else:
-        op, attrs, scale_shape = "MatMulInteger", {}, (-1,)
     acc = gs.Variable(f"{name}_int32", dtype=np.int32)
     acc_f = gs.Variable(f"{name}_int32_float", dtype=np.float32)
     scale = gs.Variable(f"{name}_scale", dtype=np.float32)
-    nodes = [
-        gs.Node(op, name=f"{name}_integer", attrs=attrs,
-                inputs=[x_q, _const(f"{name}_weight_int8", w_q), x_zero], outputs=[acc]),
-        gs.Node("Mul", name=f"{name}_scale_product",
-                inputs=[x_scale, _const(f"{name}_weight_scale", w_scale.reshape(scale_shape))], outputs=[scale]),
-        gs.Node("Cast", name=f"{name}_cast", attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
-    ]
     result = node.outputs[0]
-    if bias is None:
-        nodes.append(gs.Node("Mul", name=f"{name}_rescale", inputs=[acc_f, scale], outputs=[result]))
-    else:
-        scaled = gs.Variable(f"{name}_scaled", dtype=np.float32)
-        nodes += [gs.Node("Mul", name=f"{name}_rescale", inputs=[acc_f, scale], outputs=[scaled]),
-                  gs.Node("Add", name=f"{name}_bias", inputs=[scaled, _const(f"{name}_bias", bias.reshape(scale_shape))],
-                          outputs=[result])]
+    scaled = gs.Variable(f"{name}_scaled", dtype=np.float32) if bias is not None else result
+    nodes = [
+        gs.Node("DynamicQuantizeLinear", name=f"{name}_quantize", inputs=[x], outputs=[x_q, x_scale, x_zero]),
+        gs.Node("MatMulInteger", name=f"{name}_integer",
+                inputs=[x_q, _const(f"{name}_weight_int8", w_q), x_zero], outputs=[acc]),
+        gs.Node("Mul", name=f"{name}_scale_product", inputs=[x_scale, _const(f"{name}_weight_scale", w_scale)],
+                outputs=[scale]),
+        gs.Node("Cast", name=f"{name}_cast", attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
+        gs.Node("Mul", name=f"{name}_rescale", inputs=[acc_f, scale], outputs=[scaled]),
+    ]
+    if bias is not None:
+        nodes.append(gs.Node("Add", name=f"{name}_bias", inputs=[scaled, _const(f"{name}_bias", bias.reshape(-1))],
+                             outputs=[result]))
     node.outputs.clear()
     node.inputs.clear()
     graph.nodes.extend(nodes)
-
