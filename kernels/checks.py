@@ -160,7 +160,9 @@ def check_w8a16_args(
     return m, n, k
 
 
-def check_out(out: Optional[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+def check_out(
+    out: Optional[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor
+) -> torch.Tensor:
     """Return ``out`` after checking it can receive the result, or a new tensor."""
     if out is None:
         return torch.empty(shape, dtype=dtype, device=like.device)

@@ -169,8 +169,7 @@ def pick(
     from triton.testing import do_bench
 
     shape_class = next(i for i, (largest_m, _) in enumerate(table) if largest_m is None or m <= largest_m)
-    key = "|".join(
-        (kernel, torch.cuda.get_device_name(device), triton.__version__, f"class{shape_class}", f"n{n}", f"k{k}", str(dtype))
-    )
+    device_name = torch.cuda.get_device_name(device)
+    key = "|".join((kernel, device_name, triton.__version__, f"class{shape_class}", f"n{n}", f"k{k}", str(dtype)))
     candidates = [finish(config) for _, config in table]
     return autotune(key, candidates, run, do_bench)

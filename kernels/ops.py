@@ -33,14 +33,18 @@ def quantize_per_token(x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -
 
 
 @quantize_per_token.register_kernel("cuda")
-def _quantize_per_token_cuda(x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_per_token_cuda(
+    x: torch.Tensor, smooth: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() == 2 and x.shape[1] > MAX_ROW:
         return cpu.quantize_per_token(x, smooth)
     return triton_quantize_per_token(x, smooth)
 
 
 @quantize_per_token.register_fake
-def _quantize_per_token_fake(x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_per_token_fake(
+    x: torch.Tensor, smooth: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = check_quantize_args(x, smooth, values=False)
     return x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
 

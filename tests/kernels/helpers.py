@@ -31,13 +31,29 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
+import pytest
 import torch
+import triton
 
 from graphopt.kernels import reference_quantize_per_token
 
 U32 = 2.0**-24
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor)
+
+
+# Triton <= 3.6's interpreter turns scalar kernel arguments into 1-element arrays and calls int() on
+# them (in `range(0, K, ...)`), which numpy >= 2.4 refuses; Triton 3.9 passes 0-d arrays.
+INTERPRETER_WORKS = _version(triton.__version__) >= (3, 7) or _version(np.__version__) < (2, 4)
+DEVICES = (["cpu"] if INTERPRETER_WORKS else []) + (["cuda"] if torch.cuda.is_available() else [])
 """CPU tensors run the kernels interpreted; CUDA tensors (when a GPU is present) compiled."""
+needs_a_device = pytest.mark.skipif(
+    not DEVICES, reason=f"no GPU, and triton {triton.__version__}'s interpreter fails with numpy {np.__version__}"
+)
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:

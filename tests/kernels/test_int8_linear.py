@@ -13,12 +13,21 @@ from graphopt.kernels.configs import INT8_LINEAR_TABLE
 from graphopt.kernels.launch import interpreting
 
 from .helpers import (
-    DEVICES, assert_within, epilogue_tolerance, generator, int8_nonzero, log_uniform, nan_like, randn, to_device,
+    DEVICES,
+    assert_within,
+    epilogue_tolerance,
+    generator,
+    int8_nonzero,
+    log_uniform,
+    nan_like,
+    needs_a_device,
+    randn,
+    to_device,
 )
 
 # sigmoid(z) = 1 / (1 + exp(-z)) overflows exp to inf for very negative z in the
 # interpreter's numpy, giving the correct limit 0; the warning is expected.
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"), needs_a_device]
 
 # Sizes that are multiples of no block size, and K below every BLOCK_K (the smallest is 32).
 ODD_SIZES = st.sampled_from([1, 7, 31, 33, 100])
@@ -50,7 +59,7 @@ def operands(m: int, n: int, k: int, seed: int, with_bias: bool, bias_dtype: tor
     device=st.sampled_from(DEVICES),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_int32_product_is_exact(m: int, n: int, k: int, table: bool, config: BlockConfig, device: str, seed: int) -> None:
+def test_int32_product_is_exact(m, n, k, table: bool, config: BlockConfig, device: str, seed: int) -> None:
     """Unit scales, no bias: the float32 output is float32(acc), exact because |acc| <= 300 * 2**14 < 2**24."""
     if not table and m * n > 64 * 64:
         m, n = min(m, 64), min(n, 64)  # keep the small-tile grids quick in the interpreter
@@ -117,7 +126,8 @@ def test_cpu_path_rounds_large_products_once() -> None:
     assert cpu.int8_matmul(x_q, w_q).tolist() == [[torch.tensor(exact, dtype=torch.float32).item()] * 2]
 
 
-def test_row_slices_and_expanded_scales() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_slices_and_expanded_scales(device: str) -> None:
     """Row-strided operands (a slice of wider rows) and a stride-0 scale (a per-tensor scale expanded to [M])."""
     g = generator(1)
     wide_x, wide_w = int8_nonzero((20, 50), g), int8_nonzero((9, 50), g)
@@ -126,7 +136,9 @@ def test_row_slices_and_expanded_scales() -> None:
     w_scale = log_uniform((9,), -6, -4, g)
     expected = reference_int8_linear(x_q, w_q, x_scale, w_scale)
     tolerance = epilogue_tolerance(x_q, w_q, x_scale, w_scale, None, torch.float32)
-    assert_within(triton_int8_linear(x_q, w_q, x_scale, w_scale), expected, tolerance)
+    on_device = [t.to(device) for t in (wide_x, wide_w)]
+    y = triton_int8_linear(on_device[0][:, 5:45], on_device[1][:, 3:43], x_scale.to(device), w_scale.to(device))
+    assert_within(y.cpu(), expected, tolerance)
     assert_within(cpu.int8_linear(x_q, w_q, x_scale, w_scale), expected, tolerance)
 
 

@@ -16,7 +16,15 @@ import graphopt.kernels as kernels
 from graphopt.kernels import reference_int8_linear, reference_w8a16_linear
 
 from .helpers import (
-    assert_quantized, assert_within, dot_tolerance, epilogue_tolerance, generator, int8_nonzero, log_uniform, randn,
+    INTERPRETER_WORKS,
+    assert_quantized,
+    assert_within,
+    dot_tolerance,
+    epilogue_tolerance,
+    generator,
+    int8_nonzero,
+    log_uniform,
+    randn,
 )
 
 ops = torch.ops.graphopt
@@ -60,7 +68,7 @@ def test_ops_on_cpu_match_references() -> None:
 
 
 class Int8Block(torch.nn.Module):
-    """What the int8 rewrite produces: dynamic per-token quantization, W8A8 linear with a gelu epilogue, W8A16 linear."""
+    """What the int8 rewrite produces: per-token quantization, W8A8 linear with a gelu epilogue, W8A16 linear."""
 
     def __init__(self, k: int = 32, n: int = 24) -> None:
         super().__init__()
@@ -81,12 +89,14 @@ class Int8Block(torch.nn.Module):
 def test_torch_export_with_dynamic_batch() -> None:
     module = Int8Block()
     x = torch.randn(4, 32)
-    exported = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), strict=False)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    exported = torch.export.export(module, (x,), dynamic_shapes=({0: batch},), strict=False)
     targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
-    assert {"graphopt.quantize_per_token.default", "graphopt.int8_linear.default", "graphopt.w8a16_linear.default"} <= targets
+    ours = {f"graphopt.{name}.default" for name in ("quantize_per_token", "int8_linear", "w8a16_linear")}
+    assert ours <= targets
     replay = exported.module()
-    for batch in (4, 11):
-        x = torch.randn(batch, 32)
+    for rows in (4, 11):
+        x = torch.randn(rows, 32)
         assert torch.equal(replay(x), module(x))
 
 
@@ -119,7 +129,8 @@ INT8_CASES = {
 @pytest.mark.parametrize("impl", ["op", "triton", "reference"])
 def test_int8_linear_rejects_bad_inputs(case: str, impl: str) -> None:
     x_q, w_q, x_scale, w_scale = int8_args(5, 6, 33)
-    arguments = dict(x_q=x_q, w_q=w_q, x_scale=x_scale, w_scale=w_scale, bias=None, activation="none", out_dtype=torch.float32)
+    arguments = dict(x_q=x_q, w_q=w_q, x_scale=x_scale, w_scale=w_scale, bias=None, activation="none",
+                     out_dtype=torch.float32)
     spoil, error, words = INT8_CASES[case]
     spoil(arguments)
     fn = {"op": ops.int8_linear, "triton": kernels.triton_int8_linear, "reference": reference_int8_linear}[impl]
@@ -180,6 +191,7 @@ def test_this_process_runs_interpreted_kernels_with_compiled_only_triton_helpers
     assert isinstance(tl.standard.max, expected)
 
 
+@pytest.mark.skipif(not INTERPRETER_WORKS, reason="this triton's interpreter fails with this numpy (see helpers)")
 def test_kernels_run_when_triton_interpret_is_set_before_import() -> None:
     """The other import order: TRITON_INTERPRET=1 before triton is imported (helpers become interpreted)."""
     script = textwrap.dedent(

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from graphopt.kernels import SCALE_FLOOR, cpu, triton_quantize_per_token
 
-from .helpers import DEVICES, assert_quantized, generator, log_uniform, randn, to_device
+from .helpers import DEVICES, assert_quantized, generator, log_uniform, needs_a_device, randn, to_device
 
+pytestmark = needs_a_device
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -17,8 +17,20 @@ from graphopt.kernels import BlockConfig, cpu, reference_w8a16_linear, triton_w8
 from graphopt.kernels.configs import W8A16_TABLE
 from graphopt.kernels.launch import interpreting
 
-from .helpers import DEVICES, assert_within, dot_tolerance, generator, int8_nonzero, log_uniform, nan_like, randn, to_device
+from .helpers import (
+    DEVICES,
+    assert_within,
+    dot_tolerance,
+    generator,
+    int8_nonzero,
+    log_uniform,
+    nan_like,
+    needs_a_device,
+    randn,
+    to_device,
+)
 
+pytestmark = needs_a_device
 X_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 CONFIGS = [
     BlockConfig(16, 32, 32, split_k=1),
