@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +36,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from bench.harness import time_call, write_results
+from bench.harness import pin_threads, time_call, write_results
 from graphopt.onnx.ir import session
+from graphopt.timing import Timing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -266,8 +268,9 @@ def variants(case: Case, work: Path) -> dict[str, Callable[[Path], Any]]:
 
 
 def measure_case(case: Case, work: Path, quick: bool) -> list[dict]:
+    """Make every variant, then time them interleaved (round-robin), so load on the machine hits all alike."""
     rows: list[dict] = []
-    base_ms = base_bytes = None
+    runners: dict[str, Callable[[dict], list]] = {}
     for name, make in variants(case, work).items():
         out = case.path if name.startswith("original") else work / f"{case.path.stem}-{len(rows)}.onnx"
         row: dict[str, Any] = {"model": case.name, "variant": name}
@@ -280,18 +283,43 @@ def measure_case(case: Case, work: Path, quick: bool) -> list[dict]:
 
             def run(feed: dict, sess=sess, inputs=inputs) -> list:
                 return sess.run(None, {k: v for k, v in feed.items() if k in inputs})
-            timing = time_call(lambda: run(case.timed), warmup=3, repeats=5 if quick else 40, max_seconds=20)
-            size = _file_bytes(out)
-            base_ms, base_bytes = base_ms or timing.median_ms, base_bytes or size
-            row.update(file_kib=size / 1024, size_vs_original=size / base_bytes, latency_ms=timing.median_ms,
-                       speedup=base_ms / timing.median_ms, spread=timing.spread, **case.fidelity(run))
+            row.update(file_kib=_file_bytes(out) / 1024, **case.fidelity(run))
+            runners[name] = run
             if note:
                 row["notes"] = note
         except Exception as exc:  # noqa: BLE001  (an anchor failing is a result too: recorded, not hidden)
             row["notes"] = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         rows.append(row)
         print(row, flush=True)
+    timings = interleaved({name: (lambda run=run: run(case.timed)) for name, run in runners.items()},
+                          rounds=5 if quick else 25)
+    base = rows[0]
+    for row in rows:
+        timing = timings.get(row["variant"])
+        if timing is None or "file_kib" not in base:
+            continue
+        row.update(latency_ms=timing.median_ms, spread=timing.spread, size_vs_original=row["file_kib"] / base["file_kib"],
+                   speedup=timings[base["variant"]].median_s / timing.median_s)
     return rows
+
+
+def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, Timing]:
+    """One timed call of each function per round, `rounds` rounds (after a warm-up round)."""
+    pin_threads()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(rounds + 1):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_:
+                samples[name].append(time.perf_counter() - start)
+    result = {}
+    for name, values in samples.items():
+        values.sort()
+        median = statistics.median(values)
+        result[name] = Timing(median, values[int(0.1 * len(values))], values[min(len(values) - 1, int(0.9 * len(values)))],
+                              len(values))
+    return result
 
 
 def _file_bytes(path: Path) -> int:
@@ -331,7 +359,10 @@ max_rel_err: against the float64 product, relative to its largest magnitude.
 
 MODEL_NOTES = """
 Every variant is timed by ONNX Runtime (CPU, 2 threads, default graph optimizations) on the same
-feeds in this run; speedup and size_vs_original are against the original export of the same model.
+feeds in this run, interleaved: one call of each variant per round, 25 rounds after a warm-up round,
+median and spread = (p90 − p10)/median, so that load from other work on the shared 2-core machine
+falls on all variants alike; speedup and size_vs_original are against the original export of the
+same model.
 Fidelity: digits = test accuracy (450 real digits); ResNet/BERT = cosine of outputs to the original
 ONNX model's (random weights, random inputs); all-MiniLM-L6-v2 = cosine of mean-pooled embeddings to
 torch fp32 over 64 real sentences (pydoc_data.topics), batch 8 × seq 128. Calibration for static int8:

@@ -9,6 +9,7 @@ so `graphopt.verify.compare_runs` compares them like FX outputs.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,8 @@ import onnxruntime as ort
 import torch
 
 from graphopt.errors import UnsupportedError
+
+from .files import PROTOBUF_LIMIT
 
 Inputs = Sequence[tuple[tuple, dict]]
 
@@ -35,8 +38,24 @@ def session(model: onnx.ModelProto | str | os.PathLike,
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     options.graph_optimization_level = level
+    if isinstance(model, onnx.ModelProto) and model.ByteSize() >= PROTOBUF_LIMIT:
+        with tempfile.TemporaryDirectory(prefix="graphopt-") as directory:   # > 2 GB: from a file + its data
+            path = Path(directory) / "model.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(str(path), options, providers=list(providers))
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=list(providers))
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """`onnx.checker.check_model`, through a file for models over protobuf's 2 GB limit."""
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        onnx.checker.check_model(model)
+        return
+    with tempfile.TemporaryDirectory(prefix="graphopt-") as directory:
+        path = Path(directory) / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+        onnx.checker.check_model(str(path))
 
 
 class OnnxModel:
@@ -109,7 +128,7 @@ class OnnxIR:
         """Drop dead nodes, sort topologically and check the model; the session is rebuilt lazily."""
         module.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         module.invalidate()
-        onnx.checker.check_model(module.to_proto())
+        check_model(module.to_proto())
 
     def count_nodes(self, module: OnnxModel) -> int:
         return len(module.graph.nodes)
