@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .capture import capture
-from .compile import inductor_runner
+from .compile import InductorRunner
 from .config import Options, parse_options
 from .errors import InputError
 from .inputs import verification_inputs
@@ -72,7 +72,7 @@ class OptimizedModule(torch.nn.Module):
         report.meta["total_s"] = time.perf_counter() - start
         self.graph_module, self.report = gm, report
         if options.backend == "inductor":
-            self._runner = inductor_runner(gm, captured.dynamic_batch)
+            self._runner = InductorRunner(gm, captured.dynamic_batch)
         self._in_spec = pytree.tree_structure((args, kwargs))
         self._pending = [None]
 

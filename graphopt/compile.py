@@ -6,7 +6,7 @@ generates fused kernels for what is left. Two routes lead there:
 
 1. `graphopt.optimize(model, example_inputs, backend="inductor")`: the
    optimized GraphModule runs through `torch.compile(gm, backend="inductor")`
-   (`inductor_runner`). Compilation happens on the first call. The
+   (`InductorRunner`). Compilation happens on the first call. The
    `graphopt::*` custom ops have fake kernels, so dynamo traces them into one
    graph and inductor calls them as extern kernels (no graph break). When
    capture kept the batch dimension symbolic, dimension 0 of every tensor
@@ -53,6 +53,7 @@ Options under the dynamo backend (what cannot work as in `graphopt.optimize`):
 """
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -75,17 +76,27 @@ UNSUPPORTED_UNDER_BACKEND = {
 }
 
 
-def inductor_runner(gm: fx.GraphModule, dynamic_batch: bool) -> Callable[..., Any]:
-    """`gm` compiled by `torch.compile(backend="inductor")` on the first call (a plain callable)."""
-    compiled = torch.compile(gm, backend="inductor")
-    first = [True]
+class InductorRunner:
+    """`gm` compiled by `torch.compile(backend="inductor")` on the first call.
 
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if first[0] and dynamic_batch:
+    A plain object, not a Module (the graph stays registered once, as the owner's
+    `graph_module`). A deep copy (e.g. `graphopt.finetune`'s) compiles the copied graph
+    afresh instead of sharing the original's compiled code and weights.
+    """
+
+    def __init__(self, gm: fx.GraphModule, dynamic_batch: bool) -> None:
+        self.gm, self.dynamic_batch = gm, dynamic_batch
+        self.compiled = torch.compile(gm, backend="inductor")
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.calls == 0 and self.dynamic_batch:
             args, kwargs = pytree.tree_map(_dynamic_batch_view, (args, kwargs))
-        first[0] = False
-        return compiled(*args, **kwargs)
-    return run
+        self.calls += 1
+        return self.compiled(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "InductorRunner":
+        return InductorRunner(copy.deepcopy(self.gm, memo), self.dynamic_batch)
 
 
 def _dynamic_batch_view(leaf: Any) -> Any:

@@ -19,6 +19,8 @@ float kernels differs, which can flip a per-token int8 rounding or two).
 torch.compile takes ~5-20 s a graph on the 2-core machine: the examples are few
 and the models small.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -66,8 +68,8 @@ def small_transformer() -> nn.Module:
 def test_inductor_route_matches_the_original(case, level):
     torch._dynamo.reset()
     example = case.make_inputs(3, 1)
-    eager = graphopt.optimize(case.model, example, level=level, **QUIET)
     compiled = graphopt.optimize(case.model, example, level=level, backend="inductor", **QUIET)
+    eager = compiled.graph_module   # the same optimized graph, run without inductor
     with torch.no_grad():
         check_level(level, compiled(*example), case.model(*example))
         batch = 5 if compiled.report.meta["dynamic_batch"] else 3
@@ -98,6 +100,15 @@ def test_inductor_route_does_not_recompile_per_batch_size():
             x = torch.randn(batch, 6, 32)
             assert compare(opt(x), model(x)).min_cosine >= DEFAULT_MIN_COSINE
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_a_copy_compiles_its_own_graph():
+    """graphopt.finetune trains a deep copy: its compiled code must run the copy's weights."""
+    model = small_transformer()
+    opt = graphopt.optimize(model, (torch.randn(2, 6, 32),), level="O1", backend="inductor", **QUIET)
+    twin = copy.deepcopy(opt)
+    assert twin._runner.gm is twin.graph_module and twin.graph_module is not opt.graph_module
+    assert opt._runner.gm is opt.graph_module
 
 
 @settings(max_examples=2, deadline=None)
