@@ -61,7 +61,8 @@ class OptimizedModule(torch.nn.Module):
         start = time.perf_counter()
         captured = capture(model, args, kwargs)
         gm = captured.module
-        inputs = verification_inputs(args, kwargs, options.verify_samples, options.seed)
+        inputs = verification_inputs(args, kwargs, options.verify_samples, options.seed,
+                                     calibration=options.calibration_data, dynamic_batch=captured.dynamic_batch)
         reference = run_on(captured.original, inputs) if options.verify else []
         manager = self._manager
         report = Report(meta={

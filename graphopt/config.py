@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .errors import OptionError
 
@@ -73,6 +73,8 @@ def parse_options(level: str | int | None = None, quantize: str | None = AUTO,
     unknown = sorted(set(rest) - known)
     if unknown:
         raise OptionError(f"unknown option(s): {', '.join(unknown)}")
+    if isinstance(rest.get("calibration_data"), Iterator):   # a generator is read once: keep its batches
+        rest["calibration_data"] = list(rest["calibration_data"])
     return Options(level=numeric, quantize=quantize, prune=prune, **rest)
 
 

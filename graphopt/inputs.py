@@ -9,7 +9,7 @@ to be right on one input is rarely right on three different ones.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.utils._pytree as pytree
@@ -22,8 +22,38 @@ def has_non_finite(args: tuple, kwargs: dict) -> bool:
                for t in pytree.tree_leaves((args, kwargs)))
 
 
-def verification_inputs(args: tuple, kwargs: dict, n: int, seed: int = 0) -> Inputs:
-    """The example inputs (when finite) followed by `n` random look-alikes."""
+def batch_as_inputs(item: Any, positional: int) -> tuple[tuple, dict]:
+    """One calibration/training item as (args, kwargs) for a forward() taking `positional` args.
+
+    Accepted: a tensor (the one positional input), a dict of keyword inputs, or a
+    tuple/list of positional inputs; a longer tuple is an (inputs, labels) pair as a
+    DataLoader yields it, cut to the positional inputs.
+    """
+    if isinstance(item, torch.Tensor):
+        return (item,), {}
+    if isinstance(item, Mapping):
+        return (), dict(item)
+    if isinstance(item, (tuple, list)):
+        return tuple(item[:positional]) if len(item) > positional else tuple(item), {}
+    from .errors import InputError
+    raise InputError(f"a calibration batch must be a tensor, a tuple/list of inputs or a dict of keyword "
+                     f"inputs, got {type(item).__name__}")
+
+
+def verification_inputs(args: tuple, kwargs: dict, n: int, seed: int = 0,
+                        calibration: Iterable[Any] | None = None, dynamic_batch: bool = False) -> Inputs:
+    """The example inputs (when finite) followed by `n` look-alikes.
+
+    With calibration data the look-alikes are its first `n` batches that fit the
+    captured shapes (real data: a lossy pass such as static int8 is judged on the
+    distribution it was calibrated for); otherwise random tensors shaped like
+    the example.
+    """
+    if calibration is not None:
+        batches = (batch_as_inputs(item, len(args)) for item in calibration)
+        real = [b for _, b in zip(range(n), (b for b in batches if _fits(b, (args, kwargs), dynamic_batch)))]
+        if real:
+            return ([] if has_non_finite(args, kwargs) else [(args, kwargs)]) + real
     generator = torch.Generator().manual_seed(seed)
     randoms = [pytree.tree_map(lambda leaf: _look_alike(leaf, generator), (args, kwargs)) for _ in range(n)]
     if has_non_finite(args, kwargs):
@@ -31,6 +61,21 @@ def verification_inputs(args: tuple, kwargs: dict, n: int, seed: int = 0) -> Inp
                       "outputs on them; it uses random finite inputs of the same shapes instead")
         return randoms or [pytree.tree_map(lambda leaf: _look_alike(leaf, generator), (args, kwargs))]
     return [(args, kwargs)] + randoms
+
+
+def _fits(candidate: tuple[tuple, dict], example: tuple[tuple, dict], dynamic_batch: bool) -> bool:
+    """Same structure, dtypes and shapes as the example (dimension 0 free when the batch is dynamic)."""
+    leaves, spec = pytree.tree_flatten(candidate)
+    want, want_spec = pytree.tree_flatten(example)
+    if spec != want_spec:
+        return False
+    for a, b in zip(leaves, want):
+        if isinstance(b, torch.Tensor):
+            if not isinstance(a, torch.Tensor) or a.dtype != b.dtype or a.dim() != b.dim():
+                return False
+            if a.shape[int(dynamic_batch):] != b.shape[int(dynamic_batch):]:
+                return False
+    return True
 
 
 def _look_alike(leaf: Any, generator: torch.Generator) -> Any:

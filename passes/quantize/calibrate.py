@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 
 from graphopt.errors import InputError
+from graphopt.inputs import batch_as_inputs
 
 Inputs = tuple[tuple, dict]
 Callback = Callable[[torch.Tensor], None]
@@ -32,17 +33,7 @@ def positional_count(gm: fx.GraphModule) -> int:
 
 def as_inputs(gm: fx.GraphModule, item: Any) -> Inputs:
     """One calibration item as (args, kwargs) for the captured model."""
-    if isinstance(item, torch.Tensor):
-        return (item,), {}
-    if isinstance(item, Mapping):
-        return (), dict(item)
-    if isinstance(item, (tuple, list)):
-        n = positional_count(gm)
-        if len(item) > n:          # (inputs, labels) pairs from a DataLoader
-            item = item[:n]
-        return tuple(item), {}
-    raise InputError(f"a calibration batch must be a tensor, a tuple/list of inputs or a dict of keyword "
-                     f"inputs, got {type(item).__name__}")
+    return batch_as_inputs(item, positional_count(gm))
 
 
 def run_batches(module: Callable, batches: Sequence[Inputs]) -> list[Any]:
