@@ -2,7 +2,8 @@
 
     dead_code_elimination   drop pure nodes whose results nobody uses, and the
                             parameters/buffers no node reads any more
-    remove_noops            dropout(x, train=False) ⇒ x;  x·1, x/1, x+0, x-0, x**1 ⇒ x;
+    remove_noops            export's _assert_tensor_metadata checks dropped;
+                            dropout(x, train=False) ⇒ x;  x·1, x/1, x+0, x-0, x**1 ⇒ x;
                             clone / alias / detach / same-dtype casts ⇒ x;
                             contiguous(x) ⇒ x when x is already contiguous;
                             view / reshape / expand / slice to x's own shape ⇒ x
@@ -70,12 +71,16 @@ class RemoveNoOps(CanonicalPass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         log = RewriteLog()
         for node in list(gm.graph.nodes):
+            if ir.is_op(node, aten._assert_tensor_metadata):
+                gm.graph.erase_node(node)  # export's dtype/device asserts: checks only, and they pin values
+                log.matched("metadata assert")
+                continue
             if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
             source = node.args[0]
             pattern = _noop_pattern(node)
-            if pattern is None:
-                continue
+            if pattern is None or not _keeps_value_type(node, source):
+                continue  # e.g. a reshape that reshapes or a cast that casts: not a candidate
             reason = _why_not_replaceable(node, source)
             if reason:
                 log.rejected(pattern, node, reason)
@@ -118,13 +123,7 @@ def _noop_pattern(node: fx.Node) -> str | None:
 
 def _why_not_replaceable(node: fx.Node, source: fx.Node) -> str | None:
     """None if `node` always returns a value equal to `source`, else why not."""
-    out, inp = ir.val(node), ir.val(source)
-    if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
-        return "no tensor metadata"
-    if out.dtype != inp.dtype or out.device != inp.device:
-        return f"changes dtype/device ({inp.dtype}→{out.dtype})"
-    if not _same_shape(out.shape, inp.shape):
-        return "changes the shape"
+    inp = ir.val(source)
     if ir.is_mutated(node) or ir.is_mutated(source):
         return "a user mutates the value in place"
     packet = ir.overload_packet(node.target)
@@ -133,6 +132,13 @@ def _why_not_replaceable(node: fx.Node, source: fx.Node) -> str | None:
     if packet is aten.slice and not _is_full_slice(node, inp):
         return "slice does not cover the whole dimension"
     return None
+
+
+def _keeps_value_type(node: fx.Node, source: fx.Node) -> bool:
+    """Same shape, dtype and device in and out: the node may be the identity."""
+    out, inp = ir.val(node), ir.val(source)
+    return (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and out.dtype == inp.dtype
+            and out.device == inp.device and _same_shape(out.shape, inp.shape))
 
 
 def _same_shape(a: Any, b: Any) -> bool:
