@@ -169,10 +169,9 @@ class GraphoptBackend:
             return _inductor_alone(gm, example_inputs, self._options.backend)
         from .api import OptimizedModule   # api imports this module
         record.module = OptimizedModule(_freeze(gm, plan), self._options)
-        return self._runner(record, plan, gm, example_inputs)
+        return self._runner(record, plan, gm)
 
-    def _runner(self, record: Subgraph, plan: _Plan, gm: fx.GraphModule,
-                example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    def _runner(self, record: Subgraph, plan: _Plan, gm: fx.GraphModule) -> Callable[..., Any]:
         fallback: list[Callable[..., Any]] = []
 
         def run(*args: Any) -> Any:
@@ -187,7 +186,8 @@ class GraphoptBackend:
                     except GraphoptError as exc:   # e.g. export fails on this subgraph: inductor alone
                         record.skipped, record.module = f"{type(exc).__name__}: {exc}", None
                         warnings.warn(f"graphopt: subgraph {record.index} runs without graphopt: {exc}")
-                        fallback.append(_inductor_alone(gm, example_inputs, self._options.backend))
+                        eager = self._options.backend == "eager"
+                        fallback.append(gm if eager else InductorRunner(gm, dynamic_batch=False))
                         return fallback[0](*args)
                     record.notes.append(f"optimized on the first call in {time.perf_counter() - start:.1f} s")
                 return record.module(*user)

@@ -169,6 +169,43 @@ def test_backend_optimizes_and_reports_every_subgraph_across_a_graph_break():
     assert len(graphopt.compile.subgraphs()) == len(subgraphs), "recompiled for a new batch size"
 
 
+def test_backend_runs_a_subgraph_it_cannot_capture_as_captured(monkeypatch):
+    def fail(*args, **kwargs):
+        raise graphopt.CaptureError("export failed here", "a hint")
+    monkeypatch.setattr(graphopt.api, "capture", fail)
+    model = small_transformer()
+    backend = GraphoptBackend({"level": "O1", "backend": "eager", **QUIET})   # eager: no inductor compile
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(2, 6, 32)
+    with pytest.warns(UserWarning, match="runs without graphopt"), torch.no_grad():
+        assert compare(compiled(x), model(x)).max_rel <= LOSSLESS_REL_TOL
+    assert backend.reports == [] and "export failed here" in backend.subgraphs[0].skipped
+
+
+class ScaledByBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(h) * x.shape[0]   # after the break, x's size is an input but x is not
+
+
+def test_backend_leaves_a_subgraph_it_cannot_lower_to_the_compiler():
+    model = ScaledByBatch().eval()
+    backend = GraphoptBackend({"level": "O1", "backend": "eager", **QUIET})
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for batch in (3, 5, 7):   # the second size makes dynamo recompile with a symbolic size
+            x = torch.randn(batch, 8)
+            assert compare(compiled(x), model(x)).max_rel <= LOSSLESS_REL_TOL
+    skipped = [s.skipped for s in backend.subgraphs if s.skipped]
+    assert skipped and all("not dimension 0 of an input" in why for why in skipped), skipped
+    assert len(backend.reports) == len(backend.subgraphs) - len(skipped) >= 2
+
+
 def test_backend_refuses_options_that_need_model_inputs():
     with pytest.raises(OptionError, match="calibration_data"):
         GraphoptBackend({"level": "O2", "calibration_data": [torch.randn(2, 4)]})
