@@ -246,7 +246,7 @@ def variants(case: Case, work: Path) -> dict[str, Callable[[Path], Any]]:
                                             calibration_data=case.calibration, progress=False,
                                             measure_latency=False)
             notes = [f"{k}×{v}" for k, v in report.matches().items()]
-            notes += [f"rolled back: {r.name}" for r in report.rolled_back]
+            notes += [f"rolled back: {r.name}: {r.reason}" for r in report.rolled_back]
             return ", ".join(notes)
         return make
 
@@ -278,7 +278,7 @@ def measure_case(case: Case, work: Path, quick: bool) -> list[dict]:
             start = time.perf_counter()
             note = make(out)
             row["make_s"] = time.perf_counter() - start
-            sess = session(out)
+            sess = session(out, spin=False)
             inputs = {i.name for i in sess.get_inputs()}
 
             def run(feed: dict, sess=sess, inputs=inputs) -> list:
@@ -361,7 +361,8 @@ MODEL_NOTES = """
 Every variant is timed by ONNX Runtime (CPU, 2 threads, default graph optimizations) on the same
 feeds in this run, interleaved: one call of each variant per round, 25 rounds after a warm-up round,
 median and spread = (p90 − p10)/median, so that load from other work on the shared 2-core machine
-falls on all variants alike; speedup and size_vs_original are against the original export of the
+falls on all variants alike (worker-thread spinning off in every session, or one session's spinning
+threads slow the next); speedup and size_vs_original are against the original export of the
 same model.
 Fidelity: digits = test accuracy (450 real digits); ResNet/BERT = cosine of outputs to the original
 ONNX model's (random weights, random inputs); all-MiniLM-L6-v2 = cosine of mean-pooled embeddings to

@@ -31,13 +31,20 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 
 def session(model: onnx.ModelProto | str | os.PathLike,
             level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
-    """An ONNX Runtime session on the CPU (or `providers`), threads pinned to the machine's cores."""
+            providers: Sequence[str] = ("CPUExecutionProvider",), spin: bool = True) -> ort.InferenceSession:
+    """An ONNX Runtime session on the CPU (or `providers`), threads pinned to the machine's cores.
+
+    `spin=False` stops idle worker threads from spin-waiting after a run: needed when several
+    sessions take turns on the same cores (a benchmark interleaving them), else each one's
+    spinning threads slow the next.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     options.graph_optimization_level = level
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, onnx.ModelProto) and model.ByteSize() >= PROTOBUF_LIMIT:
         with tempfile.TemporaryDirectory(prefix="graphopt-") as directory:   # > 2 GB: from a file + its data
             path = Path(directory) / "model.onnx"
