@@ -32,6 +32,12 @@ import triton
 
 @dataclass(frozen=True)
 class BlockConfig:
+    """Tile sizes and launch options of one kernel launch.
+
+    ``group_m`` is read by the int8 GEMM (program ordering) and ``split_k`` by
+    W8A16 (K slices); each kernel ignores the other field.
+    """
+
     block_m: int
     block_n: int
     block_k: int
