@@ -45,7 +45,6 @@ import triton
 from tqdm import tqdm
 
 import graphopt.kernels as gk
-from graphopt.kernels import cpu as cpu_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ops = torch.ops.graphopt

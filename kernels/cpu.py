@@ -22,7 +22,8 @@ they would need a 7-bit split of x_q into two GEMMs plus a per-weight prepack
 rounds partial results above 2**24, so the split halves cancel inexactly.
 
 quantize_per_token and w8a16_linear follow the formulas of their Triton
-kernels (see quantize.py and w8a16.py) in float32.
+kernels (see quantize.py and w8a16.py) in float32; w8a16_linear uses the same
+chunked GEMM (its float32 chunk sums are then accumulated in float64).
 """
 
 from __future__ import annotations
@@ -37,16 +38,26 @@ from .checks import SCALE_FLOOR, check_int8_linear_args, check_quantize_args, ch
 K_CHUNK = 1024
 
 
-def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-    """``float32(x_q @ w_q.T)``: the exact int32 product, rounded once to float32."""
-    k = x_q.shape[1]
+def matmul_int8_weight(a: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """``a @ w_q.T`` for float32 ``a``: float32 GEMMs over K-chunks of ``K_CHUNK``, summed in float64.
+
+    Converting the weight a chunk at a time also keeps each float32 copy small
+    (N x 1024), where a whole 4096 x 4096 copy would cost a fresh 64 MB
+    allocation, page faults included, on every call.
+    """
+    k = a.shape[1]
     if k <= K_CHUNK:
-        return x_q.float() @ w_q.float().T
-    acc = torch.zeros((x_q.shape[0], w_q.shape[0]), dtype=torch.float64, device=x_q.device)
+        return a @ w_q.float().T
+    acc = torch.zeros((a.shape[0], w_q.shape[0]), dtype=torch.float64, device=a.device)
     for start in range(0, k, K_CHUNK):
         stop = start + K_CHUNK
-        acc += x_q[:, start:stop].float() @ w_q[:, start:stop].float().T
+        acc += a[:, start:stop] @ w_q[:, start:stop].float().T
     return acc.float()
+
+
+def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """``float32(x_q @ w_q.T)``: the exact int32 product, rounded once to float32."""
+    return matmul_int8_weight(x_q.float(), w_q)
 
 
 def int8_linear(
@@ -83,7 +94,7 @@ def w8a16_linear(
 ) -> torch.Tensor:
     """``(x @ w_q.T) * w_scale[None, :] + bias`` as ``x.dtype[M, N]``, accumulated in float32."""
     check_w8a16_args(x, w_q, w_scale, bias)
-    y = x.float() @ w_q.float().T
+    y = matmul_int8_weight(x.float(), w_q)
     y.mul_(w_scale[None, :])
     if bias is not None:
         y.add_(bias.float())
