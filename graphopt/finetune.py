@@ -22,17 +22,23 @@ floating parameter trains; integer tensors (int8 weights of quantized layers)
 stay as they are. The caller's `opt` and the teacher are never modified:
 the student is a deep copy, the teacher runs under no_grad and is checked.
 Deterministic for a given `seed` and data order.
+
+`qat=True` trains the same loop with fake int8 on the layers the int8 pass
+quantizes (graphopt/qat.py: per-token activations, per-channel weights,
+straight-through gradients), then returns the int8-dynamic model
+(`optimize(tuned, level="O2", quantize="int8-dynamic")` on the tuned graph).
 """
 from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
+from . import qat as graphopt_qat
 from .errors import InputError, OptionError, UnsupportedError
 
 DISTILL = ("auto", "kl", "mse")
@@ -76,11 +82,13 @@ def distillation_loss(student: Any, teacher: Any, labels: torch.Tensor | None, t
 
 def finetune(opt: Any, train_data: Iterable[Any], teacher: torch.nn.Module | None = None, epochs: int = 3,
              qat: bool = False, *, lr: float = 1e-3, weight_decay: float = 0.0, temperature: float = 2.0,
-             alpha: float = 0.5, distill: str = "auto", seed: int = 0, progress: bool = True) -> Any:
-    """Distil `teacher` into a copy of `opt` on `train_data`; returns the tuned copy (see module docstring)."""
-    if qat:
-        raise UnsupportedError("finetune(qat=True) needs the int8 rewrite (torch.ops.graphopt.int8_linear), "
-                               "which this build does not register yet; run finetune without qat")
+             alpha: float = 0.5, distill: str = "auto", seed: int = 0, progress: bool = True,
+             quantize_options: Mapping[str, Any] | None = None) -> Any:
+    """Distil `teacher` into a copy of `opt` on `train_data`; returns the tuned copy (see module docstring).
+
+    qat=True returns the tuned model converted to int8-dynamic (an O2 OptimizedModule, with
+    `quantize_options` for the int8 pass) after training with fake int8 (graphopt/qat.py).
+    """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise OptionError(f"epochs={epochs!r} must be a positive integer")
     if distill not in DISTILL:
@@ -100,6 +108,15 @@ def finetune(opt: Any, train_data: Iterable[Any], teacher: torch.nn.Module | Non
         student = tuned
     else:
         raise InputError(f"finetune takes an OptimizedModule or a torch.nn.Module, got {type(opt).__name__}")
+    batches = list(train_data)
+    if not batches:
+        raise InputError("train_data is empty")
+    if qat:
+        student = _capture(student, batches[0])
+        qat_layers = graphopt_qat.insert(student, **_site_options(quantize_options or {}))
+        if not qat_layers:
+            raise UnsupportedError("finetune(qat=True): no layer of this model is int8-eligible (linear layers "
+                                   "with more than min_in_features inputs); run finetune without qat")
     params = [p for p in student.parameters() if p.is_floating_point()]
     if not params:
         raise InputError("the module has no floating-point parameters to fine-tune")
@@ -112,9 +129,6 @@ def finetune(opt: Any, train_data: Iterable[Any], teacher: torch.nn.Module | Non
         teacher.eval()
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    batches = list(train_data)
-    if not batches:
-        raise InputError("train_data is empty")
     total = epochs * len(batches)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     from tqdm.auto import tqdm
@@ -146,4 +160,35 @@ def finetune(opt: Any, train_data: Iterable[Any], teacher: torch.nn.Module | Non
         changed = [k for k, v in teacher.state_dict().items() if not torch.equal(v, teacher_state[k])]
         if changed:   # a teacher whose forward writes into its own state (e.g. BN in train mode)
             raise InputError(f"the teacher modified its own state during finetune: {changed[:3]}")
+    if qat:
+        graphopt_qat.strip(student)
+        return _to_int8(student, batches, quantize_options or {}, progress)
     return tuned
+
+
+def _capture(module: torch.nn.Module, item: Any) -> torch.fx.GraphModule:
+    """The module as a captured ATen graph (QAT rewrites graphs)."""
+    if isinstance(module, torch.fx.GraphModule):
+        return module
+    from .api import optimize
+    args, kwargs, _ = _split(item)
+    return optimize(module, args, example_kwargs=kwargs, level="O0", quantize=None, measure_latency=False,
+                    progress=False).graph_module
+
+
+def _site_options(quantize_options: Mapping[str, Any]) -> dict[str, Any]:
+    options = {"min_in_features": quantize_options.get("min_in_features", 16),
+               "exclude": quantize_options.get("exclude", ())}
+    if isinstance(options["exclude"], str):
+        options["exclude"] = (options["exclude"],)
+    return options
+
+
+def _to_int8(student: torch.fx.GraphModule, batches: list[Any], quantize_options: Mapping[str, Any],
+             progress: bool) -> Any:
+    """The int8 pass (O2, int8-dynamic) on the tuned float graph."""
+    from .api import optimize
+    args, kwargs, _ = _split(batches[0])
+    calibration = [kw or a for a, kw, _ in map(_split, batches[:8])]
+    return optimize(student, args, example_kwargs=kwargs, level="O2", quantize="int8-dynamic",
+                    quantize_options=dict(quantize_options), calibration_data=calibration, progress=progress)

@@ -90,5 +90,37 @@ def test_bad_finetune_arguments(digits):
         graphopt.finetune(pruned, train, teacher=model, epochs=0)
     with pytest.raises(graphopt.InputError):
         graphopt.finetune(pruned, [xb for xb, _ in train[:2]], teacher=None, progress=False)
-    with pytest.raises(UnsupportedError, match="qat"):
-        graphopt.finetune(pruned, train, teacher=model, qat=True)
+    with pytest.raises(UnsupportedError, match="qat"):   # no linear layer has more than 10**6 inputs
+        graphopt.finetune(pruned, train, teacher=model, qat=True, quantize_options={"min_in_features": 10**6})
+
+
+def test_qat_recovers_int8_accuracy_at_least_as_well_as_post_training_int8(digits):
+    model, train, test = digits
+    pruned = prune(model, train, ratio=0.5)
+    float_tuned = graphopt.finetune(pruned, train, teacher=model, epochs=2, lr=2e-3, progress=False)
+    example = (train[0][0],)
+    calibration = [(xb,) for xb, _ in train[:8]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ptq = graphopt.optimize(float_tuned.graph_module, example, level="O2", quantize="int8-dynamic",
+                                calibration_data=calibration, measure_latency=False, progress=False)
+        qat = graphopt.finetune(pruned, train, teacher=model, epochs=2, lr=2e-3, qat=True, progress=False)
+    ops = lambda m: {str(n.target) for n in m.graph_module.graph.nodes}  # noqa: E731
+    assert "graphopt.int8_linear.default" in ops(qat) and "graphopt.int8_linear.default" in ops(ptq)
+    assert not any("fake_quant" in op for op in ops(qat))
+    assert accuracy(qat, test) >= accuracy(ptq, test), (accuracy(float_tuned, test), accuracy(ptq, test),
+                                                       accuracy(qat, test))
+
+
+def test_fake_quant_matches_the_int8_kernels_and_passes_gradients():
+    from graphopt import qat
+    from graphopt.passes.quantize.observers import quantize_weight
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 3, 24, requires_grad=True), torch.randn(7, 24, requires_grad=True)
+    q_x, s_x = torch.ops.graphopt.quantize_per_token(x.detach().reshape(-1, 24))
+    assert torch.allclose(qat.fake_quant_tokens(x).reshape(-1, 24), q_x.float() * s_x.reshape(-1, 1), atol=1e-6)
+    q_w, s_w = quantize_weight(w)
+    assert torch.allclose(qat.fake_quant_channels(w, False), q_w.float() * s_w[:, None], atol=1e-6)
+    assert torch.allclose(qat.fake_quant_channels(w.t(), True), (q_w.float() * s_w[:, None]).t(), atol=1e-6)
+    (qat.fake_quant_tokens(x).sum() + qat.fake_quant_channels(w, False).sum()).backward()
+    assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(w.grad, torch.ones_like(w))
