@@ -54,7 +54,7 @@ def parse_options(level: str | int | None = None, quantize: str | None = AUTO,
     if level is None:
         numeric = 3 if prune is not None else 2 if explicit is not None else 1
     else:
-        numeric = _parse_level(level)
+        numeric = parse_level(level)
     if explicit is not None and numeric < 2:
         raise OptionError(f"quantize={quantize!r} needs level O2 or O3, not O{numeric}")
     if prune is not None and numeric < 3:
@@ -78,7 +78,7 @@ def parse_options(level: str | int | None = None, quantize: str | None = AUTO,
     return Options(level=numeric, quantize=quantize, prune=prune, **rest)
 
 
-def _parse_level(level: str | int) -> int:
+def parse_level(level: str | int) -> int:
     if isinstance(level, int) and not isinstance(level, bool) and 0 <= level <= 3:
         return level
     if isinstance(level, str) and level.upper() in LEVELS:

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from graphopt.config import QUANT_SCHEMES, _parse_level
+from graphopt.config import QUANT_SCHEMES, parse_level
 from graphopt.errors import OptionError, UnsupportedError
 from graphopt.pass_manager import PassManager
 from graphopt.passes import onnx as onnx_passes
@@ -82,7 +82,7 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, level: str | i
 def _level(level: str | int | None, quantize: str | None) -> int:
     if level is None:
         return 2 if quantize is not None else 1
-    numeric = _parse_level(level)
+    numeric = parse_level(level)
     if quantize is not None and numeric < 2:
         raise OptionError(f"quantize={quantize!r} needs level O2, not O{numeric}")
     return numeric
