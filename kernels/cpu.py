@@ -11,15 +11,20 @@ like the Triton kernel's int32 -> float32 conversion. The epilogue then runs in
 float32 in the kernel's order (times x_scale, times w_scale, plus bias,
 activation, cast).
 
-Why this path (measured on the 2-core AVX2 development machine, see
-bench/results/kernels.md): ``torch._int_mm`` and ``torch._weight_int8pack_mm``
-are tens of times slower than a float32 GEMM there; a float64 GEMM is exact in
-one piece but about 2-3x slower than float32; fbgemm's u8 x s8 kernels
-saturate their int16 pair sums on AVX2 (no VNNI) when activations use the
-full 8-bit range (measured: 8160 instead of 1032256 for 64 x 127 * 127), so
-they would need a 7-bit split of x_q into two GEMMs plus a per-weight prepack
-(~80-100 ms for 4096 x 4096) held in a cache; and their float32 output
-rounds partial results above 2**24, so the split halves cancel inexactly.
+Why this path (bench/results/kernels.md, 1-thread table: on the shared
+2-core development machine the 2-thread timings are dominated by waits for
+the second thread): it is the fastest exact option measured. Against a
+float32 GEMM whose weight is already float32 it costs 1.1-4.8x by medians,
+0.9-2.4x by minima (4.4x / 5.3x at M = 1 with a 4096 x 4096 weight, where
+converting the weight dominates); a float64 GEMM, exact in one piece, costs
+1.8-26x; ``torch._int_mm`` plus a separate dequantization 2-20x (medians).
+fbgemm's u8 x s8 kernels are faster (0.15-1.2x) but
+not exact here: without VNNI their int16 pair sums saturate when activations
+use the full 8-bit range (measured: 8160 instead of 1032256 for 64 x 127 x
+127), so an exact use would need a 7-bit split of x_q into two GEMMs, a
+per-weight prepack held in a cache (hundreds of ms for 4096 x 4096), and
+K-chunks again, because their float32 output rounds partial results above
+2**24 and the two halves cancel inexactly.
 
 quantize_per_token and w8a16_linear follow the formulas of their Triton
 kernels (see quantize.py and w8a16.py) in float32; w8a16_linear uses the same
