@@ -15,8 +15,9 @@ Ops map segments from inputs to outputs:
   a broadcast operand with the full channel size couples its channels (a
   residual `add` merges the groups of both sides: union-find), a constant
   operand is sliced with them;
-- `cat`: offsets shift; `split`/`chunk`: offsets shift, and a segment cut
-  in two splits its source into parts (so fused QKV becomes three groups);
+- `cat`: offsets shift; `split`/`chunk`/static `slice`: offsets shift, and a
+  segment cut in two splits its source into parts (so fused QKV becomes three
+  groups, whether split or sliced);
 - `view`/`reshape`/`flatten`/`permute`/`transpose`/`unsqueeze`/`expand`:
   dimensions are factored; a merged dimension multiplies `block`
   (conv → flatten → linear), a split one divides it and, when a unit would be
@@ -500,8 +501,37 @@ class _Walk:
         else:  # slice
             at = node.args[1] % rank if len(node.args) > 1 else 0
             if at in xin and ir.shape(node)[at] != ir.shape(x)[at]:
-                self.block(xin[at], f"{node.name}: slice of a pruned dimension")
+                return self.slice(node, x, at, xin)
             self.ann[node] = dict(xin)
+
+    def slice(self, node: fx.Node, x: fx.Node, at: int, xin: dict[int, tuple[Seg, ...]]) -> None:
+        """A static step-1 slice of a pruned dimension keeps the units inside it, like one piece of a split."""
+        size = ir.shape(x)[at]
+        start, end, step = (list(node.args[2:5]) + [None, None, None][len(node.args[2:5]):])
+        start, end, step = start or 0, size if end is None else end, step or 1
+        piece = {d: s for d, s in xin.items() if d != at}
+        if step != 1 or not all(isinstance(v, int) for v in (start, end, size)):
+            self.block(xin[at], f"{node.name}: slice of a pruned dimension with a step or symbolic bounds")
+            self.ann[node] = piece
+            return
+        start, end = (v + size if v < 0 else v for v in (start, end))
+        start, end = min(max(start, 0), size), min(max(end, 0), size)
+        inside: list[Seg] = []
+        for seg in xin[at]:
+            lo, hi = max(seg.start, start), min(seg.end, end)
+            if lo >= hi:
+                continue
+            edges = {lo, hi} - {seg.start, seg.end}
+            if any((edge - seg.start) % seg.block for edge in edges):
+                self.block(xin[at], f"{node.name}: slice cuts a unit in two")
+                continue
+            for edge in edges:
+                self.cut(seg, (edge - seg.start) // seg.block)
+            inside.append(Seg(seg.group, seg.start - start, seg.block, seg.count))
+        if inside:
+            piece[at] = tuple(inside)
+        self.rewrites.append(node)
+        self.ann[node] = piece
 
     def pool(self, node: fx.Node) -> None:
         rank = len(ir.shape(node.args[0]) or ())

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from graphopt import ir
 
-from .groups import Analysis, Seg
+from .groups import Analysis, Seg, _dims_of
 
 aten = torch.ops.aten
 Pruned = Mapping[str, Sequence[int]]   # group name -> pruned unit indices
@@ -94,6 +94,16 @@ def _rewrite_constants(node: fx.Node, analysis: Analysis, pruned: Pruned) -> Non
                  for out, piece in zip(ir.val(node), ann)]
         node.target = aten.split_with_sizes.default
         node.args = (node.args[0], sizes, at)
+        return
+    if ir.is_op(node, aten.slice):   # static, step 1 (groups.py): drop the removed units before and inside
+        x = node.args[0]
+        at = node.args[1] % len(ir.shape(x))
+        segs, size = _dims_of(analysis.ann.get(x)).get(at, ()), ir.shape(x)[at]
+        start = (node.args[2] if len(node.args) > 2 else None) or 0
+        start = min(max(start + size if start < 0 else start, 0), size)
+        start -= removed_count([s for s in segs if s.end <= start], pruned)
+        end = start + ir.shape(node)[at] - removed_count(ann.get(at, ()) if ann else (), pruned)
+        node.args = (x, at, start, end, *node.args[5:])
         return
     old = ir.shape(node)
     if ir.is_op(node, aten.conv1d, aten.conv2d, aten.conv3d):   # depthwise: groups = channels / multiplier

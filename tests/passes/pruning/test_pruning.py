@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphopt
+from graphopt import ir
 from graphopt.capture import capture
 from graphopt.errors import OptionError
 from graphopt.passes.pruning import StructuredPruning, allocate, analyze, importance
@@ -202,3 +203,27 @@ def test_hugging_face_heads_and_ffn(kind):
     exported = torch.export.export(sliced, inputs, strict=False).module()
     with torch.no_grad():
         assert compare(exported(*inputs), sliced(*inputs)).max_rel <= TOL
+
+
+def test_fused_qkv_slices_prune_by_heads():
+    """O1 fuses BERT's q/k/v into one linear read by three static slices: heads stay prunable through them."""
+    model, inputs = _hf("bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = graphopt.optimize(model, inputs, level="O1", quantize=None, measure_latency=False,
+                                  progress=False).graph_module
+    assert any(ir.is_op(n, torch.ops.aten.slice) for n in fused.graph.nodes)
+    analysis = analyze(fused)
+    heads = [g for g in analysis.prunable() if g.gran == 8]
+    assert len(heads) == 2 and all(len({m.attr for m in g.members if m.role == "out"}) == 1 for g in heads)
+    plan = random_plan(analysis, 0, 0.5)
+    masked, sliced = copy.deepcopy(fused), copy.deepcopy(fused)
+    slicing.mask(masked, analysis, plan)
+    slicing.apply(sliced, analyze(sliced), plan)
+    x = (torch.randint(0, 99, (3, 7)),)   # the sequence length is static in the capture
+    with torch.no_grad():
+        err = compare(sliced(*x), masked(*x))
+    assert err.mismatch is None and err.max_rel <= TOL
+    removed = sum(len(plan.get(g.name, ())) for g in heads)
+    fused_qkv = next(m.attr for m in heads[0].members if m.role == "out")
+    assert removed and importance._tensor(sliced, fused_qkv).shape[0] < importance._tensor(fused, fused_qkv).shape[0]
