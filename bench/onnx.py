@@ -1,13 +1,14 @@
 """ONNX benchmark: graphopt's ONNX path against the original, onnx-simplifier and ONNX Runtime's quantizers.
 
 Part 1 — which standard-ONNX form the int8 linear is exported as (chosen by measurement):
-  one int8 linear [M=1024, K=384] × [K, N=1536] (an all-MiniLM-L6-v2 FFN layer at batch 8 × seq 128)
-  as (a) per-token symmetric int8 written out (Abs/ReduceMax/Div/Round/Clip/Cast) + MatMulInteger
-  int8×int8 + scale Mul — the exact translation of torch.ops.graphopt.quantize_per_token/int8_linear;
-  (b) DynamicQuantizeLinear (per-tensor uint8) + MatMulInteger + scale Mul (ORT fuses it);
-  (c) the same per-token values shifted to uint8 with zero point 128 (ORT's u8s8 kernels);
-  (d) QDQ: the same per-token int8 dequantized (DequantizeLinear, axis 0) → MatMul ← DequantizeLinear(W).
-  Error: max relative error against the float64 product.
+  one int8 linear [M=1024, K=384] × [K, N=1536] (an all-MiniLM-L6-v2 FFN layer at batch 8 × seq 128),
+  x quantized per token (symmetric int8, written out: Abs/ReduceMax/Div/Round/Clip/Cast, or one
+  QuantizeLinear on axis 0), then the product as (`FORMS`): MatMulInteger int8 × int8 (s8s8);
+  uint8 (zero point 128) × int8 (U8S8); DynamicQuantizeLinear (per-tensor uint8) + MatMulInteger;
+  QDQ (DequantizeLinear axis 0 → MatMul ← DequantizeLinear(W)); uint8 × uint8 (U8U8: x and W
+  shifted by 128, both zero points 128); each integer form × the row and column scales after.
+  All forms and fp32 MatMul are timed interleaved in one run. Error: max relative error against
+  the float64 product.
 
 Part 2 — models, each exported from torch with graphopt.export_onnx ("original"), then:
   onnxsim, graphopt optimize_onnx O1 / O2 int8 dynamic / static / weight-only, ORT quantize_dynamic
@@ -46,51 +47,92 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # ---------------------------------------------------------------- part 1: int8 linear forms
 
+def _quantize_x(kind: str) -> list[onnx.NodeProto]:
+    """Per-token symmetric quantization of x → "xq" (and the row scale "xs", [m]) as `kind`:
+    "int8" / "uint8": written out (Div, Round, Clip, Cast; uint8 adds the zero point 128 first);
+    "ql int8" / "ql uint8": one QuantizeLinear (axis 0, zero point 0 / 128 expanded to [m]);
+    "ql int8 → uint8": QuantizeLinear to int8, then shifted to uint8 (Cast int32, Add 128, Cast uint8)."""
+    scale = [helper.make_node("Abs", ["x"], ["ax"]),
+             helper.make_node("ReduceMax", ["ax", "axis1"], ["amax"], keepdims=0),
+             helper.make_node("Div", ["amax", "c127"], ["s0"]), helper.make_node("Max", ["s0", "tiny"], ["xs"])]
+    if kind.startswith("ql"):
+        zero = "z8" if kind == "ql int8" or kind.endswith("→ uint8") else "z128"
+        nodes = scale + [helper.make_node("Shape", ["xs"], ["m"]), helper.make_node("Expand", [zero, "m"], ["xz"]),
+                         helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq8"], axis=0)]
+        if kind.endswith("→ uint8"):
+            return nodes + [helper.make_node("Cast", ["xq8"], ["x32"], to=TensorProto.INT32),
+                            helper.make_node("Add", ["x32", "i128"], ["xu"]),
+                            helper.make_node("Cast", ["xu"], ["xq"], to=TensorProto.UINT8)]
+        return nodes + [helper.make_node("Identity", ["xq8"], ["xq"])]
+    nodes = scale + [helper.make_node("Unsqueeze", ["xs", "axis1"], ["xs2"]), helper.make_node("Div", ["x", "xs2"], ["xd"]),
+                     helper.make_node("Round", ["xd"], ["xr"]), helper.make_node("Clip", ["xr", "cm127", "c127"], ["xc"])]
+    if kind == "uint8":
+        return nodes + [helper.make_node("Add", ["xc", "c128"], ["xu"]),
+                        helper.make_node("Cast", ["xu"], ["xq"], to=TensorProto.UINT8)]
+    return nodes + [helper.make_node("Cast", ["xc"], ["xq"], to=TensorProto.INT8)]
+
+
+def _integer_matmul(a_zero: str | None, weight: str) -> list[onnx.NodeProto]:
+    """MatMulInteger(xq, weight) → exact int32, Cast float, × x scale per row × w scale per column."""
+    zeros = [a_zero or "", "z128"] if weight == "w_u8" else [a_zero] if a_zero else []
+    return [helper.make_node("MatMulInteger", ["xq", weight, *zeros], ["acc"]),
+            helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["xs", "axis1"], ["xsc"]),
+            helper.make_node("Mul", ["accf", "xsc"], ["y0"]), helper.make_node("Mul", ["y0", "w_scale"], ["y"])]
+
+
+def _qdq_matmul() -> list[onnx.NodeProto]:
+    return [helper.make_node("DequantizeLinear", ["xq", "xs"], ["xdq"], axis=0),
+            helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["wdq"], axis=1),
+            helper.make_node("MatMul", ["xdq", "wdq"], ["y"])]
+
+
+#: form → (x quantization, the product). U8U8: uint8 × uint8, both zero points 128 (MLAS widens to
+#: 16 bits: exact); U8S8: uint8 × int8 (MLAS's AVX2 kernel sums pairs in saturating int16).
+FORMS = {
+    "per-token MatMulInteger s8s8 (exact)": ("int8", lambda: _integer_matmul(None, "w_q")),
+    "per-token uint8 (zero point 128) MatMulInteger U8S8": ("uint8", lambda: _integer_matmul("z128", "w_q")),
+    "DynamicQuantizeLinear + MatMulInteger": ("dql", None),
+    "QDQ per-token": ("int8", _qdq_matmul),
+    "QDQ per-token, QuantizeLinear": ("ql int8", _qdq_matmul),
+    "U8U8 MatMulInteger, quantization written out": ("uint8", lambda: _integer_matmul("z128", "w_u8")),
+    "U8U8 MatMulInteger, QuantizeLinear int8 shifted": ("ql int8 → uint8", lambda: _integer_matmul("z128", "w_u8")),
+    "U8U8 MatMulInteger, QuantizeLinear uint8": ("ql uint8", lambda: _integer_matmul("z128", "w_u8")),
+}
+
+
 def _linear_graph(form: str, w: np.ndarray) -> onnx.ModelProto:
     k, n = w.shape
     scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
     w_q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
     inits = [numpy_helper.from_array(w_q, "w_q"), numpy_helper.from_array(scale, "w_scale"),
+             numpy_helper.from_array((w_q.astype(np.int16) + 128).astype(np.uint8), "w_u8"),
              numpy_helper.from_array(np.array([1], np.int64), "axis1"),
              numpy_helper.from_array(np.array(127.0, np.float32), "c127"),
              numpy_helper.from_array(np.array(-127.0, np.float32), "cm127"),
+             numpy_helper.from_array(np.array(128.0, np.float32), "c128"),
+             numpy_helper.from_array(np.array(128, np.int32), "i128"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z128"),
+             numpy_helper.from_array(np.array(0, np.int8), "z8"),
              numpy_helper.from_array(np.array(np.finfo(np.float32).tiny, np.float32), "tiny")]
-    per_token = [helper.make_node("Abs", ["x"], ["ax"]),
-                 helper.make_node("ReduceMax", ["ax", "axis1"], ["amax"], keepdims=0),
-                 helper.make_node("Div", ["amax", "c127"], ["s0"]), helper.make_node("Max", ["s0", "tiny"], ["xs"]),
-                 helper.make_node("Unsqueeze", ["xs", "axis1"], ["xs2"]), helper.make_node("Div", ["x", "xs2"], ["xd"]),
-                 helper.make_node("Round", ["xd"], ["xr"]), helper.make_node("Clip", ["xr", "cm127", "c127"], ["xc"]),
-                 helper.make_node("Cast", ["xc"], ["xq"], to=TensorProto.INT8)]
-    if form == "per-token MatMulInteger (exact)":
-        nodes = per_token + [helper.make_node("MatMulInteger", ["xq", "w_q"], ["acc"]),
-                             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
-                             helper.make_node("Mul", ["accf", "xs2"], ["y0"]),
-                             helper.make_node("Mul", ["y0", "w_scale"], ["y"])]
-    elif form == "per-token uint8 (zero point 128) MatMulInteger":
-        inits += [numpy_helper.from_array(np.array(128.0, np.float32), "c128"),
-                  numpy_helper.from_array(np.array(128, np.uint8), "z128")]
-        nodes = per_token[:-1] + [helper.make_node("Add", ["xc", "c128"], ["xu"]),
-                                  helper.make_node("Cast", ["xu"], ["xq"], to=TensorProto.UINT8),
-                                  helper.make_node("MatMulInteger", ["xq", "w_q", "z128"], ["acc"]),
-                                  helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
-                                  helper.make_node("Mul", ["accf", "xs2"], ["y0"]),
-                                  helper.make_node("Mul", ["y0", "w_scale"], ["y"])]
-    elif form == "DynamicQuantizeLinear + MatMulInteger":
+    quantize, product = FORMS[form]
+    if quantize == "dql":
         nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
                  helper.make_node("MatMulInteger", ["xq", "w_q", "xz"], ["acc"]),
                  helper.make_node("Mul", ["xs", "w_scale"], ["s"]),
                  helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
                  helper.make_node("Mul", ["accf", "s"], ["y"])]
-    else:  # QDQ
-        nodes = per_token + [helper.make_node("DequantizeLinear", ["xq", "xs"], ["xdq"], axis=0),
-                             helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["wdq"], axis=1),
-                             helper.make_node("MatMul", ["xdq", "wdq"], ["y"])]
+    else:
+        nodes = _quantize_x(quantize) + product()
     graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    return model
 
 
 def int8_forms(quick: bool) -> list[dict]:
+    """Every form on the same input, timed interleaved (one call of each per round) in one run."""
     rng = np.random.default_rng(0)
     m, k, n = 1024, 384, 1536
     w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
@@ -101,20 +143,20 @@ def int8_forms(quick: bool) -> list[dict]:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
                               [numpy_helper.from_array(w, "w")])
-    forms = {"fp32 MatMul": helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])}
-    for form in ("per-token MatMulInteger (exact)", "per-token uint8 (zero point 128) MatMulInteger",
-                 "DynamicQuantizeLinear + MatMulInteger", "QDQ per-token"):
-        forms[form] = _linear_graph(form, w)
-    rows = []
-    base = None
-    for form, model in forms.items():
-        sess = session(model)
+    models = {"fp32 MatMul": helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])}
+    models |= {form: _linear_graph(form, w) for form in FORMS}
+    rows, calls = [], {}
+    for form, model in models.items():
+        sess = session(model, spin=False)
         y = sess.run(None, {"x": x})[0]
-        timing = time_call(lambda: sess.run(None, {"x": x}), repeats=5 if quick else 20)
-        base = base or timing.median_ms
-        rows.append({"form": form, "latency_ms": timing.median_ms, "vs_fp32": base / timing.median_ms,
-                     "spread": timing.spread, "max_rel_err": float(np.abs(y - exact).max() / np.abs(exact).max())})
-        print(rows[-1], flush=True)
+        calls[form] = lambda sess=sess: sess.run(None, {"x": x})
+        rows.append({"form": form, "max_rel_err": float(np.abs(y - exact).max() / np.abs(exact).max())})
+    timings = interleaved(calls, rounds=5 if quick else 30)
+    base = timings["fp32 MatMul"].median_s
+    for row in rows:
+        timing = timings[row["form"]]
+        row.update(latency_ms=timing.median_ms, vs_fp32=base / timing.median_s, spread=timing.spread)
+        print(row, flush=True)
     return rows
 
 
@@ -353,8 +395,12 @@ def main() -> None:
 
 FORMS_NOTES = """
 One int8 linear, M=1024 (batch 8 × seq 128) × K=384 × N=1536, 4 outlier input channels (×20),
-ONNX Runtime CPU, 2 threads, default graph optimizations. vs_fp32 = fp32 latency / form latency.
-max_rel_err: against the float64 product, relative to its largest magnitude.
+ONNX Runtime CPU, 2 threads, default graph optimizations, all forms timed interleaved in this run
+(one call of each per round, 30 rounds after a warm-up round; spread = (p90 − p10)/median).
+vs_fp32 = fp32 latency / form latency. max_rel_err: against the float64 product, relative to its
+largest magnitude. s8s8, QDQ and U8U8 carry the pure quantization error; U8S8 and DynamicQuantizeLinear
+saturate (ONNX Runtime's AVX2 uint8 × int8 kernel sums pairs of products in int16).
+Exported form (graphopt.onnx.translations): "U8U8 MatMulInteger, QuantizeLinear int8 shifted".
 """
 
 MODEL_NOTES = """

@@ -1,32 +1,46 @@
 """graphopt's custom int8 ops in standard ONNX operators, for `torch.onnx.export(dynamo=True)`.
 
     quantize_per_token(x, smooth)  ⇒  s = max(ReduceMax(|x / smooth|, axis 1) / 127, tiny)
-                                      x_q = Cast(Clip(Round(x / s[:, None]), −127, 127), int8)
+                                      x_q = QuantizeLinear(x / smooth, s, zero point int8 0 [M], axis=0)
     int8_linear(x_q, w_q, s_x, s_w, b, act, dtype)
-                                   ⇒  act(MatMul(DequantizeLinear(x_q, s_x, axis=0),
-                                                 DequantizeLinear(w_qᵀ, s_w, axis=1)) + b)      (QDQ)
+                                   ⇒  acc = MatMulInteger(x_q + 128, w_qᵀ + 128, 128, 128)   (uint8 × uint8)
+                                      act(Cast(acc, float) · s_x[:, None] · s_w[None, :] + b)
     w8a16_linear(x, w_q, s_w, b)   ⇒  MatMul(x, DequantizeLinear(w_qᵀ, s_w, axis=1)) + b
 
-The quantization itself is the same float32 arithmetic as the ops' CPU path
-(Round is half-to-even in both), so the int8 values are identical; the
-products of the dequantized values are summed in float32, which differs from
-the exact int32 sum by float rounding only. QDQ was chosen by measurement
-(`python -m bench.onnx --only choice`, bench/results/onnx_int8_forms.md): on
-this AVX2 CPU without VNNI, ONNX Runtime runs the per-token int8 × int8
-`MatMulInteger` form 2× slower than the QDQ form at the same error, and its
-fast uint8 × int8 kernels saturate (0.5 relative error; the same with
-per-tensor `DynamicQuantizeLinear`). The int8 weights stay int8 initializers
-(the transposes are folded by the post-export cleanup). Only the default ONNX
-domain is used.
+QuantizeLinear divides by the scale and rounds half to even as the op's CPU
+path does, and |x / s| ≤ 127 by the choice of s, so its saturation is the
+op's clip: the int8 values are identical (tested). The product is the exact
+int32 sum, as the op's; int8-static (a constant per-tensor scale, expanded to
+the rows by the rewrite) takes the same form. The shift to uint8 (+128 on
+both sides, zero points 128) is exact; on the weights it is constant-folded
+at export (uint8 initializers, one byte each, as the int8 ones were).
+
+The form was chosen by measurement (`python -m bench.onnx --only choice`,
+bench/results/onnx_int8_forms.md; one [1024 × 384] × [384 × 1536] linear,
+ONNX Runtime 1.32, 2 threads, AVX2 without VNNI, all forms timed interleaved
+in one run): uint8 × uint8 MatMulInteger 26–29 ms (1.2–1.3× fp32 MatMul's
+speed) at the pure quantization error (max rel err 0.039), against the
+previous QDQ form (DequantizeLinear → MatMul) 38–56 ms (0.6–0.9×) and int8 ×
+int8 MatMulInteger 110 ms (0.31×) at the same error. ORT's uint8 × uint8
+kernel widens to 16 bits; its faster uint8 × int8 kernel (and
+DynamicQuantizeLinear, per tensor) sums pairs in saturating int16: 0.5–0.58
+relative error, rejected. Writing the quantization out (Div, Round, Clip,
+Add 128, Cast) or one QuantizeLinear straight to uint8 measured the same
+within the machine's noise, so quantize_per_token keeps its int8 output and
+int8_linear shifts it (3 elementwise ops on M × K, small next to the
+M × K × N product). Only the default ONNX domain is used.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import torch
+from onnx import helper
 
 _FLOAT = 1      # onnx.TensorProto.FLOAT
+_UINT8 = 2      # onnx.TensorProto.UINT8
 _INT8 = 3       # onnx.TensorProto.INT8
+_INT32 = 6      # onnx.TensorProto.INT32
 _DTYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
 
 
@@ -54,20 +68,25 @@ def quantize_per_token(x: Any, smooth: Any = None) -> tuple[Any, Any]:
         xf = op.Div(xf, op.Cast(smooth, to=_FLOAT))
     amax = op.ReduceMax(op.Abs(xf), op.Constant(value_ints=[1]), keepdims=0)
     scale = op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=float(SCALE_FLOOR)))
-    scaled = op.Round(op.Div(xf, op.Unsqueeze(scale, op.Constant(value_ints=[1]))))
-    q = op.Cast(op.Clip(scaled, op.Constant(value_float=-127.0), op.Constant(value_float=127.0)), to=_INT8)
-    return q, scale
+    zero = op.Expand(op.Constant(value=helper.make_tensor("zero", _INT8, [], [0])), op.Shape(scale))
+    return op.QuantizeLinear(xf, scale, zero, axis=0), scale
 
 
 def int8_linear(x_q: Any, w_q: Any, x_scale: Any, w_scale: Any, bias: Any = None, activation: str = "none",
                 out_dtype: torch.dtype = torch.float32) -> Any:
     op = _op()
-    x = op.DequantizeLinear(x_q, x_scale, axis=0)
-    y = op.MatMul(x, op.DequantizeLinear(op.Transpose(w_q, perm=[1, 0]), w_scale, axis=1))
+    zero = op.Constant(value=helper.make_tensor("zero_point", _UINT8, [], [128]))
+    acc = op.MatMulInteger(_to_uint8(op, x_q), _to_uint8(op, op.Transpose(w_q, perm=[1, 0])), zero, zero)
+    y = op.Mul(op.Mul(op.Cast(acc, to=_FLOAT), op.Unsqueeze(x_scale, op.Constant(value_ints=[1]))), w_scale)
     if bias is not None:
         y = op.Add(y, op.Cast(bias, to=_FLOAT))
     y = _activation(op, y, activation)
     return op.Cast(y, to=_DTYPES[out_dtype]) if out_dtype != torch.float32 else y
+
+
+def _to_uint8(op: Any, q: Any) -> Any:
+    """int8 q ↦ uint8 q + 128 (exact in int32)."""
+    return op.Cast(op.Add(op.Cast(q, to=_INT32), op.Constant(value=helper.make_tensor("shift", _INT32, [], [128]))), to=_UINT8)
 
 
 def w8a16_linear(x: Any, w_q: Any, w_scale: Any, bias: Any = None) -> Any:

@@ -28,6 +28,10 @@ def _dims(path):
     return [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(path)).graph.input]
 
 
+def _initializer_bytes(path):
+    return sum(onnx.numpy_helper.to_array(i).nbytes for i in onnx.load(str(path)).graph.initializer)
+
+
 @pytest.fixture(scope="module")
 def cnn():
     torch.manual_seed(0)
@@ -48,40 +52,85 @@ def test_float_export_round_trips_with_a_dynamic_batch(tmp_path, cnn):
     assert {n.domain for n in onnx.load(str(path)).graph.node} == {""}
 
 
-@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-weight-only"])
-def test_int8_export_uses_standard_ops_and_int8_initializers(tmp_path, scheme):
+#: The product each scheme is exported as (graphopt.onnx.translations): W8A8 as uint8 × uint8
+#: MatMulInteger (zero points 128, exact int32), weight-only as DequantizeLinear + MatMul.
+PRODUCT = {"int8-dynamic": ("MatMulInteger", onnx.TensorProto.UINT8),
+           "int8-static": ("MatMulInteger", onnx.TensorProto.UINT8),
+           "int8-weight-only": ("DequantizeLinear", onnx.TensorProto.INT8)}
+
+
+@pytest.mark.parametrize("scheme", list(PRODUCT))
+def test_int8_export_uses_standard_ops_and_8_bit_initializers(tmp_path, scheme):
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 32)).eval()
     inputs = (torch.randn(8, 64),)
-    opt = graphopt.optimize(model, inputs, level="O2", quantize=scheme, **FAST)
+    calibration = [(torch.randn(8, 64),) for _ in range(2)] if scheme == "int8-static" else None
+    opt = graphopt.optimize(model, inputs, level="O2", quantize=scheme, calibration_data=calibration, **FAST)
     assert any("graphopt." in str(n.target) for n in opt.graph_module.graph.nodes)
     path = graphopt.export_onnx(opt, inputs, tmp_path / "q.onnx")
     proto = onnx.load(str(path))
     assert {n.domain for n in proto.graph.node} == {""}
-    int8 = sum(int(np.prod(i.dims)) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8)
-    assert int8 == 64 * 256 + 256 * 32
+    op_type, weight_type = PRODUCT[scheme]
+    assert sum(n.op_type == op_type for n in proto.graph.node) == 2
+    weights = sum(int(np.prod(i.dims)) for i in proto.graph.initializer if i.data_type == weight_type and i.dims)
+    assert weights == 64 * 256 + 256 * 32
     float_path = graphopt.export_onnx(model, inputs, tmp_path / "float.onnx")
-    assert path.stat().st_size < 0.3 * float_path.stat().st_size     # ~¼ of fp32, plus scales and biases
-    x = torch.randn(5, 64)   # basic (exact) optimizations: the file's meaning, not ORT's lossy MatMulNBits fusion
-    (got,) = _ort(path, [x.numpy()], ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    assert _initializer_bytes(path) < 0.3 * _initializer_bytes(float_path)   # ~¼ of fp32, plus scales and biases
+    x = torch.randn(5, 64)                             # another batch size than the example's
     want = opt(x).detach().numpy()
     budget = TOLERANCES[scheme]
-    assert rel_err(got, want) <= budget.max_rel_err and cosine(got, want) >= budget.min_cosine
+    # basic (exact) optimizations: the file's meaning; all: what a user runs (ORT's MatMulNBits fusion
+    # quantizes the activations of weight-only DequantizeLinear + MatMul, so only W8A8 is held to it)
+    levels = [ort.GraphOptimizationLevel.ORT_ENABLE_BASIC] + \
+        [ort.GraphOptimizationLevel.ORT_ENABLE_ALL] * (op_type == "MatMulInteger")
+    for level in levels:
+        (got,) = _ort(path, [x.numpy()], level)
+        assert rel_err(got, want) <= budget.max_rel_err and cosine(got, want) >= budget.min_cosine, level
 
 
-def test_token_inputs_get_dynamic_batch_and_sequence(tmp_path):
+class _Quantize(torch.nn.Module):
+    def forward(self, x: torch.Tensor, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.graphopt.quantize_per_token(x, smooth)
+
+
+def test_per_token_quantization_exports_to_the_same_int8_values(tmp_path):
+    """QuantizeLinear (axis 0) divides and rounds half to even as the torch op: identical int8, equal scales."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 48) * torch.logspace(-3, 2, 48)
+    smooth = torch.rand(48) + 0.5
+    path = graphopt.export_onnx(_Quantize(), (x, smooth), tmp_path / "q.onnx")
+    x = torch.randn(300, 48) * torch.logspace(-3, 2, 48)
+    x[0, :8] = torch.arange(8) - 3.5                  # .5 after the divide: ties to even
+    x[1] = 0                                          # an all-zero row: the scale floor
+    q, scale = _Quantize()(x, torch.ones(48))
+    got_q, got_scale = _ort(path, [x.numpy(), np.ones(48, np.float32)])
+    assert got_q.dtype == np.int8
+    np.testing.assert_array_equal(got_q, q.numpy())
+    np.testing.assert_array_equal(got_scale, scale.numpy())
+
+
+def test_int8_transformer_export_runs_at_another_batch(tmp_path):
+    """3-D activations flattened to batch × tokens rows: the per-token scales follow the dynamic batch.
+
+    (The optimized graph is captured with a symbolic batch only, so its sequence length is fixed.)"""
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=100)
+    torch.manual_seed(3)
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=128, vocab_size=100)
     model = transformers.BertModel(config).eval()
     kwargs = {"input_ids": torch.randint(0, 100, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
-    path = graphopt.export_onnx(model, (), tmp_path / "bert.onnx", example_kwargs=kwargs)
-    assert _dims(path) == [["batch", "sequence"], ["batch", "sequence"]]
-    ids = torch.randint(0, 100, (3, 7))
-    mask = torch.ones(3, 7, dtype=torch.long)
-    got = _ort(path, [ids.numpy(), mask.numpy()])
-    want = model(input_ids=ids, attention_mask=mask)
-    assert rel_err(got[0], want.last_hidden_state.detach().numpy()) <= LOSSLESS_REL_TOL
+    opt = graphopt.optimize(model, (), example_kwargs=kwargs, level="O2", quantize="int8-dynamic", **FAST)
+    path = graphopt.export_onnx(opt, (), tmp_path / "bert.onnx", example_kwargs=kwargs)
+    assert [dims[0] for dims in _dims(path)] == ["batch", "batch"]
+    int8_linears = sum(n.target == torch.ops.graphopt.int8_linear.default for n in opt.graph_module.graph.nodes)
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("MatMulInteger") == int8_linears > 0
+    ids, mask = torch.randint(0, 100, (3, 12)), torch.ones(3, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    want = opt(input_ids=ids, attention_mask=mask).last_hidden_state.detach().numpy()
+    budget = TOLERANCES["int8-dynamic"]
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        got = _ort(path, [ids.numpy(), mask.numpy()], level)[0]
+        assert rel_err(got, want) <= budget.max_rel_err and cosine(got, want) >= budget.min_cosine, level
 
 
 def test_a_mismatch_raises_with_the_output_name_and_error_and_writes_nothing(tmp_path, cnn):
