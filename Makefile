@@ -1,10 +1,11 @@
+# SEED is drawn once per make run (command-line SEED=N overrides it).
 # Two commands on a fresh machine (see README.md):
 #   make demo   create .venv (torch==2.13.0 CPU first, then graphopt with its extras) and run `graphopt demo`
 #   make test   the same setup, then the whole test suite (hypothesis "ci" profile, seed printed)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SEED ?= $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 
 .PHONY: setup demo test bench
 
