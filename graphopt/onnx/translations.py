@@ -18,13 +18,14 @@ at export (uint8 initializers, one byte each, as the int8 ones were).
 The form was chosen by measurement (`python -m bench.onnx --only choice`,
 bench/results/onnx_int8_forms.md; one [1024 × 384] × [384 × 1536] linear,
 ONNX Runtime 1.32, 2 threads, AVX2 without VNNI, all forms timed interleaved
-in one run): uint8 × uint8 MatMulInteger 26–29 ms (1.2–1.3× fp32 MatMul's
-speed) at the pure quantization error (max rel err 0.039), against the
-previous QDQ form (DequantizeLinear → MatMul) 38–56 ms (0.6–0.9×) and int8 ×
-int8 MatMulInteger 110 ms (0.31×) at the same error. ORT's uint8 × uint8
-kernel widens to 16 bits; its faster uint8 × int8 kernel (and
-DynamicQuantizeLinear, per tensor) sums pairs in saturating int16: 0.5–0.58
-relative error, rejected. Writing the quantization out (Div, Round, Clip,
+in one run): uint8 × uint8 MatMulInteger 27–28 ms at the pure quantization
+error (max rel err 0.039), against the previous QDQ form (DequantizeLinear →
+MatMul) 42–43 ms and int8 × int8 MatMulInteger 137 ms at the same error
+(three runs on the shared, noisy machine: U8U8 21–29 ms, QDQ 34–56 ms, s8s8
+90–137 ms, fp32 MatMul 25–68 ms; U8U8 was the fastest exact form each time).
+ORT's uint8 × uint8 kernel widens to 16 bits; its faster uint8 × int8 kernel
+(and DynamicQuantizeLinear, per tensor) sums pairs in saturating int16:
+0.5–0.58 relative error, rejected. Writing the quantization out (Div, Round, Clip,
 Add 128, Cast) or one QuantizeLinear straight to uint8 measured the same
 within the machine's noise, so quantize_per_token keeps its int8 output and
 int8_linear shifts it (3 elementwise ops on M × K, small next to the
