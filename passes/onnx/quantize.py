@@ -12,7 +12,7 @@ Schemes:
                                                                       s_t = (max − min)/255, min ≤ 0 ≤ max)
                  — with Q/DQ on both sides ONNX Runtime fuses each op into QLinearConv / QLinearMatMul
     dynamic      (x_q, s_x, z_x) = DynamicQuantizeLinear(x)           per-tensor uint8 at run time
-      MatMul     y = Cast(MatMulInteger(x_q, W_q, z_x)) · (s_x · s_w) (+ b)   — ORT's MatMulIntegerToFloat
+      MatMul     y = Cast(MatMulInteger(x_q, W_q + 128, z_x, 128)) · (s_x · s_w) (+ b)   (uint8 × uint8: exact)
     weight-only  op(x, DequantizeLinear(W_q, s_w, axis), b)          — int8 storage, float compute
 
 Convolutions are int8 only in the static scheme: ONNX Runtime runs `ConvInteger`
@@ -190,6 +190,13 @@ def _quantize_dequantize(graph: gs.Graph, tensor: gs.Variable, value_range: tupl
         replace_input(reader, tensor, dq)
 
 
+def _as_uint8(w_q: np.ndarray) -> np.ndarray:
+    """int8 weights shifted to uint8 (zero point 128): ONNX Runtime's uint8×uint8 MatMulInteger is exact
+    on AVX2, while its uint8×int8 kernel sums pairs in saturating int16 (errors up to ~50% with
+    outlier activations, measured in bench/results/onnx_int8_forms.md)."""
+    return (w_q.astype(np.int16) + 128).astype(np.uint8)
+
+
 def _dynamic(graph: gs.Graph, node: gs.Node, w_q: np.ndarray, w_scale: np.ndarray) -> None:
     name = node.name or node.outputs[0].name
     x = node.inputs[0]
@@ -206,7 +213,8 @@ def _dynamic(graph: gs.Graph, node: gs.Node, w_q: np.ndarray, w_scale: np.ndarra
     nodes = [
         gs.Node("DynamicQuantizeLinear", name=f"{name}_quantize", inputs=[x], outputs=[x_q, x_scale, x_zero]),
         gs.Node("MatMulInteger", name=f"{name}_integer",
-                inputs=[x_q, _const(f"{name}_weight_int8", w_q), x_zero], outputs=[acc]),
+                inputs=[x_q, _const(f"{name}_weight_uint8", _as_uint8(w_q)), x_zero,
+                        _const(f"{name}_weight_zero_point", np.array(128, dtype=np.uint8))], outputs=[acc]),
         gs.Node("Mul", name=f"{name}_scale_product", inputs=[x_scale, _const(f"{name}_weight_scale", w_scale)],
                 outputs=[scale]),
         gs.Node("Cast", name=f"{name}_cast", attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),

@@ -59,8 +59,8 @@ def test_int8_schemes_store_int8_weights_and_keep_accuracy(tmp_path, scheme, ops
     out = tmp_path / "out.onnx"
     assert not report.rolled_back
     assert ops <= set(op_types(out))
-    int8 = [i for i in onnx.load(str(out)).graph.initializer
-            if i.data_type == TensorProto.INT8 and i.name.endswith("weight_int8")]
+    int8 = [i for i in onnx.load(str(out)).graph.initializer    # 8-bit weights (dynamic: uint8, zero point 128)
+            if i.data_type in (TensorProto.INT8, TensorProto.UINT8) and i.name.endswith(("weight_int8", "weight_uint8"))]
     assert sum(np.prod(i.dims) for i in int8) == 64 * 256 + 256 * 10
     assert out.stat().st_size < 0.3 * src.stat().st_size       # int8 weights: ~¼ of float32, plus scales
     feeds = {"x": rng.standard_normal((5, 64)).astype(np.float32)}
