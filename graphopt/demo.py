@@ -59,7 +59,7 @@ def run(batch: int = 256, prune: float = 0.5, finetune_epochs: int = 3, out_dir:
 
     o1 = optimize(model, example, level="O1")
     o2 = optimize(model, example, level="O2", quantize="int8-dynamic", calibration_data=calibration)
-    pruned = optimize(model, example, level="O3", prune=prune, quantize=None)
+    pruned = optimize(model, example, level="O3", prune=prune, quantize=None, calibration_data=calibration)
     train = list(batches(data.x_train, data.y_train, 64, seed=2))
     tuned = finetune(pruned, train, teacher=model, epochs=finetune_epochs)
     final = optimize(tuned, example, level="O2", quantize="int8-dynamic", calibration_data=calibration)
