@@ -45,6 +45,7 @@ import triton
 from tqdm import tqdm
 
 import graphopt.kernels as gk
+from bench.harness import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ops = torch.ops.graphopt
@@ -57,21 +58,11 @@ GPU_MS = [1, 16, 128, 1024, 4096, 8192]
 # ----------------------------------------------------------------------------- environment
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def environment() -> dict:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, "
+        "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs, "
         + ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f" {f} " in flags),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
