@@ -95,6 +95,21 @@ def rank(node: fx.Node) -> int | None:
     return len(s) if s is not None else None
 
 
+def permutation(node: fx.Node) -> list[int] | None:
+    """The dimension order a transpose/permute node produces (None: another op, or rank unknown)."""
+    r = rank(node)
+    if r is None:
+        return None
+    if ir.is_op(node, aten.transpose):
+        perm = list(range(r))
+        a, b = node.args[1] % r, node.args[2] % r
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    if ir.is_op(node, aten.permute):
+        return [d % r for d in node.args[1]]
+    return None
+
+
 def same_shape(a: Iterable, b: Iterable) -> bool:
     a, b = tuple(a), tuple(b)
     return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))

@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from graphopt import ir
 
-from ._match import FusionPass, Match, arg, call, constant_tensor, interior, rank, scalar
+from ._match import FusionPass, Match, arg, call, constant_tensor, interior, permutation, scalar
 
 aten = torch.ops.aten
 
@@ -48,25 +48,13 @@ class AlgebraicCleanup(FusionPass):
         return _scale_into_linear(gm, node)
 
 
-def _permutation(node: fx.Node) -> list[int] | None:
-    r = rank(node)
-    if r is None:
-        return None
-    if ir.is_op(node, aten.transpose):
-        perm = list(range(r))
-        a, b = node.args[1] % r, node.args[2] % r
-        perm[a], perm[b] = perm[b], perm[a]
-        return perm
-    return [d % r for d in node.args[1]]
-
-
 def _permute_chain(gm: fx.GraphModule, node: fx.Node) -> Match | str | None:
     inner = node.args[0]
     if not isinstance(inner, fx.Node) or not ir.is_op(inner, *_PERMUTES):
         return None
     if ir.is_mutated(node) or ir.is_mutated(inner):
         return "a permuted value is modified in place"
-    p, q = _permutation(inner), _permutation(node)
+    p, q = permutation(inner), permutation(node)
     if p is None or q is None:
         return "rank unknown"
     composed = [p[j] for j in q]

@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from graphopt import ir
 
-from ._match import FusionPass, Match, arg, call, interior, rank, same_shape, scalar, users
+from ._match import FusionPass, Match, arg, call, interior, permutation, rank, same_shape, scalar, users
 
 aten = torch.ops.aten
 
@@ -177,7 +177,7 @@ def _check_operands(q: object, kt: object, v: object, mask: object) -> str | Non
 def _untranspose(gm: fx.GraphModule, kt: fx.Node, product: fx.Node, before: fx.Node, dead: list[fx.Node]) -> fx.Node:
     """k such that kt = k.transpose(-2, -1): undo kt's own permutation when it has one."""
     r = rank(kt)
-    perm = _permutation(kt, r)
+    perm = permutation(kt)
     if perm is None:
         return call(gm.graph, aten.transpose.int, (kt, -2, -1), before=before)
     if interior(kt, product):
@@ -187,16 +187,3 @@ def _untranspose(gm: fx.GraphModule, kt: fx.Node, product: fx.Node, before: fx.N
     if perm == list(range(r)):
         return source
     return call(gm.graph, aten.permute.default, (source, perm), before=before)
-
-
-def _permutation(node: fx.Node, r: int | None) -> list[int] | None:
-    if r is None:
-        return None
-    if ir.is_op(node, aten.transpose):
-        perm = list(range(r))
-        a, b = node.args[1] % r, node.args[2] % r
-        perm[a], perm[b] = perm[b], perm[a]
-        return perm
-    if ir.is_op(node, aten.permute):
-        return [d % r for d in node.args[1]]
-    return None
