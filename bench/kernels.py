@@ -2,6 +2,8 @@
 
     python -m bench.kernels                 # everything this machine can run
     python -m bench.kernels --quick         # fewer shapes and repeats (a smoke run)
+    python -m bench.kernels --gpu-only      # on a lent GPU machine: sections 1 (CUDA) and 3 only,
+                                            # written to kernels_gpu.{md,json} (the CPU tables stay)
 
 Writes bench/results/kernels.md and bench/results/kernels.json (machine and
 versions included). Sections:
@@ -71,6 +73,7 @@ def environment() -> dict:
         "numpy": np.__version__,
         "torch_threads": torch.get_num_threads(),
         "quantized_engine": torch.backends.quantized.engine,
+        "autotune": os.environ.get("GRAPHOPT_AUTOTUNE", "0") == "1",
         "load_average_at_start": os.getloadavg(),
     }
 
@@ -270,34 +273,9 @@ def gpu_timings(quick: bool) -> list[dict]:
 # ----------------------------------------------------------------------------- report
 
 
-def markdown(result: dict) -> str:
-    env = result["environment"]
+def cpu_markdown(result: dict) -> list[str]:
+    env, facts = result["environment"], result["cpu_facts"]
     lines = [
-        "# graphopt int8 kernels: benchmark",
-        "",
-        f"Command: `{result['command']}` ({env['date']})",
-        "",
-        f"- Machine: {env['machine']}; GPU: {env['gpu'] or 'none'}",
-        f"- Python {env['python']}, torch {env['torch']}, triton {env['triton']}, numpy {env['numpy']};"
-        f" torch threads {env['torch_threads']}; quantized engine {env['quantized_engine']}",
-        "",
-        "## Correctness (same run)",
-        "",
-        "Relative errors are max |y - ref| / max |ref| against the float64 references; the tests in",
-        "tests/kernels hold the per-element bounds and their reasons.",
-        "",
-        "| device | M | K | N | int32 product exact | int8_linear+gelu fp32 | int8_linear+gelu bf16 "
-        "| quantize codes differing | quantize scale | w8a16 fp16 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["correctness"]:
-        lines.append(
-            f"| {r['device']} | {r['M']} | {r['K']} | {r['N']} | {'yes' if r['int32_product_exact'] else 'NO'} "
-            f"| {r['int8_linear_gelu_float32_rel_err']:.1e} | {r['int8_linear_gelu_bfloat16_rel_err']:.1e} "
-            f"| {r['quantize_codes_differing']} | {r['quantize_scale_rel_err']:.1e} | {r['w8a16_fp16_rel_err']:.1e} |"
-        )
-    facts = result["cpu_facts"]
-    lines += [
         "",
         "## CPU paths (median of interleaved repeats)",
         "",
@@ -330,10 +308,40 @@ def markdown(result: dict) -> str:
         " (int16 pair sums saturate without VNNI).",
         f"- fbgemm weight prepack of a 4096 x 4096 int8 weight: {facts['fbgemm_prepack_4096x4096_ms']:.0f} ms"
         " (per call unless cached).",
-        "",
-        "## GPU",
-        "",
     ]
+    return lines
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [
+        "# graphopt int8 kernels: benchmark",
+        "",
+        f"Command: `{result['command']}` ({env['date']})",
+        "",
+        f"- Machine: {env['machine']}; GPU: {env['gpu'] or 'none'}",
+        f"- Python {env['python']}, torch {env['torch']}, triton {env['triton']}, numpy {env['numpy']};"
+        f" torch threads {env['torch_threads']}; quantized engine {env['quantized_engine']};"
+        f" block configs: {'autotuned (GRAPHOPT_AUTOTUNE=1)' if env.get('autotune') else 'the table in configs.py'}",
+        "",
+        "## Correctness (same run)",
+        "",
+        "Relative errors are max |y - ref| / max |ref| against the float64 references; the tests in",
+        "tests/kernels hold the per-element bounds and their reasons.",
+        "",
+        "| device | M | K | N | int32 product exact | int8_linear+gelu fp32 | int8_linear+gelu bf16 "
+        "| quantize codes differing | quantize scale | w8a16 fp16 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["correctness"]:
+        lines.append(
+            f"| {r['device']} | {r['M']} | {r['K']} | {r['N']} | {'yes' if r['int32_product_exact'] else 'NO'} "
+            f"| {r['int8_linear_gelu_float32_rel_err']:.1e} | {r['int8_linear_gelu_bfloat16_rel_err']:.1e} "
+            f"| {r['quantize_codes_differing']} | {r['quantize_scale_rel_err']:.1e} | {r['w8a16_fp16_rel_err']:.1e} |"
+        )
+    if result["cpu_facts"] is not None:
+        lines += cpu_markdown(result)
+    lines += ["", "## GPU", ""]
     if not result["gpu"]:
         lines.append("Not yet measured (no GPU lent to this session).")
     else:
@@ -359,31 +367,34 @@ def markdown(result: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    parser.add_argument("--out", type=Path, default=RESULTS / "kernels", help="output path without extension")
+    parser.add_argument("--gpu-only", action="store_true", help="CUDA correctness and GPU timings only")
+    parser.add_argument("--out", type=Path, default=None, help="output path without extension")
     args = parser.parse_args(argv)
+    if args.gpu_only and not torch.cuda.is_available():
+        sys.exit("--gpu-only needs a CUDA GPU")
+    out = args.out or RESULTS / ("kernels_gpu" if args.gpu_only else "kernels")
     warnings.filterwarnings("ignore", category=UserWarning)  # deprecation of quantized tensors (fbgemm anchor)
     os.environ["GRAPHOPT_KERNEL_VALUE_CHECKS"] = "0"  # timings measure the kernels, not the optional scale check
     torch.set_num_threads(2)
     torch.manual_seed(0)
 
     interpreted_shapes = [(1, 100, 72), (16, 257, 130), (100, 300, 96)]
-    result: dict = {
-        "command": "python -m bench.kernels" + (" --quick" if args.quick else ""),
-        "environment": environment(),
-        "correctness": check_kernels("cpu", interpreted_shapes),
-        "cpu_facts": cpu_facts(),
-        "cpu": cpu_timings(args.quick, threads=2) + cpu_timings(args.quick, threads=1),
-        "gpu": [],
-    }
+    flags = "".join(f" --{name.replace('_', '-')}" for name in ("quick", "gpu_only") if getattr(args, name))
+    result: dict = {"command": "python -m bench.kernels" + flags, "environment": environment(),
+                    "correctness": [], "cpu_facts": None, "cpu": [], "gpu": []}
+    if not args.gpu_only:
+        result["correctness"] = check_kernels("cpu", interpreted_shapes)
+        result["cpu_facts"] = cpu_facts()
+        result["cpu"] = cpu_timings(args.quick, threads=2) + cpu_timings(args.quick, threads=1)
     torch.set_num_threads(2)
     if torch.cuda.is_available():
         gpu_shapes = [(m, 4096, 4096) for m in (1, 16, 128, 1024)] + [(100, 8192, 8192), (33, 4096, 11008)]
         result["correctness"] += check_kernels("cuda", gpu_shapes)
         result["gpu"] = gpu_timings(args.quick)
     result["load_average_at_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     bad = [r for r in result["correctness"] if not r["int32_product_exact"]]
     if bad:

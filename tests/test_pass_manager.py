@@ -1,7 +1,11 @@
 """The pass manager: selection by level and name, verification, rollback, reproducers."""
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import graphopt
 from graphopt import ir
@@ -9,7 +13,7 @@ from graphopt.capture import capture
 from graphopt.errors import OptionError
 from graphopt.inputs import verification_inputs
 from graphopt.pass_manager import FxIR, PassManager, PassResult, RewriteLog
-from graphopt.verify import LOSSLESS, Budget, run_on
+from graphopt.verify import LOSSLESS, Budget, compare, run_on
 
 aten = torch.ops.aten
 
@@ -163,3 +167,32 @@ def test_report_renders_every_pass():
     assert {"name", "wall_s", "nodes", "param_bytes", "latency_ms", "max_abs_err", "max_rel_err",
             "rolled_back"} <= set(data["passes"][0])
     assert "latency" in opt.report.summary()
+
+
+@settings(max_examples=25)
+@given(dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_lossless_budget_allows_output_rounding_of_the_dtype_and_catches_real_errors(dtype, seed):
+    """Re-associating a sum in the output's dtype is lossless; dropping one term never is."""
+    g = torch.Generator().manual_seed(seed)
+    terms = torch.randn(4, 16, 32, generator=g).to(dtype).unbind(1)
+    forward = functools.reduce(torch.add, terms)             # one summation order…
+    backward = functools.reduce(torch.add, terms[::-1])      # …and the reverse, each step rounded in `dtype`
+    assert LOSSLESS.check(compare(backward, forward)) is None
+    wrong = functools.reduce(torch.add, terms[1:])           # a bug: one term lost
+    reason = LOSSLESS.check(compare(wrong, forward))
+    assert reason is not None and "relative error" in reason
+
+
+def test_fusion_and_smoothing_are_kept_on_a_bfloat16_model():
+    """Half-precision rounding alone must not roll back lossless passes (SmoothQuant's folding here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    with torch.no_grad():
+        model[0].weight[:4] *= 30                # outlier channels into the second linear: smoothing pays
+    model = model.to(torch.bfloat16)
+    x = torch.randn(8, 32).to(torch.bfloat16)
+    calibration = [(torch.randn(16, 32).to(torch.bfloat16),) for _ in range(4)]
+    opt = graphopt.optimize(model, (x,), level="O2", quantize="int8-dynamic", calibration_data=calibration,
+                            progress=False)
+    assert not opt.report.rolled_back, [(r.name, r.reason) for r in opt.report.rolled_back]
+    assert opt.report["smoothquant"].modified

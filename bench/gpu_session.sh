@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything graphopt measures on a lent GPU machine, in one call of the device tool
+# (see /work/.library/device/README.md): kernel tests compiled on CUDA, the kernel
+# benchmark (table configs, then autotuned), and the BERT-base int8 benchmark.
+# Results land in $OUT (copy them into bench/results/ afterwards).
+#   bash bench/gpu_session.sh [step ...]     steps: tests kernels autotune bert (default: all)
+set -u
+OUT=${OUT:-/tmp/graphopt-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if ! python3 -c "import onnx_graphsurgeon" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+fi
+python3 -c "import graphopt.kernels" 2>/dev/null \
+  || python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+  || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+steps=${*:-tests kernels autotune bert}
+for step in $steps; do
+  echo "=== $step"
+  case $step in
+    tests) timeout 240 python3 -m pytest tests/kernels -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+    kernels) timeout 200 python3 -m bench.kernels --gpu-only --out "$OUT/kernels_gpu" 2>&1 | tail -40 ;;
+    autotune) GRAPHOPT_AUTOTUNE=1 GRAPHOPT_CACHE_DIR="$OUT" timeout 300 python3 -m bench.kernels --gpu-only \
+                --out "$OUT/kernels_gpu_autotuned" 2>&1 | tail -30 ;;
+    bert) timeout 400 python3 -m bench.int8_gpu --out "$OUT/int8_gpu" 2>&1 | tee "$OUT/bert.log" | tail -40 ;;
+  esac
+done
