@@ -45,14 +45,20 @@ _INT32 = 6      # onnx.TensorProto.INT32
 _DTYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
 
 
-def translation_table() -> dict[Any, Callable[..., Any]]:
-    """{torch op overload: onnxscript translation}; empty when graphopt.kernels is not importable."""
+#: First opset with the Gelu operator (ONNX Runtime runs it as one fused kernel).
+GELU_OPSET = 20
+
+
+def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
+    """{torch op overload: onnxscript translation} for a model of `opset`; empty when graphopt.kernels
+    is not importable."""
     try:
         import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.*)
     except Exception:  # noqa: BLE001  (no kernels: graphs cannot hold their ops either)
         return {}
     ops = torch.ops.graphopt
-    return {ops.quantize_per_token.default: quantize_per_token, ops.int8_linear.default: int8_linear,
+    return {ops.quantize_per_token.default: quantize_per_token,
+            ops.int8_linear.default: int8_linear_translation(gelu_op=opset >= GELU_OPSET),
             ops.w8a16_linear.default: w8a16_linear}
 
 
@@ -73,16 +79,19 @@ def quantize_per_token(x: Any, smooth: Any = None) -> tuple[Any, Any]:
     return op.QuantizeLinear(xf, scale, zero, axis=0), scale
 
 
-def int8_linear(x_q: Any, w_q: Any, x_scale: Any, w_scale: Any, bias: Any = None, activation: str = "none",
-                out_dtype: torch.dtype = torch.float32) -> Any:
-    op = _op()
-    zero = op.Constant(value=helper.make_tensor("zero_point", _UINT8, [], [128]))
-    acc = op.MatMulInteger(_to_uint8(op, x_q), _to_uint8(op, op.Transpose(w_q, perm=[1, 0])), zero, zero)
-    y = op.Mul(op.Mul(op.Cast(acc, to=_FLOAT), op.Unsqueeze(x_scale, op.Constant(value_ints=[1]))), w_scale)
-    if bias is not None:
-        y = op.Add(y, op.Cast(bias, to=_FLOAT))
-    y = _activation(op, y, activation)
-    return op.Cast(y, to=_DTYPES[out_dtype]) if out_dtype != torch.float32 else y
+def int8_linear_translation(gelu_op: bool) -> Callable[..., Any]:
+    """The int8_linear translation; `gelu_op`: the model's opset has Gelu (else erf written out)."""
+    def int8_linear(x_q: Any, w_q: Any, x_scale: Any, w_scale: Any, bias: Any = None, activation: str = "none",
+                    out_dtype: torch.dtype = torch.float32) -> Any:
+        op = _op()
+        zero = op.Constant(value=helper.make_tensor("zero_point", _UINT8, [], [128]))
+        acc = op.MatMulInteger(_to_uint8(op, x_q), _to_uint8(op, op.Transpose(w_q, perm=[1, 0])), zero, zero)
+        y = op.Mul(op.Mul(op.Cast(acc, to=_FLOAT), op.Unsqueeze(x_scale, op.Constant(value_ints=[1]))), w_scale)
+        if bias is not None:
+            y = op.Add(y, op.Cast(bias, to=_FLOAT))
+        y = _activation(op, y, activation, gelu_op)
+        return op.Cast(y, to=_DTYPES[out_dtype]) if out_dtype != torch.float32 else y
+    return int8_linear
 
 
 def _to_uint8(op: Any, q: Any) -> Any:
@@ -99,14 +108,17 @@ def w8a16_linear(x: Any, w_q: Any, w_scale: Any, bias: Any = None) -> Any:
     return op.CastLike(y, x)
 
 
-def _activation(op: Any, y: Any, activation: str) -> Any:
+def _activation(op: Any, y: Any, activation: str, gelu_op: bool) -> Any:
     if activation == "none":
         return y
     if activation == "relu":
         return op.Relu(y)
     if activation == "silu":
         return op.Mul(y, op.Sigmoid(y))
-    if activation in ("gelu", "gelu_tanh"):   # opset 20 Gelu; written out so opset 18 files stay portable
+    if activation in ("gelu", "gelu_tanh") and gelu_op:
+        from onnxscript import opset20
+        return opset20.Gelu(y, approximate="none" if activation == "gelu" else "tanh")
+    if activation in ("gelu", "gelu_tanh"):   # written out below opset 20
         half, one = op.Constant(value_float=0.5), op.Constant(value_float=1.0)
         if activation == "gelu":
             inner = op.Erf(op.Mul(y, op.Constant(value_float=0.7071067811865476)))

@@ -15,6 +15,7 @@ from .gemm import MatMulAddToGemm
 from .identity import EliminateIdentity
 from .quantize import QuantizeInt8
 from .transpose_reshape import CollapseTransposeReshape
+from .uint8_quantize import QuantizeToUint8
 
 
 def passes(int8: str | None = None, calibration: Sequence[dict] = ()) -> list[Any]:
@@ -26,4 +27,4 @@ def passes(int8: str | None = None, calibration: Sequence[dict] = ()) -> list[An
     return selected
 
 
-__all__ = ["passes", "OnnxPass", "QuantizeInt8"]
+__all__ = ["passes", "OnnxPass", "QuantizeInt8", "QuantizeToUint8", "ConstantFolding", "DeadNodeElimination"]

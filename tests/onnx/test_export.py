@@ -146,3 +146,29 @@ def test_bad_arguments_are_clear_errors(tmp_path, cnn):
         graphopt.export_onnx(model, inputs[0], tmp_path / "x.onnx")
     with pytest.raises(graphopt.InputError, match="nn.Module"):
         graphopt.export_onnx("model.pt", inputs, tmp_path / "x.onnx")
+
+
+def test_int8_export_budget_widens_with_the_modules_own_error_and_still_catches_a_wrong_translation(
+        tmp_path, monkeypatch):
+    """The tolerance grows with the int8 module's distance to the float model (2e, cos 2θ), never
+    enough to pass an export whose integer product is wrong."""
+    from graphopt.onnx import export as export_module
+    from graphopt.onnx import translations
+    torch.manual_seed(4)
+    layers = [m for _ in range(8) for m in (torch.nn.Linear(48, 48), torch.nn.LayerNorm(48))]
+    model = torch.nn.Sequential(*layers).eval()
+    inputs = (torch.randn(16, 48),)
+    opt = graphopt.optimize(model, inputs, level="O2", quantize="int8-dynamic", **FAST)
+    final, floor = opt.report.final, TOLERANCES["int8-dynamic"]
+    budget = export_module._budget(opt, "int8-dynamic")
+    assert budget.max_rel_err == max(floor.max_rel_err, 2 * final.max_rel_err)
+    assert budget.min_cosine == pytest.approx(min(floor.min_cosine, 2 * final.min_cosine ** 2 - 1))
+    graphopt.export_onnx(opt, inputs, tmp_path / "ok.onnx")
+
+    def off_by_one_weight(op, q):            # a translation bug: weights shifted by 127 instead of 128
+        return op.Cast(op.Add(op.Cast(q, to=6), op.Constant(value=onnx.helper.make_tensor(
+            "shift", onnx.TensorProto.INT32, [], [127]))), to=2)
+    monkeypatch.setattr(translations, "_to_uint8", off_by_one_weight)
+    with pytest.raises(graphopt.VerificationError, match="differs from the torch module"):
+        graphopt.export_onnx(opt, inputs, tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
