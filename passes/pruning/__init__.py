@@ -20,6 +20,11 @@ prune_options:
                      vs 95.5% for global ranking after the same fine-tune at
                      2x fewer FLOPs, bench/results/pruning.md); False: ranking
     sweep_ratios     ratios of that sweep (default (0.25, 0.5, 0.75))
+    recalibrate      "auto" (default): True when calibration_data is given;
+                     True: after slicing, give every convolution's output
+                     channels the mean and std they had before pruning on the
+                     calibration data (the folded BatchNorm re-estimated,
+                     recalibrate.py); False: no correction
     metric           callable(module) -> float, higher is better (the sweep's
                      measure; default: minus the relative output error)
     loss_fn          callable(outputs[, labels]) -> loss, for "taylor"
@@ -47,12 +52,13 @@ from graphopt.errors import OptionError
 from graphopt.pass_manager import PassResult, RewriteLog
 from graphopt.verify import Budget
 
-from . import allocate, importance, slice as slicing
+from . import allocate, importance, recalibrate as calibration, slice as slicing
 from .groups import Analysis, analyze, matching_groups
 
 DEFAULTS: dict[str, Any] = {
     "criterion": "l2", "ranking": "global", "round_to": 8, "max_layer_ratio": 0.8, "ignored": (),
-    "target": "flops", "sensitivity": "auto", "sweep_ratios": (0.25, 0.5, 0.75), "metric": None,
+    "target": "flops", "sensitivity": "auto", "recalibrate": "auto", "sweep_ratios": (0.25, 0.5, 0.75),
+    "metric": None,
     "loss_fn": None, "labels": None, "max_calibration_batches": 8,
 }
 
@@ -77,8 +83,9 @@ def validate(prune: Any, prune_options: Mapping[str, Any]) -> dict[str, Any]:
         raise OptionError(f"prune_options round_to={opts['round_to']!r} must be a positive integer")
     if not isinstance(opts["max_layer_ratio"], (int, float)) or not 0 < opts["max_layer_ratio"] < 1:
         raise OptionError(f"prune_options max_layer_ratio={opts['max_layer_ratio']!r} must be in (0, 1)")
-    if opts["sensitivity"] not in (True, False, "auto"):
-        raise OptionError(f"prune_options sensitivity={opts['sensitivity']!r}: choose True, False or 'auto'")
+    for key in ("sensitivity", "recalibrate"):
+        if opts[key] not in (True, False, "auto"):
+            raise OptionError(f"prune_options {key}={opts[key]!r}: choose True, False or 'auto'")
     if isinstance(opts["ignored"], str):
         opts["ignored"] = (opts["ignored"],)
     if opts["criterion"] == "taylor" and opts["loss_fn"] is None and opts["labels"] is None:
@@ -129,7 +136,12 @@ class StructuredPruning:
         plan = self._allocate(gm, analysis, groups, scores, cost, batches)
         plan = {k: v for k, v in plan.items() if v}
         before = (cost.flops({}), cost.params({}))
+        recalibrate = self._recalibrates(batches)
+        reference = calibration.statistics(gm, calibration.conv_nodes(gm), batches) if recalibrate else {}
         slicing.apply(gm, analysis, plan)
+        recalibrated = (calibration.recalibrate(gm, reference, batches,
+                                                calibration.kept_channels(analysis, plan, reference), self.progress)
+                        if recalibrate else [])
         after_flops = allocate.count_flops(gm)
         log.matched("channel group", len(plan))
         layers = {g.name: {"modules": g.modules, "units": g.units, "unit_channels": g.gran,
@@ -137,7 +149,12 @@ class StructuredPruning:
         return log.result(gm, flops_before=before[0], flops_after=after_flops, params_before=before[1],
                           params_after=float(sum(p.numel() for p in gm.parameters())),
                           flops_ratio=after_flops / before[0] if before[0] else 1.0, layers=layers,
-                          boundaries=analysis.boundaries)
+                          boundaries=analysis.boundaries, recalibrated=recalibrated)
+
+    def _recalibrates(self, batches: list[Any] | None) -> bool:
+        if self.options["recalibrate"] is True and not batches:
+            raise OptionError("prune_options recalibrate=True needs calibration_data")
+        return bool(batches) and self.options["recalibrate"] in (True, "auto")
 
     def _check_patterns(self, analysis: Analysis) -> None:
         candidates = sorted({m for g in analysis.groups.values() for m in g.modules})
@@ -162,7 +179,7 @@ class StructuredPruning:
         if opts["sensitivity"] is True or (opts["sensitivity"] == "auto" and batches):
             if not batches:
                 raise OptionError("prune_options sensitivity=True needs calibration_data")
-            drop = _drop_fn(gm, analysis, batches, opts["metric"])
+            drop = _drop_fn(gm, analysis, batches, opts["metric"], self._recalibrates(batches))
             return allocate.sensitivity(groups, scores, measure, keep, round_to, max_ratio, drop,
                                         opts["sweep_ratios"], self.progress)
         rank = allocate.global_rank if opts["ranking"] == "global" else allocate.uniform
@@ -170,10 +187,13 @@ class StructuredPruning:
 
 
 def _drop_fn(gm: fx.GraphModule, analysis: Analysis, batches: list[Any],
-             metric: Callable[[torch.nn.Module], float] | None) -> Callable[[Mapping[str, list[int]]], float]:
-    """Metric lost when a plan is applied as a mask (equal to slicing, much cheaper)."""
+             metric: Callable[[torch.nn.Module], float] | None,
+             recalibrate: bool = False) -> Callable[[Mapping[str, list[int]]], float]:
+    """Metric lost when a plan is applied as a mask (equal to slicing, much cheaper), recalibrated
+    as the sliced graph will be when `recalibrate`."""
     with torch.no_grad():
         reference = [importance.call(gm, b) for b in batches]
+    stats = calibration.statistics(gm, calibration.conv_nodes(gm), batches) if recalibrate else {}
     base = metric(gm) if metric is not None else 0.0
 
     def score(module: torch.nn.Module) -> float:
@@ -192,6 +212,8 @@ def _drop_fn(gm: fx.GraphModule, analysis: Analysis, batches: list[Any],
     def drop(plan: Mapping[str, list[int]]) -> float:
         masked = copy.deepcopy(gm)
         slicing.mask(masked, analysis, plan)
+        if recalibrate:
+            calibration.recalibrate(masked, stats, batches)
         return base - score(masked)
 
     return drop

@@ -17,7 +17,9 @@ channels and never more than `max_ratio` of a group:
 - local: the same ratio of every group (found by bisection for a target), or
   the ratios the user gave per module pattern;
 - sensitivity: each group's metric drop measured alone at a few ratios;
-  greedily take the step with the smallest drop per FLOP saved.
+  greedily take the step with the smallest drop per FLOP saved, then give
+  back steps of the largest drop that the target does not need (the last
+  step of a large group can overshoot it).
 """
 from __future__ import annotations
 
@@ -218,4 +220,19 @@ def sensitivity(groups: Sequence[Group], scores: Mapping[str, torch.Tensor], cos
         if best is None:
             break
         removed[best] = min(k for k in allowed[best] if k > removed[best])
+    # the last step may overshoot the target: give back, one step at a time, the units whose
+    # removal cost the most metric while the target still holds
+    while True:
+        best, best_gain = None, 0.0
+        for g in groups:
+            back = [k for k in allowed[g.name] if k < removed[g.name]]
+            if not back:
+                continue
+            trial = dict(removed, **{g.name: back[-1]})
+            gain = loss_at(g.name, removed[g.name]) - loss_at(g.name, back[-1])
+            if cost(trial) <= keep * full and gain > best_gain:
+                best, best_gain = g.name, gain
+        if best is None:
+            break
+        removed[best] = max(k for k in allowed[best] if k < removed[best])
     return {g.name: _lowest(scores[g.name], removed[g.name]) for g in groups}
