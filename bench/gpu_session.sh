@@ -22,7 +22,8 @@ for step in $steps; do
   case $step in
     tests) timeout 240 python3 -m pytest tests/kernels -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     kernels) timeout 200 python3 -m bench.kernels --gpu-only --out "$OUT/kernels_gpu" 2>&1 | tail -40 ;;
-    autotune) GRAPHOPT_AUTOTUNE=1 GRAPHOPT_CACHE_DIR="$OUT" timeout 300 python3 -m bench.kernels --gpu-only \
+    autotune) GRAPHOPT_AUTOTUNE=1 GRAPHOPT_CACHE_DIR="$OUT" GRAPHOPT_AUTOTUNE_LOG="$OUT/autotune_log.jsonl" \
+                timeout 400 python3 -m bench.kernels --gpu-only \
                 --out "$OUT/kernels_gpu_autotuned" 2>&1 | tail -30 ;;
     bert) timeout 400 python3 -m bench.int8_gpu --out "$OUT/int8_gpu" 2>&1 | tee "$OUT/bert.log" | tail -40 ;;
   esac

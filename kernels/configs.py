@@ -8,13 +8,30 @@ consecutive programs that walk N together so their A rows stay in L2;
 the bucket of M (the token count), which is what changes between prefill and
 decode; N and K only enter through the split-K heuristic and the autotune key.
 
-The table entries are starting points for Hopper-class GPUs (int8 tensor-core
-tiles of K = 128 bytes, fp16 tiles of K = 64 elements); they are not measured
-in this repository yet. With ``GRAPHOPT_AUTOTUNE=1`` and a CUDA device,
+The table entries are for Hopper-class GPUs. The int8 ones were measured on
+an NVIDIA H100 80GB HBM3 (torch 2.11, Triton 3.6) on 2026-11-23 with
+``GRAPHOPT_AUTOTUNE=1 python -m bench.kernels --gpu-only`` (bench/results/
+kernels_gpu_autotuned.md): each class's entry and the search space below
+timed on (K, N) in {(4096, 4096), (4096, 11008), (8192, 8192)} at the first M
+of the class the benchmark runs (M = 1 for <= 16, 33 for <= 64, 100 and 128
+for <= 256, 1024 for the unbounded class). Two classes took the winner (by
+geometric mean over the shapes), confirmed afterwards by the CUDA-graph
+timings of bench/results/kernels_gpu.md: <= 16 is 16x32x256 (at M = 1, K = N
+= 4096: 4.0 -> 5.5 TOPS) and <= 256 is 64x64x128 with 4 warps (at M = 128:
+227 -> 469, 421 -> 533, 383 -> 532 TOPS; the previous 128x128x128 left most
+SMs idle). <= 64 and the unbounded class were already the winners. The W8A16
+entries are unchanged: the autotune's plain do_bench timings of its split-K
+launches (tens of microseconds, several launches each) did not hold up under
+CUDA-graph timing. Its winner at M = 128 (128x128x64, 4 warps, 4 stages;
+1.18x by do_bench) gave 178 -> 167, 230 -> 232, 277 -> 278 TOPS; its <= 64
+winner (64x128x64, 8 % on one shape) was not confirmed.
+With ``GRAPHOPT_AUTOTUNE=1`` and a CUDA device,
 ``pick`` times every candidate once per (kernel, device, Triton version,
 shape class, N, K, dtype) and stores the winner in a JSON file
 (``$GRAPHOPT_CACHE_DIR/autotune.json``, default ``~/.cache/graphopt``), so
-later processes reuse it instead of retuning.
+later processes reuse it instead of retuning. The autotune times the table's
+entries and a wider search space (``INT8_LINEAR_SEARCH``, ``W8A16_SEARCH``);
+``GRAPHOPT_AUTOTUNE_LOG=path`` appends every candidate's time to ``path``.
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 
 @dataclass(frozen=True)
@@ -48,10 +66,11 @@ class BlockConfig:
 
 
 # (largest M of the class, config); the last class has no upper bound.
+# Measured on H100 (see the module docstring).
 INT8_LINEAR_TABLE: tuple[tuple[Optional[int], BlockConfig], ...] = (
-    (16, BlockConfig(16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
+    (16, BlockConfig(16, 32, 256, group_m=1, num_warps=4, num_stages=4)),
     (64, BlockConfig(64, 64, 128, num_warps=4, num_stages=4)),
-    (256, BlockConfig(128, 128, 128, num_warps=8, num_stages=3)),
+    (256, BlockConfig(64, 64, 128, num_warps=4, num_stages=4)),
     (None, BlockConfig(128, 256, 128, num_warps=8, num_stages=3)),
 )
 
@@ -59,6 +78,38 @@ W8A16_TABLE: tuple[tuple[Optional[int], BlockConfig], ...] = (
     (16, BlockConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)),
     (64, BlockConfig(64, 64, 64, num_warps=4, num_stages=4)),
     (None, BlockConfig(128, 128, 64, num_warps=8, num_stages=3)),
+)
+
+# Autotune search space (besides the table's own entries). ``pick`` times the
+# ones whose block_m fits the shape class (block_m <= max(16, the class's
+# largest M); every one for the unbounded class).
+INT8_LINEAR_SEARCH: tuple[BlockConfig, ...] = (
+    BlockConfig(16, 32, 256, group_m=1, num_warps=4, num_stages=4),
+    BlockConfig(16, 128, 256, group_m=1, num_warps=4, num_stages=4),
+    BlockConfig(16, 64, 512, group_m=1, num_warps=4, num_stages=3),
+    BlockConfig(32, 64, 256, num_warps=4, num_stages=4),
+    BlockConfig(64, 64, 256, num_warps=4, num_stages=4),
+    BlockConfig(64, 128, 128, num_warps=4, num_stages=4),
+    BlockConfig(128, 64, 128, num_warps=4, num_stages=4),
+    BlockConfig(128, 128, 128, num_warps=4, num_stages=4),
+    BlockConfig(128, 128, 256, num_warps=8, num_stages=3),
+    BlockConfig(128, 256, 128, num_warps=8, num_stages=4),
+    BlockConfig(256, 128, 128, num_warps=8, num_stages=3),
+    BlockConfig(256, 128, 128, num_warps=8, num_stages=4),
+)
+
+W8A16_SEARCH: tuple[BlockConfig, ...] = (
+    BlockConfig(16, 32, 128, group_m=1, num_warps=4, num_stages=4),
+    BlockConfig(16, 128, 128, group_m=1, num_warps=4, num_stages=4),
+    BlockConfig(16, 64, 256, group_m=1, num_warps=4, num_stages=3),
+    BlockConfig(32, 64, 128, num_warps=4, num_stages=4),
+    BlockConfig(64, 128, 64, num_warps=4, num_stages=4),
+    BlockConfig(64, 64, 128, num_warps=4, num_stages=3),
+    BlockConfig(128, 64, 64, num_warps=4, num_stages=4),
+    BlockConfig(128, 128, 64, num_warps=4, num_stages=4),
+    BlockConfig(128, 128, 128, num_warps=8, num_stages=3),
+    BlockConfig(128, 256, 64, num_warps=8, num_stages=3),
+    BlockConfig(256, 128, 64, num_warps=8, num_stages=3),
 )
 
 MAX_SPLIT_K = 16
@@ -141,7 +192,20 @@ def autotune(
     if stored is not None:
         _memory[key] = BlockConfig(**stored)
         return _memory[key]
-    best = min(candidates, key=lambda config: bench(lambda: run(config)))
+    def timed(config: BlockConfig) -> float:
+        try:
+            return bench(lambda: run(config))
+        except OutOfResources:  # too much shared memory or registers for this device
+            return float("inf")
+
+    times = [timed(config) for config in candidates]
+    if min(times) == float("inf"):
+        raise RuntimeError(f"autotune {key}: no candidate fits this device")
+    best = candidates[times.index(min(times))]
+    log = os.environ.get("GRAPHOPT_AUTOTUNE_LOG")
+    if log:  # every candidate's time, one JSON line per key (for updating the tables)
+        with open(log, "a") as f:
+            f.write(json.dumps({"key": key, "ms": [[asdict(c), t] for c, t in zip(candidates, times)]}) + "\n")
     entries = _read_cache(path)
     entries[key] = asdict(best)
     _write_cache(path, entries)
@@ -159,11 +223,15 @@ def pick(
     device: torch.device,
     run: Callable[[BlockConfig], object],
     programs_wanted: Optional[int] = None,
+    *,
+    search: Sequence[BlockConfig] = (),
 ) -> BlockConfig:
     """Block configuration for one launch: autotuned (if enabled) or from ``table``.
 
     With ``programs_wanted`` the kernel supports split-K and the chosen
-    configuration gets its ``split_k`` from ``split_k()``.
+    configuration gets its ``split_k`` from ``split_k()``. The autotune times
+    the table's entries and those of ``search`` whose ``block_m`` fits the
+    shape class (at most ``max(16, largest M of the class)``).
     """
     def finish(config: BlockConfig) -> BlockConfig:
         if programs_wanted is None:
@@ -177,5 +245,11 @@ def pick(
     shape_class = next(i for i, (largest_m, _) in enumerate(table) if largest_m is None or m <= largest_m)
     device_name = torch.cuda.get_device_name(device)
     key = "|".join((kernel, device_name, triton.__version__, f"class{shape_class}", f"n{n}", f"k{k}", str(dtype)))
-    candidates = [finish(config) for _, config in table]
-    return autotune(key, candidates, run, do_bench)
+    largest_m = table[shape_class][0]
+    fits = [config for config in [c for _, c in table] + list(search)
+            if largest_m is None or config.block_m <= max(16, largest_m)]
+    candidates = list(dict.fromkeys(finish(config) for config in fits))
+    tuned = autotune(key, candidates, run, lambda fn: do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    # The tiles are tuned per class, but split-K belongs to this launch's M: a class's winner
+    # (timed and cached with the split of the M it was tuned at) is re-split for this M.
+    return finish(tuned)

@@ -127,5 +127,6 @@ def triton_int8_linear(
             num_stages=cfg.num_stages,
         )
 
-    run(config or configs.pick("int8_linear", configs.INT8_LINEAR_TABLE, m, n, k, out_dtype, x_q.device, run))
+    run(config or configs.pick("int8_linear", configs.INT8_LINEAR_TABLE, m, n, k, out_dtype, x_q.device, run,
+                               search=configs.INT8_LINEAR_SEARCH))
     return out

@@ -140,7 +140,7 @@ def triton_w8a16_linear(
     if config is None:
         config = configs.pick(
             "w8a16_linear", configs.W8A16_TABLE, m, n, k, x.dtype, x.device, run,
-            programs_wanted=2 * configs.compute_units(x.device),
+            programs_wanted=2 * configs.compute_units(x.device), search=configs.W8A16_SEARCH,
         )
     run(config)
     return out

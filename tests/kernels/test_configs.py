@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,3 +71,35 @@ def test_autotune_result_is_cached_on_disk(monkeypatch: pytest.MonkeyPatch, tmp_
         raise AssertionError("retuned instead of reading the cache")
 
     assert configs.autotune("int8_linear|gpu|k64", candidates, runs.append, must_not_bench) == candidates[1]
+
+
+def test_autotuned_winner_is_resplit_for_each_m(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A class's winner is cached with the split-K of the M it was tuned at; other Ms re-split it."""
+    import triton.testing
+
+    monkeypatch.setenv("GRAPHOPT_AUTOTUNE", "1")
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(configs, "_memory", {})
+    monkeypatch.setattr(configs, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake GPU")
+    winner = BlockConfig(128, 128, 64, num_warps=4, num_stages=4)
+    runs: list[BlockConfig] = []
+
+    def do_bench(fn, **kwargs) -> float:
+        fn()
+        last = runs[-1]
+        return 1.0 if (last.block_m, last.block_n, last.block_k, last.num_warps) == (128, 128, 64, 4) else 2.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    device = torch.device("cuda")
+
+    def pick(m: int) -> BlockConfig:
+        return configs.pick("w8a16_linear", configs.W8A16_TABLE, m, 4096, 4096, torch.float16, device,
+                            runs.append, 264, search=configs.W8A16_SEARCH)
+
+    tuned = pick(100)
+    assert tuned == replace(winner, split_k=configs.split_k(100, 4096, 4096, winner, 264)) and tuned.split_k == 8
+    timed = len(runs)
+    again = pick(200)  # same class, N and K: no retuning, but this M's split
+    assert len(runs) == timed
+    assert again == replace(winner, split_k=configs.split_k(200, 4096, 4096, winner, 264)) and again.split_k == 4
