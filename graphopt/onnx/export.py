@@ -48,8 +48,13 @@ from .ir import OnnxModel, session
 #: 1/127 of a row's range, on a few elements. Through a deep model such flips
 #: compound, so these are floors: `_budget` widens them to what the int8
 #: module's own error against the float model allows (see there).
-#: The opset torch.onnx writes when none is asked for.
-DEFAULT_OPSET = 20
+def default_opset() -> int:
+    """23 (scaled_dot_product_attention as one Attention op) where the installed onnxruntime runs it
+    (1.23 on), else 20. Measured on all-MiniLM-L6-v2 int8, 2 threads, interleaved: the opset-23 file ran
+    in 0.92× the time of the opset-20 one (which computes attention in ~8 ops, softmax NaN guard included)."""
+    major, minor = (int(part) for part in ort.__version__.split(".")[:2])
+    return 23 if (major, minor) >= (1, 23) else 20
+
 
 TOLERANCES = {
     None: LOSSLESS,
@@ -64,6 +69,8 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
                 dynamic_axes: str | Mapping[str, Mapping[int, str]] | None = "auto",
                 opset: int | None = None, tolerance: Budget | None = None) -> Path:
     """Export `opt` (an `OptimizedModule` or any `nn.Module`) to `path`; returns the path.
+
+    opset: the ONNX opset (default: `default_opset()`).
 
     dynamic_axes: "auto" (batch, and sequence for integer inputs), None (all
     static), or {input name: {axis: symbol name}}.
@@ -83,7 +90,7 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
     with torch.no_grad():
         reference = opt(*example_inputs, **kwargs)
     proto = _torch_export(module, example_inputs, kwargs, _dynamic_shapes(module, example_inputs, kwargs, dynamic_axes),
-                          opset)
+                          opset or default_opset())
     _name_dynamic_axes(proto, example_inputs, kwargs, dynamic_axes)
     proto = _cleanup(proto)
     budget = tolerance or _budget(opt, scheme)
@@ -209,14 +216,14 @@ def _by_parameter(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
 
 
 def _torch_export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
-                  opset: int | None) -> onnx.ModelProto:
+                  opset: int) -> onnx.ModelProto:
     from .translations import translation_table
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True,
                                         dynamic_shapes=dynamic_shapes, opset_version=opset,
-                                        custom_translation_table=translation_table(opset or DEFAULT_OPSET),
+                                        custom_translation_table=translation_table(opset),
                                         verbose=False,
                                         report=False)
         except Exception as exc:
