@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +41,28 @@ def time_call(fn: Callable[[], object], warmup: int = 3, repeats: int = 20, max_
     pin_threads()
     with torch.inference_mode():
         return measure(fn, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
+
+
+def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, Timing]:
+    """Round-robin timing: one call of each function per round, `rounds` rounds after a warm-up round,
+    so load on a shared machine hits every candidate alike. Threads pinned, autograd off."""
+    pin_threads()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode():
+        for round_ in range(rounds + 1):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                if round_:
+                    samples[name].append(time.perf_counter() - start)
+    return {name: summarize(values) for name, values in samples.items()}
+
+
+def summarize(values: list[float]) -> Timing:
+    """Median and 10th/90th percentiles of wall times in seconds."""
+    ordered = sorted(values)
+    return Timing(statistics.median(ordered), ordered[int(0.1 * (len(ordered) - 1))],
+                  ordered[round(0.9 * (len(ordered) - 1))], len(ordered))
 
 
 def machine_info() -> dict[str, Any]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -37,9 +36,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from bench.harness import pin_threads, time_call, write_results
+from bench.harness import interleaved, write_results
 from graphopt.onnx.ir import session
-from graphopt.timing import Timing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -343,25 +341,6 @@ def measure_case(case: Case, work: Path, quick: bool) -> list[dict]:
         row.update(latency_ms=timing.median_ms, spread=timing.spread, size_vs_original=row["file_kib"] / base["file_kib"],
                    speedup=timings[base["variant"]].median_s / timing.median_s)
     return rows
-
-
-def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, Timing]:
-    """One timed call of each function per round, `rounds` rounds (after a warm-up round)."""
-    pin_threads()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(rounds + 1):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if round_:
-                samples[name].append(time.perf_counter() - start)
-    result = {}
-    for name, values in samples.items():
-        values.sort()
-        median = statistics.median(values)
-        result[name] = Timing(median, values[int(0.1 * len(values))], values[min(len(values) - 1, int(0.9 * len(values)))],
-                              len(values))
-    return result
 
 
 def _file_bytes(path: Path) -> int:
