@@ -16,7 +16,7 @@ python3 -c "import graphopt.kernels" 2>/dev/null \
   || python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
   || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-steps=${*:-tests kernels autotune bert}
+steps=${*:-tests kernels autotune bert}     # also: profile (where BERT-base GPU time goes)
 for step in $steps; do
   echo "=== $step"
   case $step in
@@ -26,5 +26,6 @@ for step in $steps; do
                 timeout 400 python3 -m bench.kernels --gpu-only \
                 --out "$OUT/kernels_gpu_autotuned" 2>&1 | tail -30 ;;
     bert) timeout 400 python3 -m bench.int8_gpu --out "$OUT/int8_gpu" 2>&1 | tee "$OUT/bert.log" | tail -40 ;;
+    profile) timeout 300 python3 -m bench.int8_gpu --profile --out "$OUT/int8_gpu" 2>&1 | tail -80 ;;
   esac
 done

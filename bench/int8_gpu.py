@@ -112,6 +112,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one shape")
     parser.add_argument("--out", type=Path, default=RESULTS / "int8_gpu", help="output path without extension")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: per-kernel CUDA time of each engine at 32 x 128 (torch.profiler)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.int8_gpu needs a CUDA GPU")
@@ -120,6 +122,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     fp32 = bert_base().cuda()
     calibration = [token_batch(32, 128, seed, "cuda") for seed in range(4)]
     built = engines(bert_base().cuda().half(), calibration)
+    if args.profile:
+        return profile(built, args.out)
     rows = []
     for batch, seq in SHAPES[:1] if args.quick else SHAPES:
         ids, mask = token_batch(batch, seq, seed=100 + batch + seq, device="cuda")
@@ -143,6 +147,28 @@ def main(argv: Optional[list[str]] = None) -> None:
             rows.append(row)
             print(row, flush=True)
     write(args.out, rows)
+
+
+def profile(built: dict[str, tuple[nn.Module, str]], out: Path) -> None:
+    """Where each engine's GPU time goes: torch.profiler's CUDA kernel totals over 10 forwards."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    ids, mask = token_batch(32, 128, seed=7, device="cuda")
+    tables = []
+    for name, (module, _) in built.items():
+        with torch.inference_mode():
+            for _ in range(3):
+                module(ids, mask)
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    module(ids, mask)
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70)
+        tables.append(f"## {name} (10 forwards, 32 x 128)\n\n```\n{table}\n```\n")
+        print(tables[-1], flush=True)
+    out.with_name(out.name + "_profile.md").write_text("# BERT-base on GPU: CUDA kernel time per engine\n\n"
+                                                      + "\n".join(tables))
 
 
 def write(out: Path, rows: list[dict]) -> None:
