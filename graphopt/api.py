@@ -53,7 +53,14 @@ class OptimizedModule(torch.nn.Module):
         if self.graph_module is None:
             self._optimize(args, kwargs)
         self._check_structure(args, kwargs)
-        return (self._runner or self.graph_module)(*args, **kwargs)
+        try:
+            return (self._runner or self.graph_module)(*args, **kwargs)
+        except AssertionError as exc:   # torch.export's input guards: a shape the graph was not captured for
+            if "Guard failed" not in str(exc):
+                raise
+            raise InputError(f"the inputs do not have a shape the optimized graph accepts ({exc}); dimensions "
+                             "other than the batch (and the sequence of integer inputs) are fixed at capture: "
+                             "optimize again with example inputs of this shape") from exc
 
     def _optimize(self, args: tuple, kwargs: dict) -> None:
         model = self._pending[0]

@@ -2,9 +2,12 @@
 
 The model is deep-copied and put in eval mode first, so the caller's module,
 its parameters, buffers and training flag are never touched. Dimension 0 of
-every tensor input is marked `Dim.AUTO`: export keeps it symbolic when the
-model allows (the optimized module then accepts other batch sizes) and
-specialises it otherwise, without failing.
+every tensor input is marked `Dim.AUTO`, and dimension 1 of integer inputs
+of rank ≥ 2 too (token ids and masks: the sequence length): export keeps a
+dimension symbolic when the model allows (the optimized module then accepts
+other batch sizes and sequence lengths) and specialises it otherwise,
+without failing. If export fails with the sequence dimension marked, it is
+retried with the batch dimension alone.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
         raise InputError("example inputs hold no tensor: pass the tensors the model's forward() takes")
     work = copy.deepcopy(model).eval()
     notes: list[str] = []
-    dynamic_shapes = _batch_dims(work, args, kwargs)
+    with_sequence = _dynamic_dims(work, args, kwargs, True)    # also checks the inputs fit forward()
     try:  # a model that does not run on its inputs is the caller's problem, not an export failure
         with torch.no_grad():
             work(*args, **kwargs)
@@ -61,9 +64,13 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            exported = torch.export.export(work, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-        except Exception as exc:  # torch raises many types; all become CaptureError
-            raise CaptureError(_first_line(exc), _hint(exc)) from exc
+            exported = torch.export.export(work, args, kwargs, dynamic_shapes=with_sequence, strict=False)
+        except Exception:  # the sequence dimension may be what fails: retry with the batch alone
+            try:
+                exported = torch.export.export(work, args, kwargs,
+                                               dynamic_shapes=_dynamic_dims(work, args, kwargs, False), strict=False)
+            except Exception as exc:  # torch raises many types; all become CaptureError
+                raise CaptureError(_first_line(exc), _hint(exc)) from exc
     unlifted = exported.module()
     module = fx.GraphModule(unlifted, unlifted.graph)   # a plain GraphModule: train()/eval() work
     module.meta.update(getattr(unlifted, "meta", {}))
@@ -73,12 +80,15 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     return Captured(module.eval(), work, dynamic, notes)
 
 
-def _batch_dims(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, object]:
-    """`Dim.AUTO` on dimension 0 of every tensor input, keyed by forward()'s parameter names."""
+def _dynamic_dims(model: torch.nn.Module, args: tuple, kwargs: dict, sequence: bool) -> dict[str, object]:
+    """`Dim.AUTO` on dimension 0 of every tensor input (and, with `sequence`, on dimension 1 of integer
+    inputs of rank ≥ 2), keyed by forward()'s parameter names."""
     def spec(leaf: object) -> object:
-        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
-            return {0: Dim.AUTO}
-        return None
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+            return None
+        if sequence and leaf.dim() >= 2 and not leaf.is_floating_point() and not leaf.is_complex():
+            return {0: Dim.AUTO, 1: Dim.AUTO}
+        return {0: Dim.AUTO}
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError as exc:

@@ -82,6 +82,43 @@ def test_hugging_face_bert_from_config_returns_its_model_output():
     assert torch.allclose(out.pooler_output, ref.pooler_output, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_token_models_accept_other_sequence_lengths(level):
+    """Integer inputs of rank ≥ 2 get a symbolic sequence dimension: captured at 9 tokens, run at 5 and 23."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    kwargs = {"input_ids": torch.randint(0, 120, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    opt = graphopt.optimize(model, example_kwargs=kwargs, level=level, progress=False, measure_latency=False)
+    for batch, seq in ((3, 5), (1, 23)):
+        ids, mask = torch.randint(0, 120, (batch, seq)), torch.ones(batch, seq, dtype=torch.long)
+        mask[0, seq // 2:] = 0
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            got = opt(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert got.shape == want.shape
+        cosine = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+        assert (torch.allclose(got, want, rtol=1e-4, atol=1e-4) if level == "O1" else cosine > 0.99), (level, seq)
+
+
+def test_integer_inputs_whose_length_is_fixed_by_the_model_fall_back_to_a_dynamic_batch():
+    """A model that needs exactly 6 tokens (a reshape into 2 × 3) is captured with a fixed sequence."""
+    class FixedLength(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+
+        def forward(self, ids):
+            return self.embed(ids).reshape(ids.shape[0], 2, 3, 4).sum(2)
+
+    model = FixedLength().eval()
+    opt = graphopt.optimize(model, (torch.randint(0, 10, (2, 6)),), progress=False, measure_latency=False)
+    ids = torch.randint(0, 10, (5, 6))
+    assert torch.allclose(opt(ids), model(ids))
+
+
 class DataDependent(nn.Module):
     def forward(self, x):
         if x.sum() > 0:
@@ -140,3 +177,10 @@ def test_options_of_later_issues_are_clear_until_they_exist():
             graphopt.optimize(nn.Linear(32, 32), (torch.randn(4, 32),), progress=False, **options)
         except UnsupportedError as exc:
             assert "not available yet" in str(exc)
+
+
+def test_a_shape_the_graph_was_not_captured_for_is_a_clear_input_error():
+    model = nn.Sequential(nn.Linear(6, 3)).eval()
+    opt = graphopt.optimize(model, (torch.randn(4, 6),), progress=False, measure_latency=False)
+    with pytest.raises(InputError, match="shape the optimized graph accepts"):
+        opt(torch.randn(4, 7))

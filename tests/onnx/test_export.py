@@ -110,9 +110,7 @@ def test_per_token_quantization_exports_to_the_same_int8_values(tmp_path):
 
 
 def test_int8_transformer_export_runs_at_another_batch(tmp_path):
-    """3-D activations flattened to batch × tokens rows: the per-token scales follow the dynamic batch.
-
-    (The optimized graph is captured with a symbolic batch only, so its sequence length is fixed.)"""
+    """3-D activations flattened to batch × tokens rows: the per-token scales follow the dynamic batch."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(3)
     config = transformers.BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
