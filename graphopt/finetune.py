@@ -126,7 +126,7 @@ def insert_norms(gm: torch.fx.GraphModule, batches: list[Any]) -> list[tuple[tor
     for i, node in enumerate(_renorm_sites(gm)):
         weight = _attr(gm, str(node.args[1].target))
         name = f"_finetune_norm_{i}"
-        gm.add_module(name, TrainNorm(weight.shape[0], weight.detach()))
+        gm.add_module(name, TrainNorm(weight.shape[0], weight.detach()).train(gm.training))
         with gm.graph.inserting_after(node):
             norm = gm.graph.call_module(name, (node,))
         node.replace_all_uses_with(norm, delete_user_cb=lambda user: user is not norm)

@@ -8,8 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 import graphopt
 from graphopt.errors import OptionError, UnsupportedError
+from tests.strategies import cnn_cases
 
 
 class DigitsCNN(nn.Module):
@@ -124,3 +128,62 @@ def test_fake_quant_matches_the_int8_kernels_and_passes_gradients():
     assert torch.allclose(qat.fake_quant_channels(w.t(), True), (q_w.float() * s_w[:, None]).t(), atol=1e-6)
     (qat.fake_quant_tokens(x).sum() + qat.fake_quant_channels(w, False).sum()).backward()
     assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(w.grad, torch.ones_like(w))
+
+
+@settings(max_examples=10, deadline=None)
+@given(case=cnn_cases(), steps=st.integers(1, 3))
+def test_train_norms_fold_back_exactly(case, steps):
+    """Norms inserted after the folded convs start as the identity and fold back into the same graph."""
+    from graphopt.finetune import fold_norms, insert_norms
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = graphopt.optimize(case.model, case.make_inputs(2, 0), level="O1", quantize=None,
+                               measure_latency=False, progress=False).graph_module
+    targets = [str(n.target) for n in gm.graph.nodes if n.op != "get_attr"]   # a bias may be added
+    x = case.make_inputs(3, 9)
+    with torch.no_grad():
+        original = gm(*x)
+    batches = [case.make_inputs(8, s) for s in range(1, 4)]
+    sites = insert_norms(gm, batches)
+    with torch.no_grad():
+        start = gm(*x)
+    # eval-mode identity up to the ε under the square root and float32 rounding
+    tol = 1e-3 * (1 + original.abs().max().item())
+    assert torch.allclose(start, original, atol=tol), case
+    gm.train()
+    optimizer = torch.optim.SGD(gm.parameters(), lr=1e-2)
+    for s in range(steps):   # move γ, β, running statistics and the conv weights away from the start
+        optimizer.zero_grad()
+        gm(*case.make_inputs(8, 10 + s)).square().mean().backward()
+        optimizer.step()
+    gm.eval()
+    with torch.no_grad():
+        trained = gm(*x)
+    fold_norms(gm, sites)
+    with torch.no_grad():
+        folded = gm(*x)
+    assert [str(n.target) for n in gm.graph.nodes if n.op != "get_attr"] == targets
+    assert not any(name.startswith("_finetune_norm") for name, _ in gm.named_modules())
+    assert torch.allclose(folded, trained, rtol=1e-4, atol=1e-4 * (1 + trained.abs().max().item())), case
+
+
+def test_finetune_returns_the_same_graph_and_checks_renorm(digits):
+    model, train, test = digits
+    pruned = prune(model, train)
+    ops = lambda m: [str(n.target) for n in m.graph_module.graph.nodes]  # noqa: E731
+    tuned = graphopt.finetune(pruned, train[:4], teacher=model, epochs=1, progress=False)
+    assert ops(tuned) == ops(pruned)
+    assert not any("_finetune_norm" in name for name, _ in tuned.graph_module.named_modules())
+    with pytest.raises(OptionError, match="renorm"):
+        graphopt.finetune(pruned, train[:2], teacher=model, renorm="yes", progress=False)
+    with pytest.raises(graphopt.InputError, match="renorm"):
+        graphopt.finetune(model, train[:2], teacher=model, renorm=True, progress=False)
+
+
+def test_renorm_recovers_more_than_frozen_statistics(digits):
+    """A 4x FLOPs cut: training the convs with their BatchNorm back beats frozen folded statistics."""
+    model, train, test = digits
+    pruned = prune(model, train)
+    frozen = graphopt.finetune(pruned, train, teacher=model, epochs=2, renorm=False, progress=False)
+    renorm = graphopt.finetune(pruned, train, teacher=model, epochs=2, progress=False)
+    assert accuracy(renorm, test) >= accuracy(frozen, test), (accuracy(frozen, test), accuracy(renorm, test))
