@@ -35,7 +35,8 @@ from bench.harness import time_call, write_results
 from graphopt.passes.pruning.allocate import count_flops
 
 EPOCHS_TRAIN, EPOCHS_TUNE, BATCH = 8, 3, 64
-TUNE_SEEDS = (0, 1, 2)   # every method is fine-tuned with each seed; the table gives mean, min and max
+TUNE_SEEDS = (0,)   # the fine-tune loop is deterministic (fixed batch order, no dropout): seeds 0, 1, 2 gave
+                    # identical accuracies (run of c4de561), so one seed; the table keeps mean and min–max
 
 
 class Block(nn.Module):
