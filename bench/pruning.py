@@ -31,10 +31,11 @@ import torch_pruning as tp
 from sklearn.datasets import load_digits
 
 import graphopt
-from bench.harness import time_call, write_results
+from bench.harness import interleaved, time_call, write_results
 from graphopt.passes.pruning.allocate import count_flops
 
 EPOCHS_TRAIN, EPOCHS_TUNE, BATCH = 8, 3, 64
+LATENCY_ROUNDS = 200
 TUNE_SEEDS = (0,)   # the fine-tune loop is deterministic (fixed batch order, no dropout): seeds 0, 1, 2 gave
                     # identical accuracies (run of c4de561), so one seed; the table keeps mean and min–max
 
@@ -127,10 +128,10 @@ def tune(module, train, teacher) -> list:
             for s in TUNE_SEEDS]
 
 
-def row(name: str, keep: float, flops: float, base_flops: float, params: int, latency_ms: float,
-        base_latency: float, acc_pruned: float, acc_tuned: list[float], conv_widths: str) -> dict:
+def row(name: str, keep: float, flops: float, base_flops: float, params: int, acc_pruned: float,
+        acc_tuned: list[float], conv_widths: str) -> dict:
     return {"method": name, "target FLOPs kept": keep, "MMACs/sample": flops / 1e6, "FLOPs kept": flops / base_flops,
-            "params (k)": params / 1e3, "latency ms (b64)": latency_ms, "speed-up": base_latency / latency_ms,
+            "params (k)": params / 1e3, "latency ms (b64)": None, "speed-up": None, "latency spread": None,
             "acc pruned %": acc_pruned, "acc fine-tuned % (mean)": sum(acc_tuned) / len(acc_tuned),
             "fine-tuned min–max": f"{min(acc_tuned):.2f}–{max(acc_tuned):.2f}", "conv widths": conv_widths,
             "load 1 min": round(os.getloadavg()[0], 2)}
@@ -143,12 +144,11 @@ def main() -> None:
     example = test[0][:BATCH]
     calibration = [(xb,) for xb, _ in train[:8]]
     base_flops = macs(model, example)
-    base_latency = time_call(lambda: model(example)).median_ms
     base_acc = accuracy(model, test)
     params = sum(p.numel() for p in model.parameters())
     load_start = os.getloadavg()
-    rows = [row("unpruned", 1.0, base_flops, base_flops, params, base_latency, base_latency, base_acc, [base_acc],
-                widths(model))]
+    rows = [row("unpruned", 1.0, base_flops, base_flops, params, base_acc, [base_acc], widths(model))]
+    timed = [model]                    # the module each row's latency is measured on, timed together at the end
     anchor_widths = set()
     variants = {"graphopt": {}, "graphopt global ranking": {"sensitivity": False},
                 "graphopt local ranking": {"sensitivity": False, "ranking": "local"}}
@@ -160,23 +160,26 @@ def main() -> None:
                                     calibration_data=calibration, progress=False)
             tuned = tune(opt, train, model)
             gm = tuned[0].graph_module
-            base_latency = time_call(lambda: model(example)).median_ms   # re-timed next to each pruned model
             rows.append(row(name, keep, count_flops(gm), base_flops,
                             sum(p.numel() for p in gm.parameters() if p.is_floating_point()),
-                            time_call(lambda: gm(example)).median_ms, base_latency, accuracy(opt, test),
-                            [accuracy(t, test) for t in tuned], widths(opt)))
+                            accuracy(opt, test), [accuracy(t, test) for t in tuned], widths(opt)))
+            timed.append(gm)
             print(rows[-1], flush=True)
         anchor = torch_pruning(model, example, keep)
         assert widths(anchor) not in anchor_widths and widths(model) == rows[0]["conv widths"], \
             "each Torch-Pruning target must start from the unpruned model"
         anchor_widths.add(widths(anchor))
         anchor_tuned = tune(anchor, train, model)
-        base_latency = time_call(lambda: model(example)).median_ms
         rows.append(row("Torch-Pruning", keep, macs(anchor_tuned[0], example), base_flops,
                         sum(p.numel() for p in anchor_tuned[0].parameters()),
-                        time_call(lambda: anchor_tuned[0](example)).median_ms, base_latency,
                         accuracy(anchor, test), [accuracy(t, test) for t in anchor_tuned], widths(anchor)))
+        timed.append(anchor_tuned[0].eval())
         print(rows[-1], flush=True)
+    timings = interleaved({str(i): (lambda m=m: m(example)) for i, m in enumerate(timed)}, rounds=LATENCY_ROUNDS)
+    for i, r in enumerate(rows):
+        r["latency ms (b64)"] = timings[str(i)].median_ms
+        r["speed-up"] = timings["0"].median_s / timings[str(i)].median_s
+        r["latency spread"] = timings[str(i)].spread
     load_end = os.getloadavg()
     notes = (f"Digits (sklearn load_digits, 1400 train / {len(test[1])} test images), ResNet-style CNN "
              f"(64/128 channels, 5 residual convs), trained {EPOCHS_TRAIN} epochs. Channels rounded to 8 for both; "
@@ -189,8 +192,9 @@ def main() -> None:
              f"per seed {TUNE_SEEDS}: mean and min–max; Torch-Pruning's nn.Module trains its own BatchNorm, "
              "graphopt's graph has it folded and finetune un-folds it for the loop (renorm)). Test set: "
              f"{len(test[1])} images, one image = {100 / len(test[1]):.2f} points. MACs per sample by one counter "
-             "(graphopt's, on the captured graph) for every row. Latency: fp32 CPU, batch 64, median; the "
-             "unpruned model is re-timed next to each pruned one (speed-up = that / pruned); params: graphopt's "
+             "(graphopt's, on the captured graph) for every row. Latency: fp32 CPU, batch 64, every row's fine-tuned "
+             f"module and the unpruned nn.Module timed round-robin at the end ({LATENCY_ROUNDS} rounds, one call "
+             "each per round, median; spread = (p90 − p10) / median); speed-up = unpruned / row; params: graphopt's "
              "graph has BatchNorm folded, Torch-Pruning's module keeps it. Load average (1/5/15 min) at start "
              f"{' / '.join(f'{v:.2f}' for v in load_start)}, at end {' / '.join(f'{v:.2f}' for v in load_end)} "
              "(2 cores): latency is only meaningful when both are well below 2.")
