@@ -5,6 +5,7 @@
     int8_dynamic | int8_static | int8_weight_only
                      linears onto torch.ops.graphopt int8 kernels, with calibration,
                      accuracy-aware fallback and a per-layer report, see rewrite.py
+    int8_embeddings  lookup tables stored as per-row int8 (any scheme), see embedding.py
 
 The options (`quantize`, `calibration_data`, `accuracy_budget`,
 `quantize_options`) are documented and validated in config.py.
@@ -19,6 +20,7 @@ from .config import QuantConfig, parse
 def passes(options: Any) -> list[Any]:
     """The int8 passes for `options.quantize` (a scheme name) and `options.quantize_options`."""
     config: QuantConfig = parse(options)
+    from .embedding import QuantizeEmbeddings
     from .rewrite import QuantizeLinears          # imports graphopt.kernels (the custom ops)
     from .smoothquant import SmoothQuant
-    return ([SmoothQuant(config)] if config.smoothquant else []) + [QuantizeLinears(config)]
+    return ([SmoothQuant(config)] if config.smoothquant else []) + [QuantizeLinears(config), QuantizeEmbeddings(config)]
