@@ -29,30 +29,18 @@ import torch.nn as nn
 
 import graphopt
 from bench.harness import RESULTS, machine_info
+from bench.int8 import Encoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 SHAPES = ((32, 128), (1, 128))     # one capture serves both: the batch dimension is dynamic
 
 
-class PooledEncoder(nn.Module):
-    """BERT → mask-weighted mean pooling of the last hidden state."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
-
-
-def bert_base(seed: int = 0, **config: int) -> PooledEncoder:
+def bert_base(seed: int = 0, **config: int) -> Encoder:
     """BERT-base's shape unless `config` overrides fields (a small one for a CPU smoke run)."""
     from transformers import BertConfig, BertModel
     torch.manual_seed(seed)
-    return PooledEncoder(BertModel(BertConfig(attn_implementation="sdpa", **config)).eval()).eval()
+    return Encoder(BertModel(BertConfig(attn_implementation="sdpa", **config)).eval()).eval()
 
 
 def token_batch(batch: int, seq: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
