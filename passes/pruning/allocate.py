@@ -1,6 +1,7 @@
 """How many units each group loses, and which.
 
-Cost model (per sample; symbolic dimensions count as 1):
+Cost model (per sample: a symbolic batch dimension counts as 1, any other
+symbolic dimension, e.g. a token model's sequence length, as its example value):
 
     MACs = Σ over conv / linear / matmul / attention nodes of
            base_MACs · Π keep-fraction of each pruned dimension it reads or writes
@@ -43,8 +44,24 @@ class Term:
     dims: list[tuple[int, tuple[Seg, ...]]]   # (size, segments) of each pruned dimension involved
 
 
-def _size(node: fx.Node) -> list[int]:
-    return [d if isinstance(d, int) else 1 for d in (ir.shape(node) or ())]
+def _sizer(gm: fx.GraphModule) -> Callable[[fx.Node], list[int]]:
+    """Per-sample sizes of a node's dimensions: batch symbols (dimension 0 of the inputs) → 1, other symbols
+    (a sequence length) → their example value."""
+    batch: set = set()
+    for node in gm.graph.nodes:
+        shape = ir.shape(node) if node.op == "placeholder" else None
+        if shape and isinstance(shape[0], torch.SymInt):
+            batch |= shape[0].node.expr.free_symbols
+
+    def size(d: object) -> int:
+        if isinstance(d, int):
+            return d
+        expr, env = d.node.expr, d.node.shape_env
+        examples = getattr(env, "backed_var_to_val", None) or env.var_to_val
+        value = expr.subs({symbol: 1 if symbol in batch else examples.get(symbol, 1) for symbol in expr.free_symbols})
+        return max(int(value), 1)
+
+    return lambda node: [size(d) for d in (ir.shape(node) or ())]
 
 
 class Cost:
@@ -54,6 +71,7 @@ class Cost:
         self.flop_terms: list[Term] = []
         self.param_terms: list[Term] = []
         seg_of = analysis.segs
+        _size = _sizer(gm)
         for node in gm.graph.nodes:
             if ir.is_op(node, aten.conv1d, aten.conv2d, aten.conv3d, aten.linear, aten.matmul, aten.bmm,
                         aten.scaled_dot_product_attention):

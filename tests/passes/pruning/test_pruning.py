@@ -227,3 +227,19 @@ def test_fused_qkv_slices_prune_by_heads():
     removed = sum(len(plan.get(g.name, ())) for g in heads)
     fused_qkv = next(m.attr for m in heads[0].members if m.role == "out")
     assert removed and importance._tensor(sliced, fused_qkv).shape[0] < importance._tensor(fused, fused_qkv).shape[0]
+
+
+@pytest.mark.parametrize("seq", [12, 24])
+def test_flops_of_a_token_model_count_its_example_sequence_per_sample(seq):
+    """A symbolic batch counts as 1 and a symbolic sequence as its example length: linears grow with seq,
+    attention with seq² (hand count for a 1-layer BERT, hidden 32, 2 heads, FFN 64, with its pooler)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100)
+    model = transformers.BertModel(config).eval()
+    kwargs = {"input_ids": torch.randint(0, 100, (3, seq)), "attention_mask": torch.ones(3, seq, dtype=torch.long)}
+    gm = graphopt.optimize(model, (), example_kwargs=kwargs, level="O0", progress=False,
+                           measure_latency=False).graph_module
+    per_token = 3 * 32 * 32 + 32 * 32 + 2 * 32 * 64                 # Q, K, V, output projection, FFN
+    attention = seq * seq * (16 + 16) * 2                            # QKᵀ and PV, 2 heads of 16
+    assert allocate.count_flops(gm) == per_token * seq + attention + 32 * 32   # + pooler on one token
