@@ -48,13 +48,17 @@ from .ir import OnnxModel, session
 #: 1/127 of a row's range, on a few elements. Through a deep model such flips
 #: compound, so these are floors: `_budget` widens them to what the int8
 #: module's own error against the float model allows (see there).
-def default_opset() -> int:
-    """23 (scaled_dot_product_attention as one Attention op) where the installed onnxruntime runs it
-    (1.23 on), else 20. Measured on all-MiniLM-L6-v2 int8, 2 threads, interleaved: the opset-23 file ran
-    in 0.92× the time of the opset-20 one (which computes attention in ~8 ops, softmax NaN guard included)."""
-    major, minor = (int(part) for part in ort.__version__.split(".")[:2])
-    return 23 if (major, minor) >= (1, 23) else 20
+def default_opset(scheme: str | None) -> int:
+    """The opset `export_onnx` writes when none is asked for.
 
+    An int8 graph: 23 where the installed onnxruntime runs it (1.23 on), so that
+    scaled_dot_product_attention is one Attention op (measured on all-MiniLM-L6-v2 int8, 2 threads,
+    interleaved: the opset-23 file ran in 0.92× the time of the opset-20 one, which computes attention
+    in ~8 ops with a softmax NaN guard). A float graph: 20, because it is often handed on to other tools,
+    and ONNX Runtime's own quantize_dynamic (1.32) turns a default-domain Attention into an invalid
+    QAttention (bench/results/onnx.md at opset 23)."""
+    major, minor = (int(part) for part in ort.__version__.split(".")[:2])
+    return 23 if scheme is not None and (major, minor) >= (1, 23) else 20
 
 TOLERANCES = {
     None: LOSSLESS,
@@ -70,7 +74,7 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
                 opset: int | None = None, tolerance: Budget | None = None) -> Path:
     """Export `opt` (an `OptimizedModule` or any `nn.Module`) to `path`; returns the path.
 
-    opset: the ONNX opset (default: `default_opset()`).
+    opset: the ONNX opset (default: `default_opset(scheme)`: 23 for int8 graphs, 20 for float ones).
 
     dynamic_axes: "auto" (batch, and sequence for integer inputs), None (all
     static), or {input name: {axis: symbol name}}.
@@ -90,7 +94,7 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
     with torch.no_grad():
         reference = opt(*example_inputs, **kwargs)
     proto = _torch_export(module, example_inputs, kwargs, _dynamic_shapes(module, example_inputs, kwargs, dynamic_axes),
-                          opset or default_opset())
+                          opset or default_opset(scheme))
     _name_dynamic_axes(proto, example_inputs, kwargs, dynamic_axes)
     proto = _cleanup(proto)
     budget = tolerance or _budget(opt, scheme)

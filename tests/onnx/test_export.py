@@ -170,3 +170,23 @@ def test_int8_export_budget_widens_with_the_modules_own_error_and_still_catches_
     with pytest.raises(graphopt.VerificationError, match="differs from the torch module"):
         graphopt.export_onnx(opt, inputs, tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_default_opset_keeps_float_files_usable_by_onnx_runtime_quantization(tmp_path):
+    """Float exports stay at opset 20 (ORT's quantize_dynamic mistakes an opset-23 Attention for its own
+    contrib op); int8 exports take opset 23 where onnxruntime runs its Attention op."""
+    transformers = pytest.importorskip("transformers")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from graphopt.onnx.export import default_opset
+    torch.manual_seed(5)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100)
+    model = transformers.BertModel(config).eval()
+    kwargs = {"input_ids": torch.randint(0, 100, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    opt = graphopt.optimize(model, (), example_kwargs=kwargs, level="O1", **FAST)
+    path = graphopt.export_onnx(opt, (), tmp_path / "float.onnx", example_kwargs=kwargs)
+    assert onnx.load(str(path)).opset_import[0].version == 20 == default_opset(None)
+    quantize_dynamic(str(path), str(tmp_path / "ort_int8.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+    _ort(tmp_path / "ort_int8.onnx", [kwargs["input_ids"].numpy(), kwargs["attention_mask"].numpy()])
+    major, minor = (int(p) for p in ort.__version__.split(".")[:2])
+    assert default_opset("int8-dynamic") == (23 if (major, minor) >= (1, 23) else 20)
