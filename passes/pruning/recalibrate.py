@@ -26,6 +26,8 @@ models normalize with LayerNorm, which re-normalizes on its own).
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -55,7 +57,7 @@ def conv_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 class _Stop(Exception):
-    pass
+    """Raised by `_Probe` after the last watched node: the rest of the graph is not needed."""
 
 
 class _Probe(fx.Interpreter):
@@ -82,10 +84,8 @@ class _Probe(fx.Interpreter):
 
 def _call(gm: fx.GraphModule, probe: _Probe, item: Any) -> None:
     args, kwargs = (item, {}) if isinstance(item, tuple) else ((), item) if isinstance(item, dict) else ((item,), {})
-    try:
+    with contextlib.suppress(_Stop):
         probe.run(*pytree.arg_tree_leaves(*args, **kwargs), enable_io_processing=False)
-    except _Stop:
-        pass
 
 
 def statistics(gm: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[Any]) -> Stats:
