@@ -27,7 +27,6 @@ models normalize with LayerNorm, which re-normalizes on its own).
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
