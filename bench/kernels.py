@@ -343,7 +343,8 @@ def markdown(result: dict) -> str:
         lines += cpu_markdown(result)
     lines += ["", "## GPU", ""]
     if not result["gpu"]:
-        lines.append("Not yet measured (no GPU lent to this session).")
+        lines.append("Not measured in this run (no GPU on this machine); the GPU figures are in kernels_gpu.md "
+                     "(`python -m bench.kernels --gpu-only` on a lent GPU).")
     else:
         lines += [
             "TOPS = 2 M N K / time, CUDA-graph timing; ratios > 1 mean the Triton kernel is faster.",

@@ -109,14 +109,19 @@ def test_per_token_quantization_exports_to_the_same_int8_values(tmp_path):
     np.testing.assert_array_equal(got_scale, scale.numpy())
 
 
+def _tiny_bert(seed: int, hidden: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A 1-layer Hugging Face BERT (2 heads, FFN 2 × hidden, 100 tokens) and a 2 × 12 token batch."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=2 * hidden, vocab_size=100)
+    kwargs = {"input_ids": torch.randint(0, 100, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    return transformers.BertModel(config).eval(), kwargs
+
+
 def test_int8_transformer_export_runs_at_another_batch(tmp_path):
     """3-D activations flattened to batch × tokens rows: the per-token scales follow the dynamic batch."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(3)
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=128, vocab_size=100)
-    model = transformers.BertModel(config).eval()
-    kwargs = {"input_ids": torch.randint(0, 100, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    model, kwargs = _tiny_bert(seed=3, hidden=64)
     opt = graphopt.optimize(model, (), example_kwargs=kwargs, level="O2", quantize="int8-dynamic", **FAST)
     path = graphopt.export_onnx(opt, (), tmp_path / "bert.onnx", example_kwargs=kwargs)
     assert [dims[0] for dims in _dims(path)] == ["batch", "batch"]
@@ -175,14 +180,10 @@ def test_int8_export_budget_widens_with_the_modules_own_error_and_still_catches_
 def test_default_opset_keeps_float_files_usable_by_onnx_runtime_quantization(tmp_path):
     """Float exports stay at opset 20 (ORT's quantize_dynamic mistakes an opset-23 Attention for its own
     contrib op); int8 exports take opset 23 where onnxruntime runs its Attention op."""
-    transformers = pytest.importorskip("transformers")
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
     from graphopt.onnx.export import default_opset
-    torch.manual_seed(5)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=100)
-    model = transformers.BertModel(config).eval()
-    kwargs = {"input_ids": torch.randint(0, 100, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    model, kwargs = _tiny_bert(seed=5, hidden=32)
     opt = graphopt.optimize(model, (), example_kwargs=kwargs, level="O1", **FAST)
     path = graphopt.export_onnx(opt, (), tmp_path / "float.onnx", example_kwargs=kwargs)
     assert onnx.load(str(path)).opset_import[0].version == 20 == default_opset(None)
