@@ -65,11 +65,13 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
         warnings.simplefilter("ignore")
         try:
             exported = torch.export.export(work, args, kwargs, dynamic_shapes=with_sequence, strict=False)
-        except Exception:  # the sequence dimension may be what fails: retry with the batch alone
-            try:
-                exported = torch.export.export(work, args, kwargs,
-                                               dynamic_shapes=_dynamic_dims(work, args, kwargs, False), strict=False)
-            except Exception as exc:  # torch raises many types; all become CaptureError
+        except Exception as first:  # torch raises many types; all become CaptureError
+            batch_only = _dynamic_dims(work, args, kwargs, False)
+            if batch_only == with_sequence:     # no sequence dimension was marked: nothing else to try
+                raise CaptureError(_first_line(first), _hint(first)) from first
+            try:                                # the sequence dimension may be what fails: the batch alone
+                exported = torch.export.export(work, args, kwargs, dynamic_shapes=batch_only, strict=False)
+            except Exception as exc:
                 raise CaptureError(_first_line(exc), _hint(exc)) from exc
     unlifted = exported.module()
     module = fx.GraphModule(unlifted, unlifted.graph)   # a plain GraphModule: train()/eval() work

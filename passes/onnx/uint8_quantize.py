@@ -65,20 +65,17 @@ def _uint8_shift(node: gs.Node, graph: gs.Graph) -> tuple[gs.Node | None, str | 
     narrow = only_consumer(add.outputs[0], graph)
     if narrow is None or narrow.op != "Cast" or narrow.attrs.get("to") != _UINT8:
         return None, "shifted codes not cast to uint8"
-    zero = _zeros_source(node.inputs[2])
-    if zero is None:
+    if not _int8_zeros(node.inputs[2]):
         return None, "int8 zero point is not all zeros"
     return narrow, None
 
 
-def _zeros_source(zero_point: gs.Tensor) -> np.ndarray | None:
-    """The int8 zero values behind `zero_point` (a constant, or Expand of a constant), if all zero."""
+def _int8_zeros(zero_point: gs.Tensor) -> bool:
+    """Whether `zero_point` is int8 zeros: a constant, or Expand of a constant."""
     value = constant(zero_point)
     if value is None and len(zero_point.inputs) == 1 and zero_point.inputs[0].op == "Expand":
         value = constant(zero_point.inputs[0].inputs[0])
-    if value is None or np.asarray(value).dtype != np.int8 or np.any(np.asarray(value) != 0):
-        return None
-    return np.asarray(value)
+    return value is not None and np.asarray(value).dtype == np.int8 and not np.any(np.asarray(value) != 0)
 
 
 def _uint8_zero_point(zero_point: gs.Tensor, graph: gs.Graph) -> gs.Tensor:
