@@ -71,7 +71,7 @@ TOLERANCES = {
 def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.PathLike,
                 example_kwargs: Mapping[str, Any] | None = None,
                 dynamic_axes: str | Mapping[str, Mapping[int, str]] | None = "auto",
-                opset: int | None = None, tolerance: Budget | None = None) -> Path:
+                opset: int | None = None, tolerance: Budget | None = None, skip_padding: bool = True) -> Path:
     """Export `opt` (an `OptimizedModule` or any `nn.Module`) to `path`; returns the path.
 
     opset: the ONNX opset (default: `default_opset(scheme)`: 23 for int8 graphs, 20 for float ones).
@@ -79,6 +79,8 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
     dynamic_axes: "auto" (batch, and sequence for integer inputs), None (all
     static), or {input name: {axis: symbol name}}.
     tolerance: overrides the scheme's export tolerance (`TOLERANCES`).
+    skip_padding: run row-wise work on real tokens only where the outputs ignore padded ones
+        (`graphopt.passes.onnx.skip_padding`; exact, checked on random padding masks).
     """
     if isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
@@ -96,9 +98,9 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
     proto = _torch_export(module, example_inputs, kwargs, _dynamic_shapes(module, example_inputs, kwargs, dynamic_axes),
                           opset or default_opset(scheme))
     _name_dynamic_axes(proto, example_inputs, kwargs, dynamic_axes)
-    proto = _cleanup(proto)
-    budget = tolerance or _budget(opt, scheme)
     feeds = _feeds(proto, example_inputs, kwargs)
+    proto = _cleanup(proto, feeds if skip_padding else None)
+    budget = tolerance or _budget(opt, scheme)
 
     def check(written: Path) -> None:
         onnx.checker.check_model(str(written))
@@ -261,12 +263,13 @@ def _name_dynamic_axes(proto: onnx.ModelProto, args: tuple, kwargs: dict,
                 dim.dim_param = rename[dim.dim_param]
 
 
-def _cleanup(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant folding (size-guarded), uint8 quantization, dead nodes and unused initializers, topological
-    order."""
-    from graphopt.passes.onnx import ConstantFolding, DeadNodeElimination, QuantizeToUint8
+def _cleanup(proto: onnx.ModelProto, padding_feeds: dict[str, np.ndarray] | None) -> onnx.ModelProto:
+    """Constant folding (size-guarded), uint8 quantization, padding skipped (given example feeds), dead nodes
+    and unused initializers, topological order."""
+    from graphopt.passes.onnx import ConstantFolding, DeadNodeElimination, QuantizeToUint8, SkipPadding
     model = OnnxModel.from_proto(proto)
-    for p in (ConstantFolding(), QuantizeToUint8(), DeadNodeElimination()):
+    skip = [SkipPadding([padding_feeds])] if padding_feeds is not None else []
+    for p in (ConstantFolding(), QuantizeToUint8(), *skip, DeadNodeElimination()):
         p.run(model)
     model.graph.toposort()
     return model.to_proto()

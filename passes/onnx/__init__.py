@@ -1,7 +1,7 @@
 """ONNX graph passes (onnx-graphsurgeon IR), run by graphopt's pass manager through `OnnxIR`.
 
     dead nodes → identity/dropout → constant folding → Conv+BN → MatMul+Add→Gemm
-    → Transpose/Reshape collapse → (O2) int8
+    → Transpose/Reshape collapse → (O2) int8 → skip padding
 """
 from __future__ import annotations
 
@@ -14,17 +14,20 @@ from .dead_nodes import DeadNodeElimination
 from .gemm import MatMulAddToGemm
 from .identity import EliminateIdentity
 from .quantize import QuantizeInt8
+from .skip_padding import SkipPadding
 from .transpose_reshape import CollapseTransposeReshape
 from .uint8_quantize import QuantizeToUint8
 
 
 def passes(int8: str | None = None, calibration: Sequence[dict] = ()) -> list[Any]:
-    """Every ONNX pass in order; the int8 pass (level O2) when `int8` names a scheme."""
+    """Every ONNX pass in order; the int8 pass (level O2) when `int8` names a scheme. Skipping padding checks
+    itself on the first calibration feed (or random look-alike inputs) with random padding masks."""
     selected: list[Any] = [DeadNodeElimination(), EliminateIdentity(), ConstantFolding(), FoldConvBatchNorm(),
                            MatMulAddToGemm(), CollapseTransposeReshape()]
     if int8 is not None:
         selected.append(QuantizeInt8(int8, calibration))
+    selected.append(SkipPadding(calibration[:1]))
     return selected
 
 
-__all__ = ["passes", "OnnxPass", "QuantizeInt8", "QuantizeToUint8", "ConstantFolding", "DeadNodeElimination"]
+__all__ = ["passes", "OnnxPass", "QuantizeInt8", "QuantizeToUint8", "SkipPadding", "ConstantFolding", "DeadNodeElimination"]

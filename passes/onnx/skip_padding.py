@@ -1,0 +1,344 @@
+"""Skip padding (O1, exact where the outputs ignore padded tokens): row-wise work runs on real tokens only.
+
+    m: [B, S] padding mask (0 = padding); x: a token tensor, [B·S, …] or [B, S, …]
+    idx = NonZero(Reshape(m, [−1]))                                   the n real rows
+    segment(x)  ⇒  ScatterND(zeros [B·S, …], idxᵀ, segment(Gather(Reshape(x, [−1, …]), idx)))  (then [B, S, …])
+
+A segment is a connected set of row-wise ops (`row_ops`: each token row computed
+from the same row alone: linears, per-token quantization, activations,
+residual adds and LayerNorm, …) holding at least one matrix product (a gather
+and a scatter cost a copy each). On batches padded to a fixed length it does a
+fraction of the work: 32 sentences of all-MiniLM-L6-v2's benchmark padded to
+128 tokens are 22 % real tokens. Attention, which mixes tokens, stays padded.
+
+Exactness: a segment computes its real rows with the same ops as before, and
+its padded rows become zeros. That is exact iff the model's outputs never read
+those rows: attention masks padded keys, a pooling multiplies padded rows by
+zero (or masks them out of a max). It is a property of the model, so the pass
+checks it: the rewritten graph must match the original within float32 rounding
+on the example batch's own masks and on random padding patterns (right-padded
+lengths down to one token, scattered holes), else nothing is rewritten and the
+report says why. A model returning every token's state, padded ones included,
+or reading token 0 whatever its mask, is refused this way. Both graphs run with
+ONNX Runtime's basic (exact) optimizations: its extended fusions differ between
+them (Add + LayerNorm becomes SkipLayerNormalization on [B, S, ·] tensors only),
+and the last-bit differences flip int8 codes that sit on a rounding boundary.
+
+Token tensors are recognized by running the graph at batch sizes 1 and 2. The
+mask is the integer or boolean [B, S] input for which the check passes (inputs
+named like masks are tried first).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import torch
+
+from graphopt.onnx.ir import OnnxModel, random_inputs, session
+from graphopt.pass_manager import RewriteLog
+from graphopt.verify import LOSSLESS, compare
+
+from .row_ops import PRODUCTS, Edits, Rows, row_wise, token_leads
+
+#: Random padding patterns the exactness check runs on, besides the example batch's own masks.
+PROBE_MASKS = 2
+#: Rows of the example batch the check runs on (it runs the model twice per mask).
+PROBE_ROWS = 4
+
+
+@dataclass
+class Plan:
+    """What to rewrite, by tensor and node names."""
+    mask: str
+    nodes: dict[str, Edits]                  # nodes that run on the real rows only, and their edits
+    sources: list[str]                       # token tensors gathered on the way in
+    source_leads: dict[str, int]             # 1: [B·S, …], 2: [B, S, …]
+    sinks: dict[str, tuple[int, tuple[int, ...], np.dtype]]   # scattered on the way out: lead, trailing, dtype
+
+
+class SkipPadding:
+    """An ONNX pass (the pass manager's protocol, like `OnnxPass`): `run(model) -> PassResult`."""
+    name = "onnx_skip_padding"
+    level = 1
+    requires: tuple[str, ...] = ()
+    fixed_point = False
+    budget = LOSSLESS
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]] = ()) -> None:
+        self.feeds = list(feeds)
+
+    def run(self, model: OnnxModel) -> Any:
+        log = RewriteLog()
+        stats = self.rewrite(model, log) or {}
+        return log.result(model, **stats)
+
+    def rewrite(self, model: OnnxModel, log: RewriteLog) -> dict[str, Any] | None:
+        if model.opset < 15:
+            log.rejected("skip padding", "model", f"opset {model.opset} < 15 (the rewrite reads Shape(start=…))")
+            return None
+        feed = dict(self.feeds[0]) if self.feeds else random_inputs(model, 1)[0][1]
+        for i, node in enumerate(model.graph.nodes):
+            node.name = node.name or f"skip_padding_unnamed_{i}"     # plans name nodes
+        masks = _mask_candidates(model, feed)
+        if not masks:
+            log.rejected("skip padding", "model", "no integer or boolean [batch, sequence] input to read padding from")
+            return None
+        try:
+            shapes = _row_shapes(model, feed)
+        except Exception as exc:  # noqa: BLE001  (a model ORT cannot run with every tensor exposed)
+            log.rejected("skip padding", "model", f"could not measure tensor shapes: {_first_line(exc)}")
+            return None
+        for mask in masks:
+            plan, reason = _plan(model.graph, mask, feed[mask].shape[1], shapes)
+            if plan is None:
+                log.rejected("skip padding", mask, reason)
+                continue
+            reason = _check(model, plan, feed)
+            if reason:
+                log.rejected("skip padding", mask, reason)
+                continue
+            _apply(model.graph, plan)
+            model.invalidate()
+            log.matched("token rows scattered back", len(plan.sinks))
+            return {"mask_input": mask, "segment_nodes": len(plan.nodes)}
+        return None
+
+
+def _mask_candidates(model: OnnxModel, feed: dict[str, np.ndarray]) -> list[str]:
+    """Integer/boolean rank-2 inputs of the example's batch size; names with 'mask' first."""
+    batch = {np.shape(v)[0] for v in feed.values() if np.ndim(v) > 0}
+    names = [t.name for t in model.graph.inputs if t.name in feed and np.ndim(feed[t.name]) == 2
+             and np.asarray(feed[t.name]).dtype.kind in "biu" and feed[t.name].shape[0] in batch]
+    return sorted(names, key=lambda n: "mask" not in n.lower())
+
+
+def _row_shapes(model: OnnxModel, feed: dict[str, np.ndarray]) -> dict[str, tuple[tuple, tuple, np.dtype]]:
+    """{tensor name: (shape at batch 1, shape at batch 2, dtype)} for every computed tensor."""
+    proto = model.to_proto()
+    names = [t.name for t in model.graph.tensors().values()
+             if isinstance(t, gs.Variable) and t.inputs and t.name not in {o.name for o in proto.graph.output}]
+    del proto.graph.value_info[:]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    sess = session(proto, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    outputs = [o.name for o in sess.get_outputs()]
+    runs = []
+    for rows in (1, 2):
+        values = sess.run(None, {i.name: _rows(feed[i.name], rows) for i in sess.get_inputs()})
+        runs.append({name: np.asarray(v) for name, v in zip(outputs, values)})
+    shapes = {name: (runs[0][name].shape, runs[1][name].shape, runs[0][name].dtype) for name in outputs}
+    for i in sess.get_inputs():
+        one, two = _rows(feed[i.name], 1), _rows(feed[i.name], 2)
+        shapes[i.name] = (one.shape, two.shape, one.dtype)
+    return shapes
+
+
+def _rows(value: np.ndarray, rows: int) -> np.ndarray:
+    """The first `rows` rows of a batched input, repeated when the example has fewer."""
+    value = np.asarray(value)
+    if value.ndim == 0:
+        return value
+    return np.concatenate([value] * -(-rows // value.shape[0]))[:rows] if value.shape[0] < rows else value[:rows]
+
+
+def _plan(graph: gs.Graph, mask: str, seq: int, shapes: dict) -> tuple[Plan | None, str]:
+    """The segments to run on real rows, or (None, why none)."""
+    rows = Rows({n: v[0] for n, v in shapes.items()}, token_leads({n: v[0] for n, v in shapes.items()},
+                                                                  {n: v[1] for n, v in shapes.items()}, seq),
+                _only_tokens_vary(graph, mask))
+    nodes = {n.name: n for n in graph.nodes}
+    edits = {name: e for name, e in ((n.name, row_wise(n, rows)) for n in graph.nodes) if e is not None}
+    kept = _shapes_consistent(_feeding_products(_shapes_consistent(set(edits), nodes), nodes), nodes)
+    if not kept:
+        return None, "no matrix product runs on token rows ([batch·sequence, …] or [batch, sequence, …] tensors)"
+    sources, sinks = [], []
+    outputs = {t.name for t in graph.outputs}
+    for node in graph.nodes:
+        if node.name not in kept:
+            continue
+        for tensor in node.inputs:
+            if rows.lead(tensor) and (not tensor.inputs or tensor.inputs[0].name not in kept) \
+                    and tensor.name not in sources:
+                sources.append(tensor.name)
+        for tensor in node.outputs:
+            if tensor.name and (tensor.name in outputs or any(c.name not in kept for c in tensor.outputs)):
+                sinks.append(tensor.name)
+    layout = {name: (rows.leads[name], tuple(rows.shapes[name][rows.leads[name]:]), np.dtype(shapes[name][2]))
+              for name in sinks}
+    return Plan(mask, {name: edits[name] for name in kept}, sources, {n: rows.leads[n] for n in sources},
+                layout), ""
+
+
+def _only_tokens_vary(graph: gs.Graph, mask: str) -> bool:
+    """Whether every symbolic input dimension is one of the mask's (batch, sequence): then row shapes are fixed."""
+    tokens = {d for d in graph.tensors()[mask].shape or () if not isinstance(d, int)}
+    return all(isinstance(d, int) or d in tokens for t in graph.inputs for d in (t.shape or ()))
+
+
+def _shapes_consistent(names: set[str], nodes: dict[str, gs.Node]) -> set[str]:
+    """`names` less each Shape read outside it (its value would be the real rows') and each Expand whose shape
+    is not such a Shape of `names` (until none is left)."""
+    names = set(names)
+    changed = True
+    while changed:
+        changed = False
+        for name in list(names):
+            node = nodes[name]
+            if (node.op == "Shape" and any(c.name not in names for c in node.outputs[0].outputs)) \
+                    or (node.op == "Expand" and node.inputs[1].inputs[0].name not in names):
+                names.discard(name)
+                changed = True
+    return names
+
+
+def _feeding_products(names: set[str], nodes: dict[str, gs.Node]) -> set[str]:
+    """The matrix products among `names` and the nodes that feed one through `names`.
+
+    What follows the last product (an output's pooling, masking with −∞ for a max) stays padded: it may
+    give padded rows values of its own, which zeros would not reproduce."""
+    kept = {name for name in names if nodes[name].op in PRODUCTS}
+    frontier = list(kept)
+    while frontier:
+        for tensor in nodes[frontier.pop()].inputs:
+            producer = tensor.inputs[0] if tensor.inputs else None
+            if producer is not None and producer.name in names and producer.name not in kept:
+                kept.add(producer.name)
+                frontier.append(producer.name)
+    return kept
+
+
+def _apply(graph: gs.Graph, plan: Plan) -> None:
+    """Rewrite `graph` by `plan`: segments on real rows, padded rows of their outputs zeros."""
+    tensors = graph.tensors()
+    mask = tensors[plan.mask]
+    flat, index, column = _index(graph, mask)
+    real: dict[str, gs.Variable] = {}
+    for name in plan.sources:
+        real[name] = gs.Variable(f"{name}_real_rows", dtype=tensors[name].dtype)
+        rows = _flatten_rows(graph, tensors[name]) if plan.source_leads[name] == 2 else tensors[name]
+        graph.nodes.append(gs.Node("Gather", f"{name}_gather_real_rows", attrs={"axis": 0},
+                                   inputs=[rows, index], outputs=[real[name]]))
+    nodes = [n for n in graph.nodes if n.name in plan.nodes]
+    for node in nodes:
+        for i, tensor in enumerate(node.outputs):
+            if tensor.name:
+                real[tensor.name] = gs.Variable(f"{tensor.name}_real_rows", dtype=tensor.dtype)
+                node.outputs[i] = real[tensor.name]
+    for node in nodes:
+        edits = plan.nodes[node.name]
+        node.attrs.update(edits.attrs)
+        for i, tensor in enumerate(node.inputs):
+            if i in edits.inputs:
+                node.inputs[i] = gs.Constant(f"{node.name}_input_{i}_on_real_rows", edits.inputs[i])
+            elif tensor.name in real:
+                node.inputs[i] = real[tensor.name]
+    for name, (lead, trailing, dtype) in plan.sinks.items():
+        _scatter(graph, tensors[name], real[name], flat, column, mask if lead == 2 else None, dtype)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def _index(graph: gs.Graph, mask: gs.Tensor) -> tuple[gs.Variable, gs.Variable, gs.Variable]:
+    """(mask as [B·S], real row numbers [n], the same as a column [n, 1] for ScatterND)."""
+    minus_one = gs.Constant("skip_padding_minus_one", np.array([-1], np.int64))
+    flat, nonzero = gs.Variable("skip_padding_mask_flat"), gs.Variable("skip_padding_nonzero", dtype=np.int64)
+    index = gs.Variable("skip_padding_index", dtype=np.int64)
+    column = gs.Variable("skip_padding_index_column", dtype=np.int64)
+    graph.nodes += [
+        gs.Node("Reshape", "skip_padding_flatten", inputs=[mask, minus_one], outputs=[flat]),
+        gs.Node("NonZero", "skip_padding_nonzero", inputs=[flat], outputs=[nonzero]),
+        gs.Node("Reshape", "skip_padding_index", inputs=[nonzero, minus_one], outputs=[index]),
+        gs.Node("Transpose", "skip_padding_column", attrs={"perm": [1, 0]}, inputs=[nonzero], outputs=[column]),
+    ]
+    return flat, index, column
+
+
+def _flatten_rows(graph: gs.Graph, tensor: gs.Tensor) -> gs.Variable:
+    """[B, S, …] → [B·S, …]."""
+    trailing, shape, rows = (gs.Variable(f"{tensor.name}_{s}") for s in ("row_dims", "rows_shape", "as_rows"))
+    graph.nodes += [
+        gs.Node("Shape", f"{tensor.name}_row_dims", attrs={"start": 2}, inputs=[tensor], outputs=[trailing]),
+        gs.Node("Concat", f"{tensor.name}_rows_shape", attrs={"axis": 0},
+                inputs=[gs.Constant(f"{tensor.name}_minus_one", np.array([-1], np.int64)), trailing],
+                outputs=[shape]),
+        gs.Node("Reshape", f"{tensor.name}_as_rows", inputs=[tensor, shape], outputs=[rows]),
+    ]
+    return rows
+
+
+def _scatter(graph: gs.Graph, full: gs.Variable, real: gs.Variable, flat: gs.Tensor, column: gs.Tensor,
+             mask: gs.Tensor | None, dtype: np.dtype) -> None:
+    """full = ScatterND(zeros [B·S, …], real row numbers, real), reshaped to [B, S, …] given the mask."""
+    name = full.name
+    trailing, rows, shape, zeros = (gs.Variable(f"{name}_{s}") for s in ("row_dims", "row_count", "padded_shape",
+                                                                         "zeros"))
+    graph.nodes += [
+        gs.Node("Shape", f"{name}_row_dims", attrs={"start": 1}, inputs=[real], outputs=[trailing]),
+        gs.Node("Shape", f"{name}_row_count", inputs=[flat], outputs=[rows]),
+        gs.Node("Concat", f"{name}_padded_shape", attrs={"axis": 0}, inputs=[rows, trailing], outputs=[shape]),
+        gs.Node("ConstantOfShape", f"{name}_zeros", inputs=[shape], outputs=[zeros],
+                attrs={"value": gs.Constant(f"{name}_zero", np.zeros(1, dtype))}),
+    ]
+    scattered = full if mask is None else gs.Variable(f"{name}_padded_rows", dtype=full.dtype)
+    graph.nodes.append(gs.Node("ScatterND", f"{name}_scatter_real_rows", inputs=[zeros, column, real],
+                               outputs=[scattered]))
+    if mask is not None:
+        tokens, shape = gs.Variable(f"{name}_token_dims"), gs.Variable(f"{name}_token_shape")
+        graph.nodes += [
+            gs.Node("Shape", f"{name}_token_dims", inputs=[mask], outputs=[tokens]),
+            gs.Node("Concat", f"{name}_token_shape", attrs={"axis": 0}, inputs=[tokens, trailing], outputs=[shape]),
+            gs.Node("Reshape", f"{name}_as_tokens", inputs=[scattered, shape], outputs=[full]),
+        ]
+
+
+def _check(model: OnnxModel, plan: Plan, feed: dict[str, np.ndarray]) -> str:
+    """'' if the rewritten graph matches the original on every probe mask, else why not."""
+    rewritten = model.copy()
+    _apply(rewritten.graph, plan)
+    exact = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC     # ONNX Runtime's exact rewrites only: see above
+    try:
+        sess = session(rewritten.to_proto(), exact)
+    except Exception as exc:  # noqa: BLE001
+        return f"the rewritten graph does not run: {_first_line(exc)}"
+    reference = session(model.to_proto(), exact)
+    for probe in _probe_feeds(feed, plan.mask):
+        try:
+            want = reference.run(None, {i.name: probe[i.name] for i in reference.get_inputs()})
+            got = sess.run(None, {i.name: probe[i.name] for i in sess.get_inputs()})
+        except Exception as exc:  # noqa: BLE001
+            return f"the rewritten graph fails on a probe mask: {_first_line(exc)}"
+        for g, w in zip(got, want):
+            reason = LOSSLESS.check(compare(torch.from_numpy(np.asarray(g)), torch.from_numpy(np.asarray(w))))
+            if reason:
+                return f"outputs read padded rows ({reason} on a random padding mask): padding cannot be skipped"
+    return ""
+
+
+def _probe_feeds(feed: dict[str, np.ndarray], mask: str) -> list[dict[str, np.ndarray]]:
+    """The example's first rows with their own mask, random right-padded lengths, and scattered holes."""
+    rows = min(PROBE_ROWS, feed[mask].shape[0])
+    batch = feed[mask].shape[0]
+    base = {k: (np.asarray(v)[:rows] if np.ndim(v) and np.shape(v)[0] == batch else np.asarray(v))
+            for k, v in feed.items()}
+    rng = np.random.default_rng(0)
+    seq = feed[mask].shape[1]
+    dtype = feed[mask].dtype
+    probes = [base]
+    for k in range(PROBE_MASKS):
+        if k % 2 == 0:
+            lengths = rng.integers(1, seq + 1, size=rows)
+            lengths[0] = 1
+            pattern = np.arange(seq)[None, :] < lengths[:, None]
+        else:
+            pattern = rng.random((rows, seq)) < 0.5
+            pattern[np.arange(rows), rng.integers(0, seq, size=rows)] = True
+        probes.append({**base, mask: pattern.astype(dtype)})
+    return probes
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
