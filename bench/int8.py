@@ -4,8 +4,12 @@
    Fidelity: cosine of mean-pooled embeddings to the fp32 model over 256 real English
    sentences split from `pydoc_data.topics` (64 further sentences calibrate).
    Engines: torch fp32 eager, graphopt int8 (torch module), graphopt int8 → ONNX Runtime
-   (graphopt.export_onnx), ORT fp32, ORT quantize_dynamic per-tensor / per-channel,
-   torch.ao dynamic int8. Goal: min cosine ≥ 0.995 at latency ≤ 0.85× ORT per-tensor.
+   (graphopt.export_onnx, which skips padded tokens where the outputs ignore them), the same
+   file with padding computed (export_onnx(skip_padding=False): int8 alone), graphopt O1 float
+   → ONNX Runtime (padding skipped, no int8), ORT fp32, ORT quantize_dynamic per-tensor /
+   per-channel, torch.ao dynamic int8. Goal: min cosine ≥ 0.995 at latency ≤ 0.85× ORT
+   per-tensor. Latency on the issue's batch (32 sentences padded to 128 tokens) and on a full
+   batch (32 × 128 real tokens of running text: nothing to skip).
 2. Digits (scikit-learn load_digits): test accuracy of a small CNN and MLP, fp32 vs each
    int8 scheme. Goal: drop ≤ 0.3 points.
 
@@ -78,6 +82,7 @@ def minilm(quick: bool) -> tuple[list[dict], str]:
     evaluation = [(ids[i:i + BATCH], mask[i:i + BATCH]) for i in range(0, 256, BATCH)]
     calibration = [(ids[i:i + 16], mask[i:i + 16]) for i in range(256, 320, 16)]
     timed = evaluation[0]
+    full = _full_batch(tokenizer, texts)
     with torch.no_grad():
         reference = torch.cat([encoder(*batch) for batch in evaluation])
 
@@ -130,31 +135,62 @@ def minilm(quick: bool) -> tuple[list[dict], str]:
                  f"{opt.report.final.param_bytes / 2**20:.1f} MiB")
     record("graphopt int8 torch module (CPU)", opt, "W8A8 per-token + SmoothQuant")
     onnx_path = None
-    try:
-        onnx_path = graphopt.export_onnx(opt, timed, work / "graphopt_int8.onnx")
-        record("graphopt int8 → ONNX Runtime", ort_runner(Path(onnx_path)), "W8A8 per-token + SmoothQuant")
-    except Exception as exc:   # the ONNX export is another issue; report, never invent a figure
-        notes.append(f"graphopt int8 → ONNX Runtime: export failed here ({type(exc).__name__}: "
-                     f"{str(exc).splitlines()[0][:300]}); no figure")
+    exports = {"graphopt int8 → ONNX Runtime": (opt, {}, "W8A8 per-token + SmoothQuant"),
+               "graphopt int8 → ONNX Runtime, padding computed": (opt, {"skip_padding": False},
+                                                                  "W8A8 per-token + SmoothQuant")}
+    float_opt = graphopt.optimize(encoder, timed, level="O1", measure_latency=False)
+    exports["graphopt O1 float → ONNX Runtime"] = (float_opt, {}, "-")
+    for k, (engine, (module, export_options, quantized)) in enumerate(exports.items()):
+        try:
+            path = graphopt.export_onnx(module, timed, work / f"graphopt_{k}.onnx", **export_options)
+            onnx_path = onnx_path or path
+            record(engine, ort_runner(Path(path)), quantized)
+        except Exception as exc:   # report, never invent a figure
+            notes.append(f"{engine}: export failed here ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
+                         f"no figure")
     rounds = 3 if quick else 10
-    timings = interleaved({name: (lambda run=run: run(*timed)) for name, run in runners.items()}, rounds)
-    for row in rows:
-        timing = timings[row["engine"]]
-        row.update(latency_ms=timing.median_ms, spread=timing.spread)
+    for key, batch in (("latency_ms", timed), ("full_batch_ms", full)):
+        timings = interleaved({name: (lambda run=run, b=batch: run(*b)) for name, run in runners.items()}, rounds)
+        for row in rows:
+            row[key] = timings[row["engine"]].median_ms
+            if key == "latency_ms":
+                row["spread"] = timings[row["engine"]].spread
     anchor = next(r for r in rows if r["engine"] == "ORT quantize_dynamic per-tensor")
     for row in rows:
         row["latency_vs_ort_per_tensor"] = row["latency_ms"] / anchor["latency_ms"]
+        row["full_batch_vs_ort_per_tensor"] = row["full_batch_ms"] / anchor["full_batch_ms"]
     notes.append(f"Latency: all engines timed round-robin in one loop ({rounds} rounds after a warm-up round, one "
-                 f"call of each per round), median; spread = (p90 − p10) / median; load average at the end "
-                 f"{os.getloadavg()[0]:.1f}. graphopt's ONNX file: opset {_opset(onnx_path)} "
+                 f"call of each per round), median; spread = (p90 − p10) / median of the first loop. latency_ms: the "
+                 f"issue's batch, 32 sentences padded to {SEQ} tokens ({int(timed[1].sum())} of {timed[1].numel()} "
+                 f"tokens real); full_batch_ms: 32 × {SEQ} tokens of running text, no padding. Load average at the "
+                 f"end {os.getloadavg()[0]:.1f}. graphopt's ONNX files: opset {_opset(onnx_path)} for int8 "
                  f"(export_onnx default).")
-    goal = next((r for r in rows if r["engine"] == "graphopt int8 → ONNX Runtime"), None)
+    by_engine = {r["engine"]: r for r in rows}
+    goal = by_engine.get("graphopt int8 → ONNX Runtime")
     if goal:
         met = goal["min_cos"] >= 0.995 and goal["latency_vs_ort_per_tensor"] <= 0.85
         notes.append(f"Goal (min cos ≥ 0.995 at ≤ 0.85× ORT per-tensor latency): "
                      f"{'met' if met else 'NOT met'} — min cos {goal['min_cos']:.4f}, "
-                     f"{goal['latency_vs_ort_per_tensor']:.2f}×")
+                     f"{goal['latency_vs_ort_per_tensor']:.2f}× (padded tokens skipped: part of the gain is that "
+                     f"lossless rewrite, which the float O1 file has too).")
+    alone = by_engine.get("graphopt int8 → ONNX Runtime, padding computed")
+    if alone:
+        notes.append(f"int8 alone (padding computed): {alone['latency_vs_ort_per_tensor']:.2f}× on the padded batch, "
+                     f"{alone['full_batch_vs_ort_per_tensor']:.2f}× on the full batch — exact per-token int8 "
+                     f"(uint8 × uint8 MatMulInteger and a per-row epilogue) against ORT's fused, saturating "
+                     f"per-tensor DynamicQuantizeMatMul on this AVX2 CPU without VNNI.")
     return rows, "\n\n".join(notes)
+
+
+def _full_batch(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """32 sequences of SEQ real tokens: [CLS] + running text + [SEP], no padding."""
+    body = tokenizer(" ".join(texts), add_special_tokens=False)["input_ids"]
+    width = SEQ - 2
+    if len(body) < BATCH * width:
+        raise RuntimeError(f"only {len(body)} tokens of text for a {BATCH} × {SEQ} batch")
+    rows = [[tokenizer.cls_token_id, *body[i * width:(i + 1) * width], tokenizer.sep_token_id] for i in range(BATCH)]
+    ids = torch.tensor(rows)
+    return ids, torch.ones_like(ids)
 
 
 def _opset(path: Path | None) -> str:

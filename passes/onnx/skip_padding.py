@@ -43,12 +43,16 @@ from graphopt.onnx.ir import OnnxModel, random_inputs, session
 from graphopt.pass_manager import RewriteLog
 from graphopt.verify import LOSSLESS, compare
 
+from .base import OnnxPass
 from .row_ops import PRODUCTS, Edits, Rows, row_wise, token_leads
 
 #: Random padding patterns the exactness check runs on, besides the example batch's own masks.
 PROBE_MASKS = 2
 #: Rows of the example batch the check runs on (it runs the model twice per mask).
 PROBE_ROWS = 4
+#: Sequence positions the shape measurement runs on (it fetches every intermediate tensor); a prime, so
+#: that no head count or width is mistaken for it.
+SHAPE_TOKENS = 11
 
 
 @dataclass
@@ -58,27 +62,18 @@ class Plan:
     nodes: dict[str, Edits]                  # nodes that run on the real rows only, and their edits
     sources: list[str]                       # token tensors gathered on the way in
     source_leads: dict[str, int]             # 1: [B·S, …], 2: [B, S, …]
-    sinks: dict[str, tuple[int, tuple[int, ...], np.dtype]]   # scattered on the way out: lead, trailing, dtype
+    sinks: dict[str, tuple[int, np.dtype]]   # token tensors scattered back on the way out: lead, dtype
 
 
-class SkipPadding:
-    """An ONNX pass (the pass manager's protocol, like `OnnxPass`): `run(model) -> PassResult`."""
+class SkipPadding(OnnxPass):
+    """feeds: example inputs ({input name: array}, the first is used); random look-alikes when empty."""
     name = "onnx_skip_padding"
-    level = 1
-    requires: tuple[str, ...] = ()
-    fixed_point = False
-    budget = LOSSLESS
 
     def __init__(self, feeds: Sequence[dict[str, np.ndarray]] = ()) -> None:
         self.feeds = list(feeds)
 
-    def run(self, model: OnnxModel) -> Any:
-        log = RewriteLog()
-        stats = self.rewrite(model, log) or {}
-        return log.result(model, **stats)
-
     def rewrite(self, model: OnnxModel, log: RewriteLog) -> dict[str, Any] | None:
-        if model.opset < 15:
+        if model.opset < 15:        # not upgraded for this pass alone (min_opset would)
             log.rejected("skip padding", "model", f"opset {model.opset} < 15 (the rewrite reads Shape(start=…))")
             return None
         feed = dict(self.feeds[0]) if self.feeds else random_inputs(model, 1)[0][1]
@@ -89,12 +84,12 @@ class SkipPadding:
             log.rejected("skip padding", "model", "no integer or boolean [batch, sequence] input to read padding from")
             return None
         try:
-            shapes = _row_shapes(model, feed)
+            seq, shapes = _row_shapes(model, feed, feed[masks[0]].shape[1])
         except Exception as exc:  # noqa: BLE001  (a model ORT cannot run with every tensor exposed)
             log.rejected("skip padding", "model", f"could not measure tensor shapes: {_first_line(exc)}")
             return None
         for mask in masks:
-            plan, reason = _plan(model.graph, mask, feed[mask].shape[1], shapes)
+            plan, reason = _plan(model.graph, mask, seq, shapes)
             if plan is None:
                 log.rejected("skip padding", mask, reason)
                 continue
@@ -110,29 +105,44 @@ class SkipPadding:
 
 
 def _mask_candidates(model: OnnxModel, feed: dict[str, np.ndarray]) -> list[str]:
-    """Integer/boolean rank-2 inputs of the example's batch size; names with 'mask' first."""
-    batch = {np.shape(v)[0] for v in feed.values() if np.ndim(v) > 0}
+    """Integer/boolean rank-2 inputs; names with 'mask' first."""
     names = [t.name for t in model.graph.inputs if t.name in feed and np.ndim(feed[t.name]) == 2
-             and np.asarray(feed[t.name]).dtype.kind in "biu" and feed[t.name].shape[0] in batch]
+             and np.asarray(feed[t.name]).dtype.kind in "biu"]
     return sorted(names, key=lambda n: "mask" not in n.lower())
 
 
-def _row_shapes(model: OnnxModel, feed: dict[str, np.ndarray]) -> dict[str, tuple[tuple, tuple, np.dtype]]:
-    """{tensor name: (shape at batch 1, shape at batch 2, dtype)} for every computed tensor."""
+def _row_shapes(model: OnnxModel, feed: dict[str, np.ndarray],
+                seq: int) -> tuple[int, dict[str, tuple[tuple, tuple, np.dtype]]]:
+    """(sequence length used, {tensor name: (shape at batch 1, shape at batch 2, dtype)}) for every tensor.
+
+    Every intermediate tensor is fetched, so the graph runs on the first SHAPE_TOKENS positions of each
+    sequence input when it accepts them (a large model at its full length would hold all its activations),
+    else at full length."""
     proto = model.to_proto()
     names = [t.name for t in model.graph.tensors().values()
              if isinstance(t, gs.Variable) and t.inputs and t.name not in {o.name for o in proto.graph.output}]
     del proto.graph.value_info[:]
     proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
     sess = session(proto, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if seq > SHAPE_TOKENS:
+        try:
+            return SHAPE_TOKENS, _measure(sess, feed, seq, SHAPE_TOKENS)
+        except Exception:  # noqa: BLE001  (a fixed sequence length: measure at the full length)
+            pass
+    return seq, _measure(sess, feed, seq, seq)
+
+
+def _measure(sess: ort.InferenceSession, feed: dict[str, np.ndarray], seq: int,
+             length: int) -> dict[str, tuple[tuple, tuple, np.dtype]]:
+    cut = {name: (v[:, :length] if np.ndim(v) >= 2 and np.shape(v)[1] == seq else np.asarray(v))
+           for name, v in feed.items()}
     outputs = [o.name for o in sess.get_outputs()]
-    runs = []
-    for rows in (1, 2):
-        values = sess.run(None, {i.name: _rows(feed[i.name], rows) for i in sess.get_inputs()})
-        runs.append({name: np.asarray(v) for name, v in zip(outputs, values)})
-    shapes = {name: (runs[0][name].shape, runs[1][name].shape, runs[0][name].dtype) for name in outputs}
+    runs = [dict(zip(outputs, sess.run(None, {i.name: _rows(cut[i.name], rows) for i in sess.get_inputs()})))
+            for rows in (1, 2)]
+    shapes = {name: (np.shape(runs[0][name]), np.shape(runs[1][name]), np.asarray(runs[0][name]).dtype)
+              for name in outputs}
     for i in sess.get_inputs():
-        one, two = _rows(feed[i.name], 1), _rows(feed[i.name], 2)
+        one, two = _rows(cut[i.name], 1), _rows(cut[i.name], 2)
         shapes[i.name] = (one.shape, two.shape, one.dtype)
     return shapes
 
@@ -167,10 +177,8 @@ def _plan(graph: gs.Graph, mask: str, seq: int, shapes: dict) -> tuple[Plan | No
         for tensor in node.outputs:
             if tensor.name and (tensor.name in outputs or any(c.name not in kept for c in tensor.outputs)):
                 sinks.append(tensor.name)
-    layout = {name: (rows.leads[name], tuple(rows.shapes[name][rows.leads[name]:]), np.dtype(shapes[name][2]))
-              for name in sinks}
     return Plan(mask, {name: edits[name] for name in kept}, sources, {n: rows.leads[n] for n in sources},
-                layout), ""
+                {n: (rows.leads[n], np.dtype(shapes[n][2])) for n in sinks}), ""
 
 
 def _only_tokens_vary(graph: gs.Graph, mask: str) -> bool:
@@ -236,7 +244,7 @@ def _apply(graph: gs.Graph, plan: Plan) -> None:
                 node.inputs[i] = gs.Constant(f"{node.name}_input_{i}_on_real_rows", edits.inputs[i])
             elif tensor.name in real:
                 node.inputs[i] = real[tensor.name]
-    for name, (lead, trailing, dtype) in plan.sinks.items():
+    for name, (lead, dtype) in plan.sinks.items():
         _scatter(graph, tensors[name], real[name], flat, column, mask if lead == 2 else None, dtype)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
