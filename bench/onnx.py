@@ -181,7 +181,8 @@ def _cosine_fidelity(feeds: list[dict], reference: list[np.ndarray], pick: int =
 
 
 def _export(model: torch.nn.Module, args: tuple, path: Path, kwargs: dict | None = None) -> Path:
-    return graphopt.export_onnx(model, args, path, example_kwargs=kwargs)
+    """The plain export (padding computed): every variant, anchors included, starts from the same file."""
+    return graphopt.export_onnx(model, args, path, example_kwargs=kwargs, skip_padding=False)
 
 
 def digits_case(work: Path, quick: bool) -> Case:
@@ -393,6 +394,9 @@ Fidelity: digits = test accuracy (450 real digits); ResNet/BERT = cosine of outp
 ONNX model's (random weights, random inputs); all-MiniLM-L6-v2 = cosine of mean-pooled embeddings to
 torch fp32 over 64 real sentences (pydoc_data.topics), batch 8 × seq 128. Calibration for static int8:
 4 further batches (digits: training images; MiniLM: 16 further sentences).
+The original is graphopt.export_onnx(..., skip_padding=False); graphopt O1/O2 include the skip-padding
+pass (MiniLM's sentences are padded to 128 tokens: the padded batch's linears, residual adds and
+LayerNorms run on its real tokens only; exact, checked by the pass on random padding masks).
 """
 
 
