@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
@@ -11,7 +12,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import graphopt
-from graphopt.onnx.ir import OnnxModel
+from graphopt.onnx.ir import OnnxModel, session
 from graphopt.passes.onnx import SkipPadding
 from graphopt.verify import LOSSLESS, compare
 
@@ -139,3 +140,39 @@ def test_optimize_onnx_skips_padding_in_a_file_exported_without_it(tmp_path):
     got = OnnxModel.from_proto(onnx.load(str(tmp_path / "out.onnx"))).run(_feeds(example))[0]
     with torch.no_grad():
         assert not LOSSLESS.check(compare(got, model(**example)))
+
+
+class _MeanPooled(nn.Module):
+    """A Hugging Face encoder with sentence-transformers' mean pooling."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def test_hugging_face_bert_int8_skips_padding_exactly(tmp_path):
+    """Hugging Face's own mask construction and attention, int8: the default export gathers real rows and
+    computes what the padding-computed export does, on a new batch size and padding pattern."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=VOCAB)
+    model = _MeanPooled(transformers.BertModel(config).eval()).eval()
+    _, example = _encoder(seed=0, pooling="mean")
+    opt = graphopt.optimize(model, (), example_kwargs=example, quantize="int8-dynamic", measure_latency=False,
+                            progress=False)
+    skipped = graphopt.export_onnx(opt, (), tmp_path / "skipped.onnx", example_kwargs=example)
+    padded = graphopt.export_onnx(opt, (), tmp_path / "padded.onnx", example_kwargs=example, skip_padding=False)
+    assert "NonZero" in [n.op_type for n in onnx.load(str(skipped)).graph.node]
+    mask = np.ones((5, SEQ), np.int64)
+    mask[1, 3:], mask[2, 1:], mask[3, :6], mask[4, ::2] = 0, 0, 0, 0
+    feed = {"input_ids": np.random.default_rng(0).integers(0, VOCAB, mask.shape), "attention_mask": mask}
+    exact = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    got = session(onnx.load(str(skipped)), exact).run(None, feed)[0]
+    want = session(onnx.load(str(padded)), exact).run(None, feed)[0]
+    assert not LOSSLESS.check(compare(torch.from_numpy(got), torch.from_numpy(want)))
