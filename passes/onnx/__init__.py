@@ -1,7 +1,7 @@
 """ONNX graph passes (onnx-graphsurgeon IR), run by graphopt's pass manager through `OnnxIR`.
 
     dead nodes → identity/dropout → constant folding → Conv+BN → MatMul+Add→Gemm
-    → Transpose/Reshape collapse → (O2) int8 → skip padding
+    → Transpose/Reshape collapse → skip padding → (O2) int8
 """
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ from .uint8_quantize import QuantizeToUint8
 
 def passes(int8: str | None = None, calibration: Sequence[dict] = ()) -> list[Any]:
     """Every ONNX pass in order; the int8 pass (level O2) when `int8` names a scheme. Skipping padding checks
-    itself on the first calibration feed (or random look-alike inputs) with random padding masks."""
+    itself on the first calibration feed (or random look-alike inputs) with random padding masks; it runs
+    before int8, so that per-tensor scales and calibrated ranges see real tokens only."""
     selected: list[Any] = [DeadNodeElimination(), EliminateIdentity(), ConstantFolding(), FoldConvBatchNorm(),
                            MatMulAddToGemm(), CollapseTransposeReshape()]
+    selected.append(SkipPadding(calibration[:1]))
     if int8 is not None:
         selected.append(QuantizeInt8(int8, calibration))
-    selected.append(SkipPadding(calibration[:1]))
     return selected
 
 
