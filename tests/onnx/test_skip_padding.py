@@ -106,8 +106,10 @@ def test_export_skips_padding_by_default_and_matches_the_module(tmp_path):
     padded batch equals the torch module's."""
     model, example = _encoder(seed=1, pooling="mean", layers=2)
     path = graphopt.export_onnx(model, (), tmp_path / "model.onnx", example_kwargs=example)
-    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    proto = onnx.load(str(path))
+    ops = [n.op_type for n in proto.graph.node]
     assert "NonZero" in ops and ops.count("ScatterND") >= 2
+    assert "'attention_mask'" in {p.key: p.value for p in proto.metadata_props}["graphopt.skip_padding"]
     got = OnnxModel.from_proto(onnx.load(str(path))).run(_feeds(example))[0]
     with torch.no_grad():
         want = model(**example)
