@@ -19,7 +19,9 @@ checks it: the rewritten graph must match the original within float32 rounding
 on the example batch's own masks and on random padding patterns (right-padded
 lengths down to one token, scattered holes), else nothing is rewritten and the
 report says why. A model returning every token's state, padded ones included,
-or reading token 0 whatever its mask, is refused this way. Both graphs run with
+is refused this way. A model that reads each sequence's first position whatever
+its mask (a classifier on the [CLS] token) passes the check on a second try that
+computes those B rows too. Both graphs run with
 ONNX Runtime's basic (exact) optimizations: its extended fusions differ between
 them (Add + LayerNorm becomes SkipLayerNormalization on [B, S, ·] tensors only),
 and the last-bit differences flip int8 codes that sit on a rounding boundary.
@@ -64,6 +66,7 @@ class Plan:
     sources: list[str]                       # token tensors gathered on the way in
     source_leads: dict[str, int]             # 1: [B·S, …], 2: [B, S, …]
     sinks: dict[str, tuple[int, np.dtype]]   # token tensors scattered back on the way out: lead, dtype
+    keep_first: bool = False                 # also compute each sequence's first position, real or not
 
 
 class SkipPadding(OnnxPass):
@@ -95,13 +98,15 @@ class SkipPadding(OnnxPass):
                 log.rejected("skip padding", mask, reason)
                 continue
             reason = _check(model, plan, feed)
-            if reason:
-                log.rejected("skip padding", mask, reason)
-                continue
+            if reason:          # an output may read position 0 whatever the mask (a [CLS] classifier)
+                plan.keep_first = True
+                if _check(model, plan, feed):
+                    log.rejected("skip padding", mask, reason)
+                    continue
             _apply(model.graph, plan)
             model.invalidate()
             log.matched("token rows scattered back", len(plan.sinks))
-            return {"mask_input": mask, "segment_nodes": len(plan.nodes)}
+            return {"mask_input": mask, "segment_nodes": len(plan.nodes), "first_position_kept": plan.keep_first}
         return None
 
 
@@ -222,7 +227,7 @@ def _apply(graph: gs.Graph, plan: Plan) -> None:
     """Rewrite `graph` by `plan`: segments on real rows, padded rows of their outputs zeros."""
     tensors = graph.tensors()
     mask = tensors[plan.mask]
-    flat, index, column = _index(graph, mask)
+    flat, index, column = _index(graph, mask, plan.keep_first)
     real: dict[str, gs.Variable] = {}
     for name in plan.sources:
         real[name] = gs.Variable(f"{name}_real_rows", dtype=tensors[name].dtype)
@@ -248,12 +253,16 @@ def _apply(graph: gs.Graph, plan: Plan) -> None:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
 
-def _index(graph: gs.Graph, mask: gs.Tensor) -> tuple[gs.Variable, gs.Variable, gs.Variable]:
-    """(mask as [B·S], real row numbers [n], the same as a column [n, 1] for ScatterND)."""
+def _index(graph: gs.Graph, mask: gs.Tensor, keep_first: bool) -> tuple[gs.Variable, gs.Variable, gs.Variable]:
+    """(computed rows as a [B·S] mask, their row numbers [n], the same as a column [n, 1] for ScatterND).
+
+    The computed rows are the real tokens, and with `keep_first` each sequence's first position too."""
     minus_one = gs.Constant("skip_padding_minus_one", np.array([-1], np.int64))
     flat, nonzero = gs.Variable("skip_padding_mask_flat"), gs.Variable("skip_padding_nonzero", dtype=np.int64)
     index = gs.Variable("skip_padding_index", dtype=np.int64)
     column = gs.Variable("skip_padding_index_column", dtype=np.int64)
+    if keep_first:
+        mask = _or_first_position(graph, mask)
     graph.nodes += [
         gs.Node("Reshape", "skip_padding_flatten", inputs=[mask, minus_one], outputs=[flat]),
         gs.Node("NonZero", "skip_padding_nonzero", inputs=[flat], outputs=[nonzero]),
@@ -261,6 +270,22 @@ def _index(graph: gs.Graph, mask: gs.Tensor) -> tuple[gs.Variable, gs.Variable, 
         gs.Node("Transpose", "skip_padding_column", attrs={"perm": [1, 0]}, inputs=[nonzero], outputs=[column]),
     ]
     return flat, index, column
+
+
+def _or_first_position(graph: gs.Graph, mask: gs.Tensor) -> gs.Variable:
+    """mask ≠ 0 or position = 0, as a [B, S] boolean."""
+    names = ("real", "shape", "length", "positions", "first", "kept")
+    real, shape, length, positions, first, kept = (gs.Variable(f"skip_padding_{n}") for n in names)
+    scalar = {v: gs.Constant(f"skip_padding_{v}", np.array(v, np.int64)) for v in (0, 1)}
+    graph.nodes += [
+        gs.Node("Cast", "skip_padding_real", attrs={"to": onnx.TensorProto.BOOL}, inputs=[mask], outputs=[real]),
+        gs.Node("Shape", "skip_padding_shape", inputs=[mask], outputs=[shape]),
+        gs.Node("Gather", "skip_padding_length", attrs={"axis": 0}, inputs=[shape, scalar[1]], outputs=[length]),
+        gs.Node("Range", "skip_padding_positions", inputs=[scalar[0], length, scalar[1]], outputs=[positions]),
+        gs.Node("Equal", "skip_padding_first", inputs=[positions, scalar[0]], outputs=[first]),
+        gs.Node("Or", "skip_padding_kept", inputs=[real, first], outputs=[kept]),
+    ]
+    return kept
 
 
 def _flatten_rows(graph: gs.Graph, tensor: gs.Tensor) -> gs.Variable:

@@ -18,7 +18,7 @@ from graphopt.verify import LOSSLESS, compare
 from graphopt.zoo import MeanPooledEncoder
 
 VOCAB, SEQ, BATCH = 50, 10, 3
-POOLINGS_THAT_IGNORE_PADDING = ("mean", "max")
+POOLINGS_THAT_IGNORE_PADDING = ("mean", "max", "first")     # "first": position 0 is computed too
 
 
 class TokenEncoder(nn.Module):
@@ -117,13 +117,26 @@ def test_export_skips_padding_by_default_and_matches_the_module(tmp_path):
     assert not LOSSLESS.check(compare(got, want))
 
 
-@pytest.mark.parametrize("pooling", ["tokens", "first"])
-def test_outputs_that_read_padded_rows_are_left_alone_with_the_reason(tmp_path, pooling):
-    model, example = _encoder(seed=2, pooling=pooling)
+def test_outputs_that_read_padded_rows_are_left_alone_with_the_reason(tmp_path):
+    model, example = _encoder(seed=2, pooling="tokens")
     original = _export(tmp_path, model, example, None)
     result = SkipPadding([_feeds(example)]).run(original)
     assert not result.modified
     assert any("outputs read padded rows" in r for r in result.stats["rejected"]), result.stats["rejected"]
+
+
+def test_a_first_token_classifier_computes_position_0_of_every_sequence(tmp_path):
+    """Token 0 is read whatever the mask: the rewrite computes it for every sequence, and stays exact when it is
+    padding (left padding)."""
+    model, example = _encoder(seed=4, pooling="first")
+    original = _export(tmp_path, model, example, None)
+    rewritten = original.copy()
+    result = SkipPadding([_feeds(example)]).run(rewritten)
+    assert result.modified and result.stats["first_position_kept"]
+    mask = np.zeros((3, SEQ), np.int64)
+    mask[0, 4:], mask[1, :], mask[2, 7:] = 1, 1, 1
+    feed = {"input_ids": np.random.default_rng(4).integers(0, VOCAB, mask.shape), "attention_mask": mask}
+    assert not LOSSLESS.check(compare(rewritten.run(feed)[0], original.run(feed)[0]))
 
 
 def test_a_model_without_a_mask_input_says_so(tmp_path):
