@@ -93,16 +93,18 @@ class SkipPadding(OnnxPass):
             log.rejected("skip padding", "model", f"could not measure tensor shapes: {_first_line(exc)}")
             return None
         for mask in masks:
-            plan, reason = _plan(model.graph, mask, seq, shapes)
-            if plan is None:
+            try:        # planned and checked on a copy: a graph this pass does not understand stays as it is
+                plan, reason = _plan(model.graph, mask, seq, shapes)
+                if plan is not None:
+                    reason = _check(model, plan, feed)
+                if reason and plan is not None:
+                    plan.keep_first = True  # an output may read position 0 whatever the mask (a [CLS] classifier)
+                    reason = _check(model, plan, feed) and reason       # the first try's reason if both fail
+            except Exception as exc:  # noqa: BLE001
+                plan, reason = None, f"could not plan the rewrite: {type(exc).__name__}: {_first_line(exc)}"
+            if plan is None or reason:
                 log.rejected("skip padding", mask, reason)
                 continue
-            reason = _check(model, plan, feed)
-            if reason:          # an output may read position 0 whatever the mask (a [CLS] classifier)
-                plan.keep_first = True
-                if _check(model, plan, feed):
-                    log.rejected("skip padding", mask, reason)
-                    continue
             _apply(model.graph, plan)
             model.invalidate()
             log.matched("token rows scattered back", len(plan.sinks))
@@ -166,7 +168,9 @@ def _plan(graph: gs.Graph, mask: str, seq: int, shapes: dict) -> tuple[Plan | No
                 _only_tokens_vary(graph, mask))
     nodes = {n.name: n for n in graph.nodes}
     edits = {name: e for name, e in ((n.name, row_wise(n, rows)) for n in graph.nodes) if e is not None}
-    kept = _shapes_consistent(_feeding_products(_shapes_consistent(set(edits), nodes), nodes), nodes)
+    floats = {name for name, (_, _, dtype) in shapes.items() if np.dtype(dtype).kind == "f" and name in rows.leads}
+    kept = _shapes_consistent(set(edits), nodes)
+    kept = _shapes_consistent(_feeding_products(_on_float_activations(kept, graph, floats), nodes), nodes)
     if not kept:
         return None, "no matrix product runs on token rows ([batch·sequence, …] or [batch, sequence, …] tensors)"
     sources, sinks = [], []
@@ -205,6 +209,24 @@ def _shapes_consistent(names: set[str], nodes: dict[str, gs.Node]) -> set[str]:
                 names.discard(name)
                 changed = True
     return names
+
+
+def _on_float_activations(names: set[str], graph: gs.Graph, floats: set[str]) -> set[str]:
+    """The nodes of `names` that read a float token tensor or the output of such a node.
+
+    Integer and boolean preprocessing (masks, position ids) stays padded: it is cheap, and often read along
+    the sequence (RoBERTa's position ids are a cumsum over non-pad ids), where zeros would change it.
+    A fixed point, not one sweep: a pass may have appended nodes out of topological order."""
+    kept: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for node in graph.nodes:
+            if node.name in names and node.name not in kept and any(
+                    t.name in floats or (t.inputs and t.inputs[0].name in kept) for t in node.inputs):
+                kept.add(node.name)
+                changed = True
+    return kept
 
 
 def _feeding_products(names: set[str], nodes: dict[str, gs.Node]) -> set[str]:

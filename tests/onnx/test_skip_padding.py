@@ -158,14 +158,16 @@ def test_optimize_onnx_skips_padding_in_a_file_exported_without_it(tmp_path):
         assert not LOSSLESS.check(compare(got, model(**example)))
 
 
-def test_hugging_face_bert_int8_skips_padding_exactly(tmp_path):
+@pytest.mark.parametrize("family", ["Bert", "Roberta"])
+def test_hugging_face_encoders_int8_skip_padding_exactly(tmp_path, family):
     """Hugging Face's own mask construction and attention, int8: the default export gathers real rows and
-    computes what the padding-computed export does, on a new batch size and padding pattern."""
+    computes what the padding-computed export does, on a new batch size and padding pattern. RoBERTa derives
+    its position ids from a cumsum over the ids: that integer preprocessing must stay padded."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128, vocab_size=VOCAB)
-    model = MeanPooledEncoder(transformers.BertModel(config).eval()).eval()
+    config = getattr(transformers, f"{family}Config")(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                      intermediate_size=128, vocab_size=VOCAB)
+    model = MeanPooledEncoder(getattr(transformers, f"{family}Model")(config).eval()).eval()
     _, example = _encoder(seed=0, pooling="mean")
     opt = graphopt.optimize(model, (), example_kwargs=example, quantize="int8-dynamic", measure_latency=False,
                             progress=False)
