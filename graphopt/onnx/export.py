@@ -270,12 +270,7 @@ def _cleanup(proto: onnx.ModelProto, padding_feeds: dict[str, np.ndarray] | None
     model = OnnxModel.from_proto(proto)
     skip = [SkipPadding([padding_feeds])] if padding_feeds is not None else []
     for p in (ConstantFolding(), QuantizeToUint8(), *skip, DeadNodeElimination()):
-        result = p.run(model)
-        if p.name == SkipPadding.name and result.modified:    # the file says what it does with padding
-            first = ", except each sequence's first position" if result.stats["first_position_kept"] else ""
-            model.metadata["graphopt.skip_padding"] = (
-                f"{result.stats['segment_nodes']} nodes run on the real tokens of input "
-                f"{result.stats['mask_input']!r} only (rows where it is 0 are skipped{first})")
+        p.run(model)
     model.graph.toposort()
     return model.to_proto()
 

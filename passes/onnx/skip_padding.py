@@ -96,10 +96,12 @@ class SkipPadding(OnnxPass):
             try:        # planned and checked on a copy: a graph this pass does not understand stays as it is
                 plan, reason = _plan(model.graph, mask, seq, shapes)
                 if plan is not None:
-                    reason = _check(model, plan, feed)
+                    probes = _probe_feeds(feed, mask)
+                    expected = [_run_exact(model, probe) for probe in probes]
+                    reason = _check(model, plan, probes, expected)
                 if reason and plan is not None:
                     plan.keep_first = True  # an output may read position 0 whatever the mask (a [CLS] classifier)
-                    reason = _check(model, plan, feed) and reason       # the first try's reason if both fail
+                    reason = _check(model, plan, probes, expected) and reason   # the first try's if both fail
             except Exception as exc:  # noqa: BLE001
                 plan, reason = None, f"could not plan the rewrite: {type(exc).__name__}: {_first_line(exc)}"
             if plan is None or reason:
@@ -107,6 +109,10 @@ class SkipPadding(OnnxPass):
                 continue
             _apply(model.graph, plan)
             model.invalidate()
+            first = ", except each sequence's first position" if plan.keep_first else ""
+            model.metadata["graphopt.skip_padding"] = (      # the file says what it does with padding
+                f"{len(plan.nodes)} nodes run on the real tokens of input {mask!r} only "
+                f"(rows where it is 0 are skipped{first})")
             log.matched("token rows scattered back", len(plan.sinks))
             return {"mask_input": mask, "segment_nodes": len(plan.nodes), "first_position_kept": plan.keep_first}
         return None
@@ -245,17 +251,26 @@ def _feeding_products(names: set[str], nodes: dict[str, gs.Node]) -> set[str]:
     return kept
 
 
+@dataclass
+class RealRows:
+    """The tensors every gather and scatter shares, built once per rewrite."""
+    index: gs.Variable          # [n] row numbers of the computed rows in [B·S]
+    column: gs.Variable         # the same as [n, 1], ScatterND's indices
+    count: gs.Variable          # [B·S] as a shape
+    tokens: gs.Variable         # [B, S] as a shape
+    minus_one: gs.Constant
+
+
 def _apply(graph: gs.Graph, plan: Plan) -> None:
     """Rewrite `graph` by `plan`: segments on real rows, padded rows of their outputs zeros."""
     tensors = graph.tensors()
-    mask = tensors[plan.mask]
-    flat, index, column = _index(graph, mask, plan.keep_first)
+    rows = _real_rows(graph, tensors[plan.mask], plan.keep_first)
     real: dict[str, gs.Variable] = {}
     for name in plan.sources:
         real[name] = gs.Variable(f"{name}_real_rows", dtype=tensors[name].dtype)
-        rows = _flatten_rows(graph, tensors[name]) if plan.source_leads[name] == 2 else tensors[name]
+        flat = _flatten_rows(graph, tensors[name], rows) if plan.source_leads[name] == 2 else tensors[name]
         graph.nodes.append(gs.Node("Gather", f"{name}_gather_real_rows", attrs={"axis": 0},
-                                   inputs=[rows, index], outputs=[real[name]]))
+                                   inputs=[flat, rows.index], outputs=[real[name]]))
     nodes = [n for n in graph.nodes if n.name in plan.nodes]
     for node in nodes:
         for i, tensor in enumerate(node.outputs):
@@ -271,27 +286,25 @@ def _apply(graph: gs.Graph, plan: Plan) -> None:
             elif tensor.name in real:
                 node.inputs[i] = real[tensor.name]
     for name, (lead, dtype) in plan.sinks.items():
-        _scatter(graph, tensors[name], real[name], flat, column, mask if lead == 2 else None, dtype)
+        _scatter(graph, tensors[name], real[name], rows, lead, dtype)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
 
-def _index(graph: gs.Graph, mask: gs.Tensor, keep_first: bool) -> tuple[gs.Variable, gs.Variable, gs.Variable]:
-    """(computed rows as a [B·S] mask, their row numbers [n], the same as a column [n, 1] for ScatterND).
-
-    The computed rows are the real tokens, and with `keep_first` each sequence's first position too."""
+def _real_rows(graph: gs.Graph, mask: gs.Tensor, keep_first: bool) -> RealRows:
+    """The computed rows: the real tokens, and with `keep_first` each sequence's first position too."""
     minus_one = gs.Constant("skip_padding_minus_one", np.array([-1], np.int64))
-    flat, nonzero = gs.Variable("skip_padding_mask_flat"), gs.Variable("skip_padding_nonzero", dtype=np.int64)
-    index = gs.Variable("skip_padding_index", dtype=np.int64)
-    column = gs.Variable("skip_padding_index_column", dtype=np.int64)
-    if keep_first:
-        mask = _or_first_position(graph, mask)
+    names = ("mask_flat", "nonzero", "index", "index_column", "row_count", "token_dims")
+    flat, nonzero, index, column, count, tokens = (gs.Variable(f"skip_padding_{n}") for n in names)
+    computed = _or_first_position(graph, mask) if keep_first else mask
     graph.nodes += [
-        gs.Node("Reshape", "skip_padding_flatten", inputs=[mask, minus_one], outputs=[flat]),
+        gs.Node("Reshape", "skip_padding_flatten", inputs=[computed, minus_one], outputs=[flat]),
         gs.Node("NonZero", "skip_padding_nonzero", inputs=[flat], outputs=[nonzero]),
         gs.Node("Reshape", "skip_padding_index", inputs=[nonzero, minus_one], outputs=[index]),
         gs.Node("Transpose", "skip_padding_column", attrs={"perm": [1, 0]}, inputs=[nonzero], outputs=[column]),
+        gs.Node("Shape", "skip_padding_row_count", inputs=[flat], outputs=[count]),
+        gs.Node("Shape", "skip_padding_token_dims", inputs=[mask], outputs=[tokens]),
     ]
-    return flat, index, column
+    return RealRows(index, column, count, tokens, minus_one)
 
 
 def _or_first_position(graph: gs.Graph, mask: gs.Tensor) -> gs.Variable:
@@ -310,58 +323,61 @@ def _or_first_position(graph: gs.Graph, mask: gs.Tensor) -> gs.Variable:
     return kept
 
 
-def _flatten_rows(graph: gs.Graph, tensor: gs.Tensor) -> gs.Variable:
+def _flatten_rows(graph: gs.Graph, tensor: gs.Tensor, rows: RealRows) -> gs.Variable:
     """[B, S, …] → [B·S, …]."""
-    trailing, shape, rows = (gs.Variable(f"{tensor.name}_{s}") for s in ("row_dims", "rows_shape", "as_rows"))
+    trailing, shape, flat = (gs.Variable(f"{tensor.name}_{s}") for s in ("row_dims", "rows_shape", "as_rows"))
     graph.nodes += [
         gs.Node("Shape", f"{tensor.name}_row_dims", attrs={"start": 2}, inputs=[tensor], outputs=[trailing]),
-        gs.Node("Concat", f"{tensor.name}_rows_shape", attrs={"axis": 0},
-                inputs=[gs.Constant(f"{tensor.name}_minus_one", np.array([-1], np.int64)), trailing],
+        gs.Node("Concat", f"{tensor.name}_rows_shape", attrs={"axis": 0}, inputs=[rows.minus_one, trailing],
                 outputs=[shape]),
-        gs.Node("Reshape", f"{tensor.name}_as_rows", inputs=[tensor, shape], outputs=[rows]),
+        gs.Node("Reshape", f"{tensor.name}_as_rows", inputs=[tensor, shape], outputs=[flat]),
     ]
-    return rows
+    return flat
 
 
-def _scatter(graph: gs.Graph, full: gs.Variable, real: gs.Variable, flat: gs.Tensor, column: gs.Tensor,
-             mask: gs.Tensor | None, dtype: np.dtype) -> None:
-    """full = ScatterND(zeros [B·S, …], real row numbers, real), reshaped to [B, S, …] given the mask."""
+def _scatter(graph: gs.Graph, full: gs.Variable, real: gs.Variable, rows: RealRows, lead: int,
+             dtype: np.dtype) -> None:
+    """full = ScatterND(zeros [B·S, …], real row numbers, real), reshaped to [B, S, …] when `lead` is 2."""
     name = full.name
-    trailing, rows, shape, zeros = (gs.Variable(f"{name}_{s}") for s in ("row_dims", "row_count", "padded_shape",
-                                                                         "zeros"))
+    trailing, shape, zeros = (gs.Variable(f"{name}_{s}") for s in ("row_dims", "padded_shape", "zeros"))
     graph.nodes += [
         gs.Node("Shape", f"{name}_row_dims", attrs={"start": 1}, inputs=[real], outputs=[trailing]),
-        gs.Node("Shape", f"{name}_row_count", inputs=[flat], outputs=[rows]),
-        gs.Node("Concat", f"{name}_padded_shape", attrs={"axis": 0}, inputs=[rows, trailing], outputs=[shape]),
+        gs.Node("Concat", f"{name}_padded_shape", attrs={"axis": 0}, inputs=[rows.count, trailing], outputs=[shape]),
         gs.Node("ConstantOfShape", f"{name}_zeros", inputs=[shape], outputs=[zeros],
                 attrs={"value": gs.Constant(f"{name}_zero", np.zeros(1, dtype))}),
     ]
-    scattered = full if mask is None else gs.Variable(f"{name}_padded_rows", dtype=full.dtype)
-    graph.nodes.append(gs.Node("ScatterND", f"{name}_scatter_real_rows", inputs=[zeros, column, real],
+    scattered = full if lead == 1 else gs.Variable(f"{name}_padded_rows", dtype=full.dtype)
+    graph.nodes.append(gs.Node("ScatterND", f"{name}_scatter_real_rows", inputs=[zeros, rows.column, real],
                                outputs=[scattered]))
-    if mask is not None:
-        tokens, shape = gs.Variable(f"{name}_token_dims"), gs.Variable(f"{name}_token_shape")
+    if lead == 2:
+        token_shape = gs.Variable(f"{name}_token_shape")
         graph.nodes += [
-            gs.Node("Shape", f"{name}_token_dims", inputs=[mask], outputs=[tokens]),
-            gs.Node("Concat", f"{name}_token_shape", attrs={"axis": 0}, inputs=[tokens, trailing], outputs=[shape]),
-            gs.Node("Reshape", f"{name}_as_tokens", inputs=[scattered, shape], outputs=[full]),
+            gs.Node("Concat", f"{name}_token_shape", attrs={"axis": 0}, inputs=[rows.tokens, trailing],
+                    outputs=[token_shape]),
+            gs.Node("Reshape", f"{name}_as_tokens", inputs=[scattered, token_shape], outputs=[full]),
         ]
 
 
-def _check(model: OnnxModel, plan: Plan, feed: dict[str, np.ndarray]) -> str:
-    """'' if the rewritten graph matches the original on every probe mask, else why not."""
+#: ONNX Runtime's exact rewrites only (see the module docstring).
+EXACT = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+def _run_exact(model: OnnxModel, feed: dict[str, np.ndarray], sess: ort.InferenceSession | None = None) -> list:
+    sess = sess or session(model.to_proto(), EXACT)
+    return sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
+
+
+def _check(model: OnnxModel, plan: Plan, probes: list[dict[str, np.ndarray]], expected: list[list]) -> str:
+    """'' if the rewritten graph gives the original's `expected` outputs on every probe feed, else why not."""
     rewritten = model.copy()
     _apply(rewritten.graph, plan)
-    exact = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC     # ONNX Runtime's exact rewrites only: see above
     try:
-        sess = session(rewritten.to_proto(), exact)
+        sess = session(rewritten.to_proto(), EXACT)
     except Exception as exc:  # noqa: BLE001
         return f"the rewritten graph does not run: {_first_line(exc)}"
-    reference = session(model.to_proto(), exact)
-    for probe in _probe_feeds(feed, plan.mask):
+    for probe, want in zip(probes, expected):
         try:
-            want = reference.run(None, {i.name: probe[i.name] for i in reference.get_inputs()})
-            got = sess.run(None, {i.name: probe[i.name] for i in sess.get_inputs()})
+            got = _run_exact(rewritten, probe, sess)
         except Exception as exc:  # noqa: BLE001
             return f"the rewritten graph fails on a probe mask: {_first_line(exc)}"
         for g, w in zip(got, want):
