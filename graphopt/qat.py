@@ -5,9 +5,11 @@ its input and weight are replaced by their fake-quantized values, as the int8
 kernels will see them:
 
     x̃ = x + (q_tok(x) - x).detach()     q_tok: per-token (per-row) symmetric int8, s = max|x_row| / 127
-    W̃ = W + (q_ch(W) - W).detach()     q_ch:  per-output-channel symmetric int8, s = max|W_row| / 127
+    W̃ = W + (q_ch(W) - W).detach()     q_ch:  per-output-channel symmetric, s = max|W_row| / q
 
-(q(v) = clamp(round(v / s), ±127) · s; the straight-through estimator passes the
+(q(v) = clamp(round(v / s), ±q) · s, q = 127 for tokens; for weights the code
+range the int8 pass will use on the weight's device: 63 (7 bits) on the CPU,
+127 elsewhere; the straight-through estimator passes the
 gradient of the rounding as identity.) `strip` removes the fake-quant nodes
 after training, leaving a float graph whose weights the int8 pass then
 quantizes with the same per-channel scheme.
@@ -17,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphopt.passes.quantize.observers import fake_quantize, per_token_fake_quantize, scale_from_range
+from graphopt.passes.quantize.observers import (WEIGHT_QMAX, default_weight_bits, fake_quantize,
+                                                per_token_fake_quantize, scale_from_range)
 from graphopt.passes.quantize.sites import find_sites
 
 
@@ -30,7 +33,8 @@ def fake_quant_tokens(x: torch.Tensor) -> torch.Tensor:
 def fake_quant_channels(w: torch.Tensor, transposed: bool) -> torch.Tensor:
     """Per-output-channel int8 fake quantization of W[N, K] (W[K, N] when `transposed`), straight-through."""
     rows = w.t() if transposed else w
-    q = fake_quantize(rows, scale_from_range(rows.detach().abs().amax(dim=1, keepdim=True)))
+    qmax = WEIGHT_QMAX[default_weight_bits(w.device)]
+    q = fake_quantize(rows, scale_from_range(rows.detach().abs().amax(dim=1, keepdim=True), qmax), qmax)
     return w + ((q.t() if transposed else q).to(w.dtype) - w).detach()
 
 

@@ -1,30 +1,23 @@
 """CPU paths of the graphopt kernel ops, in plain torch (they also run on any other device).
 
-int8_linear computes the exact int32 product with float32 GEMMs: x_q and w_q
+int8_linear runs fbgemm's u8 x s8 GEMM (``fbgemm.py``) when the weight's
+codes fit in 7 bits ([-64, 63], as the int8 rewrite makes them for CPU
+targets): on this class of CPU (AVX2, no VNNI) it is 2-3x faster than a
+float32 GEMM of the same shape and exact (bench/results/kernels.md). A weight
+that uses the full 8-bit range would saturate fbgemm's int16 pair sums, so it
+takes the exact path below instead, and so does every device but the CPU.
+
+The exact path computes the int32 product with float32 GEMMs: x_q and w_q
 are converted to float32 and multiplied in K-chunks of ``K_CHUNK`` = 1024
 columns. Every product is an integer of magnitude <= 128 * 128 = 2**14, so
 every partial sum inside a chunk is an integer of magnitude <= 1024 * 2**14 =
 2**24, which float32 represents exactly whatever the summation order or FMA
 use of the BLAS: each chunk's GEMM is exact. Chunks are accumulated in float64
 (exact for any K accepted) and the total is rounded once to float32, exactly
-like the Triton kernel's int32 -> float32 conversion. The epilogue then runs in
-float32 in the kernel's order (times x_scale, times w_scale, plus bias,
-activation, cast).
-
-Why this path (bench/results/kernels.md, 1-thread table: on the shared
-2-core development machine the 2-thread timings are dominated by waits for
-the second thread): it is the fastest exact option measured. Against a
-float32 GEMM whose weight is already float32 it costs 1.1-4.8x by medians,
-0.9-2.4x by minima (4.4x / 5.3x at M = 1 with a 4096 x 4096 weight, where
-converting the weight dominates); a float64 GEMM, exact in one piece, costs
-1.8-26x; ``torch._int_mm`` plus a separate dequantization 2-20x (medians).
-fbgemm's u8 x s8 kernels are faster (0.15-1.2x) but
-not exact here: without VNNI their int16 pair sums saturate when activations
-use the full 8-bit range (measured: 8160 instead of 1032256 for 64 x 127 x
-127), so an exact use would need a 7-bit split of x_q into two GEMMs, a
-per-weight prepack held in a cache (hundreds of ms for 4096 x 4096), and
-K-chunks again, because their float32 output rounds partial results above
-2**24 and the two halves cancel inexactly.
+like the Triton kernel's int32 -> float32 conversion (and fbgemm's). Both
+paths then run the same float32 epilogue in the kernel's order (times
+x_scale, times w_scale, plus bias, activation, cast), so they agree bit for
+bit.
 
 quantize_per_token and w8a16_linear follow the formulas of their Triton
 kernels (see quantize.py and w8a16.py) in float32; w8a16_linear uses the same
@@ -37,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from . import fbgemm
 from .activations import apply_activation
 from .checks import SCALE_FLOOR, check_int8_linear_args, check_quantize_args, check_w8a16_args
 
@@ -62,6 +56,9 @@ def matmul_int8_weight(a: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
 
 def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """``float32(x_q @ w_q.T)``: the exact int32 product, rounded once to float32."""
+    packed = fbgemm.prepacked(w_q)
+    if packed is not None:
+        return fbgemm.int8_matmul(x_q, packed)
     return matmul_int8_weight(x_q.float(), w_q)
 
 

@@ -118,12 +118,12 @@ def test_qat_recovers_int8_accuracy_at_least_as_well_as_post_training_int8(digit
 
 def test_fake_quant_matches_the_int8_kernels_and_passes_gradients():
     from graphopt import qat
-    from graphopt.passes.quantize.observers import quantize_weight
+    from graphopt.passes.quantize.observers import default_weight_bits, quantize_weight
     torch.manual_seed(0)
     x, w = torch.randn(5, 3, 24, requires_grad=True), torch.randn(7, 24, requires_grad=True)
     q_x, s_x = torch.ops.graphopt.quantize_per_token(x.detach().reshape(-1, 24))
     assert torch.allclose(qat.fake_quant_tokens(x).reshape(-1, 24), q_x.float() * s_x.reshape(-1, 1), atol=1e-6)
-    q_w, s_w = quantize_weight(w)
+    q_w, s_w = quantize_weight(w, bits=default_weight_bits(w.device))   # what the int8 pass does on this device
     assert torch.allclose(qat.fake_quant_channels(w, False), q_w.float() * s_w[:, None], atol=1e-6)
     assert torch.allclose(qat.fake_quant_channels(w.t(), True), (q_w.float() * s_w[:, None]).t(), atol=1e-6)
     (qat.fake_quant_tokens(x).sum() + qat.fake_quant_channels(w, False).sum()).backward()

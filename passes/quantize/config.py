@@ -19,6 +19,8 @@
                         percentile           for observer="percentile" (default 99.99)
                         averaging_constant   for observer="moving_average" (default 0.01)
                         weight_observer      "minmax" | "mse" per-channel weight clipping (default "minmax")
+                        weight_bits          7 | 8 (default: 7 for weights on the CPU, whose int8 GEMM is
+                                             exact and fast only with 7-bit weights without VNNI; 8 elsewhere)
                         smoothquant          True | False (default: True for W8A8 with calibration data)
                         alpha                SmoothQuant migration strength in [0, 1], or "search"
                                              (per layer group on calibration data; default)
@@ -33,9 +35,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+import torch
+
 from graphopt.errors import InputError, OptionError
 
-from .observers import OBSERVERS, WEIGHT_OBSERVERS
+from .observers import OBSERVERS, WEIGHT_OBSERVERS, default_weight_bits
 
 SCHEMES = ("int8-dynamic", "int8-static", "int8-weight-only")
 DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85)
@@ -68,6 +72,7 @@ class QuantConfig:
     percentile: float = 99.99
     averaging_constant: float = 0.01
     weight_observer: str = "minmax"
+    weight_bits: int | None = None                      # None: chosen by the weight's device (weight_bits_for)
     smoothquant: bool = False
     alpha: float | str = "search"
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
@@ -80,8 +85,12 @@ class QuantConfig:
     def w8a8(self) -> bool:
         return self.scheme != "int8-weight-only"
 
+    def weight_bits_for(self, device: torch.device) -> int:
+        """The `weight_bits` knob, else `observers.default_weight_bits` for the weight's device."""
+        return self.weight_bits if self.weight_bits is not None else default_weight_bits(device, self.w8a8)
 
-KNOBS = ("observer", "percentile", "averaging_constant", "weight_observer", "smoothquant", "alpha",
+
+KNOBS = ("observer", "percentile", "averaging_constant", "weight_observer", "weight_bits", "smoothquant", "alpha",
          "alpha_grid", "min_in_features", "exclude", "max_calibration_batches")
 
 
@@ -123,6 +132,9 @@ def _set_knobs(config: QuantConfig, knobs: dict[str, Any]) -> None:
     if "weight_observer" in knobs:
         check("weight_observer", knobs["weight_observer"] in WEIGHT_OBSERVERS,
               f"choose one of {', '.join(WEIGHT_OBSERVERS)}")
+    if "weight_bits" in knobs:
+        check("weight_bits", knobs["weight_bits"] in (7, 8) and not isinstance(knobs["weight_bits"], bool),
+              "7 or 8")
     if "percentile" in knobs:
         check("percentile", _number(knobs["percentile"]) and 50 < knobs["percentile"] <= 100, "a number in (50, 100]")
     if "averaging_constant" in knobs:

@@ -20,7 +20,11 @@ Scales are floored at `MIN_SCALE`: an all-zero or constant-zero activation
 gets a tiny positive finite scale, never 0 or inf.
 
 Weights are quantized per output channel (row of W[N, K]) with the same
-math, c_n = max_k |W[n, k]| ("minmax") or the per-row MSE-optimal clip ("mse").
+math, c_n = max_k |W[n, k]| ("minmax") or the per-row MSE-optimal clip ("mse"),
+on 8 bits (q in ±127) or 7 bits (q in ±63, scale = c / 63: the step doubles).
+7-bit weights are what CPUs without VNNI multiply exactly against 8-bit
+activations (see graphopt/kernels/fbgemm.py); the per-layer error bound below
+then has s_W = c / 63.
 """
 from __future__ import annotations
 
@@ -31,28 +35,35 @@ import torch
 from graphopt.errors import OptionError
 
 QMAX = 127
+#: Largest weight code for `bits`-bit symmetric weights.
+WEIGHT_QMAX = {8: 127, 7: 63}
+
+
+def default_weight_bits(device: torch.device, w8a8: bool = True) -> int:
+    """7 bits for W8A8 weights on the CPU (fbgemm's u8 x s8 GEMM is exact only then, see kernels/fbgemm.py), else 8."""
+    return 7 if w8a8 and device.type == "cpu" else 8
 #: Smallest scale used: keeps x / scale finite for all-zero tensors (fp32 normal range, with margin).
 MIN_SCALE = 1e-12
 
 
-def scale_from_range(amax: torch.Tensor | float) -> torch.Tensor:
-    """scale = c / 127, floored at MIN_SCALE (so it is positive and finite)."""
+def scale_from_range(amax: torch.Tensor | float, qmax: int = QMAX) -> torch.Tensor:
+    """scale = c / qmax, floored at MIN_SCALE (so it is positive and finite)."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
     amax = torch.nan_to_num(amax, nan=0.0, posinf=torch.finfo(torch.float32).max / 2)
-    return (amax / QMAX).clamp(min=MIN_SCALE)
+    return (amax / qmax).clamp(min=MIN_SCALE)
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int8 codes of `x` for `scale` (broadcast against x)."""
-    return torch.clamp(torch.round(x.float() / scale), -QMAX, QMAX).to(torch.int8)
+def quantize(x: torch.Tensor, scale: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
+    """int8 codes of `x` for `scale` (broadcast against x), in [-qmax, qmax]."""
+    return torch.clamp(torch.round(x.float() / scale), -qmax, qmax).to(torch.int8)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return dequantize(quantize(x, scale), scale)
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
+    return dequantize(quantize(x, scale, qmax), scale)
 
 
 def per_token_fake_quantize(x: torch.Tensor) -> torch.Tensor:
@@ -64,25 +75,26 @@ WEIGHT_OBSERVERS = ("minmax", "mse")
 _CLIP_RATIOS = torch.linspace(1.0, 0.5, 51)
 
 
-def quantize_weight(w: torch.Tensor, observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8: W[N, K] -> (int8[N, K], float32[N] scale)."""
+def quantize_weight(w: torch.Tensor, observer: str = "minmax", bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: W[N, K] -> (int8[N, K] in ±WEIGHT_QMAX[bits], float32[N] scale)."""
     if observer not in WEIGHT_OBSERVERS:
         raise OptionError(f"weight_observer={observer!r}: choose one of {', '.join(WEIGHT_OBSERVERS)}")
+    qmax = WEIGHT_QMAX[bits]
     w = w.detach().float()
     amax = w.abs().amax(dim=1)
     if observer == "mse":
-        amax = _mse_row_clip(w, amax)
-    scale = scale_from_range(amax)
-    return quantize(w, scale[:, None]), scale
+        amax = _mse_row_clip(w, amax, qmax)
+    scale = scale_from_range(amax, qmax)
+    return quantize(w, scale[:, None], qmax), scale
 
 
-def _mse_row_clip(w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+def _mse_row_clip(w: torch.Tensor, amax: torch.Tensor, qmax: int) -> torch.Tensor:
     """Per row, the clip c = r·max|W_row| (r in [0.5, 1]) with the least squared error."""
     best, best_err = amax.clone(), torch.full_like(amax, math.inf)
     for ratio in _CLIP_RATIOS.tolist():
         clip = amax * ratio
-        scale = scale_from_range(clip)[:, None]
-        err = (fake_quantize(w, scale) - w).pow(2).sum(dim=1)
+        scale = scale_from_range(clip, qmax)[:, None]
+        err = (fake_quantize(w, scale, qmax) - w).pow(2).sum(dim=1)
         better = err < best_err
         best = torch.where(better, clip, best)
         best_err = torch.where(better, err, best_err)

@@ -7,8 +7,9 @@
         int8-weight-only:   y₂ = w8a16_linear(x₂, W_q, s_W, b)                 (act stays a separate node)
                             y  = reshape(y₂, [*x.shape[:-1], N])
 
-with W_q = clamp(round(W / s_W[:, None]), ±127) per output channel (s_W[n] =
-max_k |W[n, k]| / 127) and s_x per token (dynamic) or per tensor from the
+with W_q = clamp(round(W / s_W[:, None]), ±q) per output channel (s_W[n] =
+max_k |W[n, k]| / q; q = 63 (7 bits) for W8A8 on the CPU, whose fast int8 GEMM
+is exact only with 7-bit weights, else q = 127) and s_x per token (dynamic) or per tensor from the
 calibration observer (static). `matmul(x, W[K, N])` with a constant W is the
 same with W ← Wᵀ. A SmoothQuant `div(x, smooth)` in front of the layer is
 absorbed into the quantization of x. The output error of one layer is bounded
@@ -40,7 +41,7 @@ from graphopt.verify import Budget
 from . import fallback
 from .calibrate import as_inputs, calibrate, layer_name, run_batches
 from .config import DEFAULT_MIN_COSINE, QuantConfig
-from .observers import QMAX, make_observer, quantize_weight
+from .observers import QMAX, WEIGHT_QMAX, make_observer, quantize_weight
 from .sites import Site, find_convolutions, find_sites
 
 aten = torch.ops.aten
@@ -95,7 +96,7 @@ class QuantizeLinears:
             bytes_before += float_bytes
             if site.reason is None and site.node.name in chosen:
                 n, k = site.weight(gm).shape
-                if _on_int8_grid(site.weight(gm)):
+                if _on_int8_grid(site.weight(gm), WEIGHT_QMAX[weight_bits(config, site.weight(gm))]):
                     row["note"] = "weight already quantized (on a per-channel int8 grid): requantized exactly"
                 row.update(scheme=config.scheme, runs=rewrite_site(gm, site, config, scales.get(site.node.name)))
                 bytes_after += n * k + 4 * n          # int8 weight + float32 per-channel scale
@@ -167,7 +168,8 @@ def rewrite_site(gm: fx.GraphModule, site: Site, config: QuantConfig, x_scale: t
     """Replace one linear (and a fusable activation after it) by the int8 ops; says what runs."""
     graph, node = gm.graph, site.node
     x, smooth = _unsmoothed_input(gm, site) if config.w8a8 else (site.x, None)
-    w_q, w_scale = quantize_weight(site.weight(gm), config.weight_observer)
+    weight = site.weight(gm)
+    w_q, w_scale = quantize_weight(weight, config.weight_observer, weight_bits(config, weight))
     n, k = w_q.shape
     out_dtype = ir.dtype(node)
     act_node, activation = _fusable_activation(node) if config.w8a8 else (None, "none")
@@ -197,6 +199,15 @@ def rewrite_site(gm: fx.GraphModule, site: Site, config: QuantConfig, x_scale: t
     ir.replace_all_uses(last, y)
     ir.erase_unused(graph, [n_ for n_ in (act_node, node, site.x if smooth is not None else None) if n_ is not None])
     return runs
+
+
+def weight_bits(config: QuantConfig, weight: torch.Tensor) -> int:
+    """The configured bits, except that a weight already on an 8-bit per-channel grid keeps 8 bits when the
+    default would pick 7: it is then requantized exactly (its own codes), which beats the 7-bit fast path."""
+    bits = config.weight_bits_for(weight.device)
+    if config.weight_bits is None and bits == 7 and _on_int8_grid(weight, WEIGHT_QMAX[8]):
+        return 8
+    return bits
 
 
 def _unsmoothed_input(gm: fx.GraphModule, site: Site) -> tuple[fx.Node, torch.Tensor | None]:
@@ -259,9 +270,9 @@ def _shape(gm: fx.GraphModule, site: Site) -> str:
     return f"{n}×{k}"
 
 
-def _on_int8_grid(w: torch.Tensor) -> bool:
-    """True if every row of W is an integer multiple of its own max|W_row| / 127."""
-    step = (w.float().abs().amax(dim=1, keepdim=True) / QMAX).clamp(min=1e-30)
+def _on_int8_grid(w: torch.Tensor, qmax: int) -> bool:
+    """True if every row of W is an integer multiple of its own max|W_row| / qmax."""
+    step = (w.float().abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-30)
     codes = w.float() / step
     return bool(torch.allclose(codes, codes.round(), rtol=0, atol=1e-3))
 

@@ -77,7 +77,7 @@ def smoothing_factors(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) 
 
 
 def simulated_error(fit: torch.Tensor, held: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None,
-                    static: bool) -> float:
+                    static: bool, weight_bits: int = 8) -> float:
     """‖Q(X/s) Q(W·s)ᵀ − X Wᵀ‖² on the held-out rows, summed over the group.
 
     The activation quantizer is the scheme's: per token, or (static) one scale taken
@@ -92,7 +92,7 @@ def simulated_error(fit: torch.Tensor, held: torch.Tensor, weights: list[torch.T
     total = 0.0
     for w in weights:
         ws = w if s is None else w * s
-        w_q, w_scale = quantize_weight(ws)
+        w_q, w_scale = quantize_weight(ws, bits=weight_bits)
         total += ((xq @ (w_q.float() * w_scale[:, None]).t()) - held @ w.t()).pow(2).sum().item()
     return total
 
@@ -136,6 +136,7 @@ class SmoothQuant:
         """(α, s, error with s / error without) — s None when smoothing does not help."""
         w_amax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
         static = self.config.scheme == "int8-static"
+        bits = self.config.weight_bits_for(weights[0].device)
         if self.config.alpha != "search":
             return self.config.alpha, smoothing_factors(stats.amax, w_amax, self.config.alpha), 1.0
         # α is fitted on half the sampled rows and judged on the other half, so smoothing
@@ -145,10 +146,10 @@ class SmoothQuant:
         if held.shape[0] == 0:
             return None, None, 1.0
         fit_amax = fit.abs().amax(dim=0)
-        baseline = simulated_error(fit, held, weights, None, static)
+        baseline = simulated_error(fit, held, weights, None, static, bits)
         best: tuple[float | None, Any, float] = (None, None, baseline)
         for alpha in self.config.alpha_grid:
-            error = simulated_error(fit, held, weights, smoothing_factors(fit_amax, w_amax, alpha), static)
+            error = simulated_error(fit, held, weights, smoothing_factors(fit_amax, w_amax, alpha), static, bits)
             if error < best[2]:
                 best = (alpha, smoothing_factors(stats.amax, w_amax, alpha), error)
         alpha, s, error = best

@@ -6,8 +6,10 @@ Error bound for one layer, with x̂ = x + e_x (|e_x| ≤ s_x/2 per row) and Ŵ =
     |x̂ Ŵᵀ − x Wᵀ|[m, n] ≤ Σ_k  s_x[m]/2 · |W[n, k]| + |x[m, k]| · s_W[n]/2 + s_x[m] s_W[n]/4
 
 s_x is the per-token scale (dynamic), the calibrated per-tensor scale (static, calibrated
-on the same x so nothing is clipped) or 0 (weight-only). A fused activation multiplies the
-bound by its Lipschitz constant (relu 1, silu 1.1, gelu 1.13).
+on the same x so nothing is clipped) or 0 (weight-only); s_W = max|W[n, ·]| / q with q = 63
+for W8A8 weights on the CPU (7 bits: what fbgemm multiplies exactly without VNNI) and 127
+otherwise. A fused activation multiplies the bound by its Lipschitz constant (relu 1, silu
+1.1, gelu 1.13).
 """
 import torch
 import torch.nn as nn
@@ -24,8 +26,12 @@ ACT = {"identity": nn.Identity, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GEL
 FLOAT_SLACK = 1e-5
 
 
+def weight_qmax(scheme: str) -> int:
+    return 127 if scheme == "int8-weight-only" else 63   # these tests run on the CPU
+
+
 def step_bound(x2: torch.Tensor, w: torch.Tensor, scheme: str) -> torch.Tensor:
-    s_w = (w.abs().amax(dim=1) / 127)[None, :]
+    s_w = (w.abs().amax(dim=1) / weight_qmax(scheme))[None, :]
     if scheme == "int8-dynamic":
         s_x = (x2.abs().amax(dim=1) / 127)[:, None]
     elif scheme == "int8-static":
@@ -49,6 +55,8 @@ def test_single_layer_error_is_bounded_by_the_steps(k, n, rows, seq, bias, act, 
                             if scheme != "int8-weight-only" else {}, **QUIET)
     assert not opt.report.rolled_back, opt.report
     assert count_int8_ops(opt) == 1
+    [codes] = [b for b in opt.graph_module.buffers() if b.dtype == torch.int8]
+    assert codes.abs().max() == weight_qmax(scheme), "the weight codes use the scheme's full range, no more"
     with torch.no_grad():
         expected, actual = model(x), opt(x)
     x2, w = x.reshape(-1, k), model[0].weight.detach()

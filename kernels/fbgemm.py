@@ -1,0 +1,107 @@
+"""The fast CPU int8 GEMM behind ``graphopt::int8_linear``: fbgemm's u8 x s8 kernels via torch's quantized ops.
+
+    acc[m, n] = sum_k x_q[m, k] * w_q[n, k]        returned as float32(acc), exactly as the reference rounds it
+
+How: x_q (symmetric int8 per token) enters fbgemm as uint8 ``u = x_q + 128``
+(scale 1, zero point 128) and ``w_q`` as a qint8 tensor of scale 1, so
+fbgemm's output ``1 * 1 * (sum_k u * w - 128 * sum_k w)`` is the int32
+product of the int8 operands, converted once to float32 (round to nearest,
+like the reference). The per-token and per-channel scales, bias and
+activation stay in the caller's float32 epilogue.
+
+Why 7-bit weights: on x86 CPUs without VNNI (AVX2) fbgemm multiplies with
+``vpmaddubsw``, which adds pairs of u8 x s8 products in *saturating* int16:
+255 * 127 * 2 = 64770 overflows int16 (32767), while with weights in
+[-64, 63] a pair is at most 255 * 64 * 2 = 32640 and every int32 accumulator
+is exact. ``prepacked`` therefore refuses (returns None for) a weight with a
+code outside [-64, 63]; the caller then runs the exact float path. The int8
+rewrite quantizes weights to 7 bits for CPU targets for this reason.
+
+Prepacking (reordering the weight into fbgemm's blocked layout) costs far
+more than one call, so each weight is packed once and the packed form is held
+as long as the weight tensor lives: a cache keyed by the tensor's identity
+and version counter (an in-place change of the weight repacks it). The
+module's state is still just its int8 buffer, so ``state_dict`` and
+``torch.export`` see no opaque object.
+
+torch marks quantized-tensor creation as deprecated: this module is the only
+place that uses it, behind the op's CPU dispatch, so it can be replaced by
+another library's u8 x s8 GEMM without touching the graphs.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from typing import Any, Optional
+
+import torch
+
+WEIGHT_MIN, WEIGHT_MAX = -64, 63
+ACTIVATION_ZERO_POINT = 128
+
+
+def available() -> bool:
+    """True where torch was built with fbgemm (x86 CPUs)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def fits_7_bits(w_q: torch.Tensor) -> bool:
+    """True if every code of the int8 weight lies in [-64, 63] (no int16 pair saturation)."""
+    if w_q.numel() == 0:
+        return True
+    low, high = torch.aminmax(w_q)
+    return WEIGHT_MIN <= int(low) and int(high) <= WEIGHT_MAX
+
+
+class _PrepackCache:
+    """Packed weights by the identity of their int8 tensor; an entry dies with its tensor."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int, Optional[Any]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, w_q: torch.Tensor) -> Optional[Any]:
+        key = id(w_q)
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and entry[0]() is w_q and entry[1] == w_q._version:
+            return entry[2]
+        packed = _pack(w_q) if fits_7_bits(w_q) else None
+        with self._lock:
+            if key not in self._entries:
+                weakref.finalize(w_q, self._entries.pop, key, None)
+            self._entries[key] = (weakref.ref(w_q), w_q._version, packed)
+        return packed
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_CACHE = _PrepackCache()
+
+
+def _pack(w_q: torch.Tensor) -> Any:
+    saved = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "fbgemm"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)   # the quantized-tensor deprecation notice (see above)
+            codes = torch._make_per_tensor_quantized_tensor(w_q.contiguous(), 1.0, 0)
+            return torch.ops.quantized.linear_prepack(codes, None)
+    finally:
+        torch.backends.quantized.engine = saved
+
+
+def prepacked(w_q: torch.Tensor) -> Optional[Any]:
+    """fbgemm's packed form of a CPU int8 weight [N, K], or None where the fast path cannot be exact."""
+    if w_q.device.type != "cpu" or not available():
+        return None
+    return _CACHE.get(w_q)
+
+
+def int8_matmul(x_q: torch.Tensor, packed: Any) -> torch.Tensor:
+    """``float32(x_q @ w_q.T)`` for int8 ``x_q[M, K]`` and the weight packed by `prepacked`."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        x_q.float(), 1.0, ACTIVATION_ZERO_POINT, packed)
