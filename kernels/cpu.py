@@ -14,10 +14,11 @@ every partial sum inside a chunk is an integer of magnitude <= 1024 * 2**14 =
 2**24, which float32 represents exactly whatever the summation order or FMA
 use of the BLAS: each chunk's GEMM is exact. Chunks are accumulated in float64
 (exact for any K accepted) and the total is rounded once to float32, exactly
-like the Triton kernel's int32 -> float32 conversion (and fbgemm's). Both
-paths then run the same float32 epilogue in the kernel's order (times
-x_scale, times w_scale, plus bias, activation, cast), so they agree bit for
-bit.
+like the Triton kernel's int32 -> float32 conversion (and fbgemm's). The exact
+path then runs the float32 epilogue in the Triton kernel's order (times
+x_scale, times w_scale, plus bias, activation, cast); the fbgemm path applies
+w_scale inside its GEMM and x_scale with the bias in one more pass, a few
+float32 ulps apart.
 
 quantize_per_token and w8a16_linear follow the formulas of their Triton
 kernels (see quantize.py and w8a16.py) in float32; w8a16_linear uses the same
@@ -56,9 +57,6 @@ def matmul_int8_weight(a: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
 
 def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """``float32(x_q @ w_q.T)``: the exact int32 product, rounded once to float32."""
-    packed = fbgemm.prepacked(w_q)
-    if packed is not None:
-        return fbgemm.int8_matmul(x_q, packed)
     return matmul_int8_weight(x_q.float(), w_q)
 
 
@@ -73,10 +71,15 @@ def int8_linear(
 ) -> torch.Tensor:
     """``act((x_q @ w_q.T) * x_scale[:, None] * w_scale[None, :] + bias)`` as ``out_dtype[M, N]``."""
     check_int8_linear_args(x_q, w_q, x_scale, w_scale, bias, activation, out_dtype)
-    y = int8_matmul(x_q, w_q)
-    y.mul_(x_scale[:, None]).mul_(w_scale[None, :])
-    if bias is not None:
-        y.add_(bias.float())
+    packed = fbgemm.prepacked(w_q, w_scale)
+    if packed is not None:   # one pass for the product and w_scale, one for x_scale and the bias
+        y = fbgemm.scaled_matmul(x_q, packed)
+        y = y.mul_(x_scale[:, None]) if bias is None else torch.addcmul(bias.float(), y, x_scale[:, None])
+    else:
+        y = int8_matmul(x_q, w_q)
+        y.mul_(x_scale[:, None]).mul_(w_scale[None, :])
+        if bias is not None:
+            y.add_(bias.float())
     return apply_activation(y, activation).to(out_dtype)
 
 
@@ -86,8 +89,9 @@ def quantize_per_token(x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -
     xf = x.float()
     if smooth is not None:
         xf = xf / smooth.float()
-    scale = (xf.abs().amax(dim=1) / 127.0).clamp_min_(SCALE_FLOOR)
-    q = torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    scale = (torch.linalg.vector_norm(xf, float("inf"), dim=1) / 127.0).clamp_min_(SCALE_FLOOR)
+    # |x / scale| <= 127 (1 + 2u) < 127.5 by the choice of scale, so rounding alone stays in [-127, 127]
+    q = torch.div(xf, scale[:, None]).round_().to(torch.int8)
     return q, scale
 
 

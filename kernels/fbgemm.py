@@ -1,13 +1,16 @@
 """The fast CPU int8 GEMM behind ``graphopt::int8_linear``: fbgemm's u8 x s8 kernels via torch's quantized ops.
 
-    acc[m, n] = sum_k x_q[m, k] * w_q[n, k]        returned as float32(acc), exactly as the reference rounds it
+    y[m, n] = float32(sum_k x_q[m, k] * w_q[n, k]) * w_scale[n]
 
 How: x_q (symmetric int8 per token) enters fbgemm as uint8 ``u = x_q + 128``
-(scale 1, zero point 128) and ``w_q`` as a qint8 tensor of scale 1, so
-fbgemm's output ``1 * 1 * (sum_k u * w - 128 * sum_k w)`` is the int32
-product of the int8 operands, converted once to float32 (round to nearest,
-like the reference). The per-token and per-channel scales, bias and
-activation stay in the caller's float32 epilogue.
+(scale 1, zero point 128) and ``w_q`` as a per-channel qint8 tensor with the
+scales ``w_scale``, so fbgemm's output pipeline gives ``w_scale[n] * (sum_k u
+* w - 128 * sum_k w)``: the exact int32 product of the int8 operands,
+converted once to float32 (round to nearest, like the reference), times the
+channel's scale, in one pass. The caller's epilogue then multiplies by the
+per-token scale and adds the bias in one more (``torch.addcmul``): two
+roundings in another order than the Triton kernel's, a few float32 ulps (the
+ops' tests allow 16 u of the result).
 
 Why 7-bit weights: on x86 CPUs without VNNI (AVX2) fbgemm multiplies with
 ``vpmaddubsw``, which adds pairs of u8 x s8 products in *saturating* int16:
@@ -19,10 +22,10 @@ rewrite quantizes weights to 7 bits for CPU targets for this reason.
 
 Prepacking (reordering the weight into fbgemm's blocked layout) costs far
 more than one call, so each weight is packed once and the packed form is held
-as long as the weight tensor lives: a cache keyed by the tensor's identity
-and version counter (an in-place change of the weight repacks it). The
-module's state is still just its int8 buffer, so ``state_dict`` and
-``torch.export`` see no opaque object.
+as long as the weight tensor lives: a cache keyed by the identity and version
+counter of the weight and its scales (an in-place change repacks). The
+module's state is still just its int8 and float32 buffers, so ``state_dict``
+and ``torch.export`` see no opaque object.
 
 torch marks quantized-tensor creation as deprecated: this module is the only
 place that uses it, behind the op's CPU dispatch, so it can be replaced by
@@ -56,23 +59,23 @@ def fits_7_bits(w_q: torch.Tensor) -> bool:
 
 
 class _PrepackCache:
-    """Packed weights by the identity of their int8 tensor; an entry dies with its tensor."""
+    """Packed weights by the identity of their (int8 codes, scales) tensors; an entry dies with the codes."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, int, Optional[Any]]] = {}
+        self._entries: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, tuple[int, int], Optional[Any]]] = {}
         self._lock = threading.Lock()
 
-    def get(self, w_q: torch.Tensor) -> Optional[Any]:
-        key = id(w_q)
+    def get(self, w_q: torch.Tensor, w_scale: torch.Tensor) -> Optional[Any]:
+        key, versions = (id(w_q), id(w_scale)), (w_q._version, w_scale._version)
         with self._lock:
             entry = self._entries.get(key)
-        if entry is not None and entry[0]() is w_q and entry[1] == w_q._version:
-            return entry[2]
-        packed = _pack(w_q) if fits_7_bits(w_q) else None
+        if entry is not None and entry[0]() is w_q and entry[1]() is w_scale and entry[2] == versions:
+            return entry[3]
+        packed = _pack(w_q, w_scale) if fits_7_bits(w_q) else None
         with self._lock:
             if key not in self._entries:
                 weakref.finalize(w_q, self._entries.pop, key, None)
-            self._entries[key] = (weakref.ref(w_q), w_q._version, packed)
+            self._entries[key] = (weakref.ref(w_q), weakref.ref(w_scale), versions, packed)
         return packed
 
     def __len__(self) -> int:
@@ -82,26 +85,28 @@ class _PrepackCache:
 _CACHE = _PrepackCache()
 
 
-def _pack(w_q: torch.Tensor) -> Any:
+def _pack(w_q: torch.Tensor, w_scale: torch.Tensor) -> Any:
     saved = torch.backends.quantized.engine
     try:
         torch.backends.quantized.engine = "fbgemm"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)   # the quantized-tensor deprecation notice (see above)
-            codes = torch._make_per_tensor_quantized_tensor(w_q.contiguous(), 1.0, 0)
+            zero_points = torch.zeros(w_q.shape[0], dtype=torch.long)
+            codes = torch._make_per_channel_quantized_tensor(w_q.contiguous(), w_scale.double(), zero_points, 0)
             return torch.ops.quantized.linear_prepack(codes, None)
     finally:
         torch.backends.quantized.engine = saved
 
 
-def prepacked(w_q: torch.Tensor) -> Optional[Any]:
-    """fbgemm's packed form of a CPU int8 weight [N, K], or None where the fast path cannot be exact."""
+def prepacked(w_q: torch.Tensor, w_scale: torch.Tensor) -> Optional[Any]:
+    """fbgemm's packed form of a CPU int8 weight [N, K] with its scales [N], or None where the fast path
+    cannot be exact."""
     if w_q.device.type != "cpu" or not available():
         return None
-    return _CACHE.get(w_q)
+    return _CACHE.get(w_q, w_scale)
 
 
-def int8_matmul(x_q: torch.Tensor, packed: Any) -> torch.Tensor:
-    """``float32(x_q @ w_q.T)`` for int8 ``x_q[M, K]`` and the weight packed by `prepacked`."""
+def scaled_matmul(x_q: torch.Tensor, packed: Any) -> torch.Tensor:
+    """``float32(x_q @ w_q.T) * w_scale[None, :]`` for int8 ``x_q[M, K]`` and the weight packed by `prepacked`."""
     return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
         x_q.float(), 1.0, ACTIVATION_ZERO_POINT, packed)
