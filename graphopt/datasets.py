@@ -44,7 +44,10 @@ def parse_shapes(specs: Sequence[str] | None) -> dict[str | None, tuple[int, ...
 
 
 def forward_names(module: Any) -> list[str]:
-    """Names of forward()'s parameters (without *args / **kwargs)."""
+    """Names of forward()'s parameters (without *args / **kwargs); a TorchScript module's from its schema."""
+    schema = getattr(getattr(module, "forward", None), "schema", None)
+    if schema is not None:
+        return [a.name for a in schema.arguments if a.name != "self"]
     try:
         params = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError):

@@ -53,6 +53,21 @@ class LoadedModel:
     def is_onnx(self) -> bool:
         return self.onnx_path is not None
 
+    def torch_module(self, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+        """(module, args, kwargs) to optimize. TorchScript is converted to a torch.export program on these
+        inputs, passed positionally (torch.export cannot trace a script's methods: they have a schema, not
+        a Python signature)."""
+        if self.kind != "torchscript":
+            return self.module, args, kwargs
+        from torch._export.converter import TS2EPConverter
+        names = [a.name for a in self.module.forward.schema.arguments if a.name != "self"]
+        positional = tuple(args) + tuple(kwargs[n] for n in names[len(args):] if n in kwargs)
+        try:
+            return TS2EPConverter(self.module, positional).convert().module(), positional, {}
+        except Exception as exc:  # noqa: BLE001  (the converter raises many kinds)
+            raise InputError(f"{self.source}: cannot convert this TorchScript model to a torch.export program: "
+                             f"{_first_line(exc)}") from exc
+
     def describe(self) -> str:
         return f"{self.name} ({KIND_NAMES[self.kind]}, {self.source})"
 

@@ -58,6 +58,8 @@ EXIT_HELP = (f"exit status: {EXIT_OK} done; {EXIT_BAD_INPUT} bad model, data or 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    import warnings
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     try:
         return args.handler(args)
     except GraphoptError as exc:

@@ -71,10 +71,11 @@ def _optimize_torch(args: argparse.Namespace, loaded: loaders.LoadedModel, quant
                     shapes: dict, console: Console) -> Report:
     import graphopt
     example_args, example_kwargs, batches = datasets.torch_inputs(loaded, shapes, args.calibration, args.batch_size)
+    module, example_args, example_kwargs = loaded.torch_module(example_args, example_kwargs)
     console.stage(f"example inputs: {_describe_inputs(example_args, example_kwargs)}"
                   + (f"; {len(batches)} calibration batch(es) from {args.calibration}" if batches else ""))
     console.stage(f"capturing with torch.export and optimizing at {args.level or 'the level the options imply'}")
-    opt = graphopt.optimize(loaded.module, example_args, example_kwargs=example_kwargs, level=args.level,
+    opt = graphopt.optimize(module, example_args, example_kwargs=example_kwargs, level=args.level,
                             quantize=quantize or "auto", prune=args.prune, calibration_data=batches,
                             accuracy_budget=args.accuracy_budget, verify=not args.no_verify,
                             progress=not console.quiet)
