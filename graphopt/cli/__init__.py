@@ -57,7 +57,11 @@ EXIT_HELP = (f"exit status: {EXIT_OK} done; {EXIT_BAD_INPUT} bad model, data or 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "demo":          # the demo parses its own options (graphopt demo --help)
+        args.rest = extra + list(args.rest)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     import warnings
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     try:

@@ -90,12 +90,12 @@ def _optimize_onnx(args: argparse.Namespace, loaded: loaders.LoadedModel, quanti
                    shapes: dict, console: Console) -> Report:
     if args.prune is not None:
         raise OptionError("--prune needs a torch model; ONNX files are not pruned")
-    import graphopt
+    from ..onnx import optimize_onnx
     feeds = datasets.onnx_feeds(loaded, args.calibration, shapes, args.batch_size)
     if feeds:
         console.stage(f"{len(feeds)} calibration feed(s) from {args.calibration}")
     console.stage(f"optimizing {loaded.onnx_path} in ONNX Runtime")
-    report = graphopt.optimize_onnx(loaded.onnx_path, args.output, level=args.level, quantize=quantize,
+    report = optimize_onnx(loaded.onnx_path, args.output, level=args.level, quantize=quantize,
                                     calibration_data=feeds, force=args.force, verify=not args.no_verify,
                                     progress=not console.quiet)
     console.records(report.records)
