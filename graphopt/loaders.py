@@ -178,6 +178,9 @@ def _torch_file(spec: str, path: Path, trust_pickle: bool) -> LoadedModel:
             raise InputError(f"{spec} is a pickled Python object: loading it runs code from the file. If you "
                              f"trust it, pass --trust-pickle (its classes must be importable from here)") from None
         warnings.warn(f"graphopt: unpickling {spec} (--trust-pickle): this runs code stored in the file")
+        for folder in (str(Path.cwd()), str(path.resolve().parent)):   # where its classes' modules live
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except (AttributeError, ModuleNotFoundError) as exc:

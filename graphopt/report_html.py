@@ -282,11 +282,11 @@ def _steps_plot(report: Report) -> str | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.45 * len(steps) + 1.6), squeeze=False,
                              sharey=True)
     labels = [r.name for r in steps]
+    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=9)
+    axes[0][0].invert_yaxis()          # the y axis is shared: first pass on top, in both panels
     for ax, (title, values, errors) in zip(axes[0], panels):
         colors = ["#777777"] + ["#2e8b57" if after <= before else "#c0392b" for before, after in zip(values, values[1:])]
         ax.barh(range(len(values)), values, xerr=errors, color=colors, capsize=3)
-        ax.set_yticks(range(len(labels)), labels, fontsize=9)
-        ax.invert_yaxis()
         ax.set_title(f"{title}: {values[0]:.4g} → {values[-1]:.4g}", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     return _png(fig)

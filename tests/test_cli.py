@@ -72,14 +72,14 @@ def forms(tmp_path_factory) -> Path:
     try:
         import models
         model = models.build()
+        x = torch.randn(4, 16)
+        torch.jit.save(torch.jit.script(model), folder / "scripted.pt")
+        torch.export.save(torch.export.export(model, (x,)), folder / "program.pt2")
+        torch.save(model, folder / "pickled.pth")          # pickles a reference to models.Net
+        torch.save(model.state_dict(), folder / "weights.pt")
     finally:
         sys.path.remove(str(folder))
         sys.modules.pop("models", None)
-    x = torch.randn(4, 16)
-    torch.jit.save(torch.jit.script(model), folder / "scripted.pt")
-    torch.export.save(torch.export.export(model, (x,)), folder / "program.pt2")
-    torch.save(model, folder / "pickled.pth")
-    torch.save(model.state_dict(), folder / "weights.pt")
     return folder
 
 

@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     import warnings
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"{category.__name__}: {message}\n"
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     try:
         return args.handler(args)
