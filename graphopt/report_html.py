@@ -112,10 +112,10 @@ def _summary(report: Report) -> str:
     items = []
     if b and f:
         items.append(f"<b>size</b>: parameters {format_bytes(b.param_bytes, unit)} → {format_bytes(f.param_bytes, unit)}"
-                     + _ratio(b.param_bytes, f.param_bytes, "smaller"))
+                     + _ratio(b.param_bytes, f.param_bytes, "smaller", "LARGER"))
         if b.latency_ms and f.latency_ms:
             items.append(f"<b>latency</b> (median, p10–p90 in brackets): {format_latency(b)} → {format_latency(f)} ms"
-                         + _ratio(b.latency_ms, f.latency_ms, "faster"))
+                         + _ratio(b.latency_ms, f.latency_ms, "faster", "SLOWER"))
         if f.min_cosine is not None or f.max_rel_err is not None:
             fidelity = [f"min cosine {f.min_cosine:.5f}" if f.min_cosine is not None else "",
                         f"max relative error {f.max_rel_err:.2e}" if f.max_rel_err is not None else "",
@@ -141,8 +141,10 @@ def _summary(report: Report) -> str:
     return f"<div class='{cls}'><ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul></div>"
 
 
-def _ratio(before: float, after: float, word: str) -> str:
-    return f" ({before / after:.2f}× {word})" if before and after else ""
+def _ratio(before: float, after: float, better: str, worse: str) -> str:
+    if not before or not after:
+        return ""
+    return f" ({before / after:.2f}× {better})" if after <= before else f" ({after / before:.2f}× {worse})"
 
 
 def _settings(report: Report) -> str:
