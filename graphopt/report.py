@@ -19,6 +19,8 @@ class PassRecord:
     nodes: int
     param_bytes: int
     latency_ms: float | None = None
+    latency_p10_ms: float | None = None     # spread of the latency samples (10th / 90th percentile)
+    latency_p90_ms: float | None = None
     max_abs_err: float | None = None
     max_rel_err: float | None = None
     min_cosine: float | None = None
@@ -76,16 +78,28 @@ class Report:
         from .report_html import write_html
         return write_html(self, path)
 
+    @property
+    def size_unit(self) -> str:
+        """The one unit every size of this report is shown in (the one that fits the largest)."""
+        sizes = [r.param_bytes for r in self._all() if r is not None]
+        sizes += [v for k, v in self.meta.items() if k.endswith("_bytes") and isinstance(v, (int, float))]
+        return size_unit(max(sizes, default=0))
+
+    def _all(self) -> list[PassRecord]:
+        return ([self.baseline] if self.baseline else []) + self.records + ([self.final] if self.final else [])
+
     def rows(self) -> list[list[str]]:
+        unit = self.size_unit
         rows = []
         for r in ([self.baseline] if self.baseline else []) + self.records:
             status = "rolled back" if r.rolled_back else ("changed" if r.modified else "-")
-            rows.append([r.name, f"{r.wall_s * 1e3:.0f}", str(r.nodes), _bytes(r.param_bytes),
-                         _num(r.latency_ms, ".2f"), _num(r.max_abs_err, ".2e"), _num(r.max_rel_err, ".2e"),
-                         status, _summary(r)])
+            rows.append([r.name, f"{r.wall_s * 1e3:.0f}", str(r.nodes), format_bytes(r.param_bytes, unit),
+                         format_latency(r), _num(r.max_abs_err, ".2e"), _num(r.max_rel_err, ".2e"),
+                         _num(r.min_cosine, ".5f"), status, _summary(r)])
         return rows
 
-    HEADER = ["pass", "time ms", "nodes", "params", "latency ms", "max abs err", "max rel err", "status", "notes"]
+    HEADER = ["pass", "time ms", "nodes", "params", "latency ms", "max abs err", "max rel err", "min cosine",
+              "status", "notes"]
 
     def to_markdown(self) -> str:
         lines = ["| " + " | ".join(self.HEADER) + " |", "|" + "---|" * len(self.HEADER)]
@@ -97,9 +111,13 @@ class Report:
         if not (self.baseline and self.final):
             return "no passes run"
         b, f = self.baseline, self.final
-        parts = [f"nodes {b.nodes} → {f.nodes}", f"params {_bytes(b.param_bytes)} → {_bytes(f.param_bytes)}"]
+        unit = self.size_unit
+        parts = [f"nodes {b.nodes} → {f.nodes}",
+                 f"params {format_bytes(b.param_bytes, unit)} → {format_bytes(f.param_bytes, unit)}"]
         if b.latency_ms and f.latency_ms:
-            parts.append(f"latency {b.latency_ms:.2f} → {f.latency_ms:.2f} ms ({b.latency_ms / f.latency_ms:.2f}×)")
+            parts.append(f"latency {format_latency(b)} → {format_latency(f)} ms ({b.latency_ms / f.latency_ms:.2f}×)")
+        if f.min_cosine is not None:
+            parts.append(f"min cosine {f.min_cosine:.5f}")
         if f.max_rel_err is not None:
             parts.append(f"max rel err {f.max_rel_err:.2e}")
         if self.rolled_back:
@@ -125,12 +143,37 @@ def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def size_unit(n: float) -> str:
+    """The largest binary unit in which `n` bytes is at least 1."""
+    return next((u for u in ("GiB", "MiB", "KiB") if n >= UNITS[u]), "B")
+
+
+def format_bytes(n: float, unit: str | None = None) -> str:
+    """`n` bytes in `unit` (default: the unit that fits `n`)."""
+    unit = unit or size_unit(n)
+    return f"{n:.0f} B" if unit == "B" else f"{n / UNITS[unit]:.2f} {unit}"
+
+
+def format_latency(record: PassRecord) -> str:
+    """Median latency in ms, with its p10–p90 spread when measured: `12.3 (11.9–13.0)`."""
+    if record.latency_ms is None:
+        return "-"
+    if record.latency_p10_ms is None or record.latency_p90_ms is None:
+        return f"{record.latency_ms:.2f}"
+    return f"{record.latency_ms:.2f} ({record.latency_p10_ms:.2f}–{record.latency_p90_ms:.2f})"
+
+
+def format_error(record: PassRecord) -> str:
+    """The error against the original in a few characters: `cos 0.99912 rel 3.1e-03`, or `-`."""
+    parts = []
+    if record.min_cosine is not None:
+        parts.append(f"cos {record.min_cosine:.5f}")
+    if record.max_rel_err is not None:
+        parts.append(f"rel {record.max_rel_err:.1e}")
+    return " ".join(parts) or "-"
 
 
 def _summary(record: PassRecord) -> str:
@@ -141,3 +184,31 @@ def _summary(record: PassRecord) -> str:
     if rejected:
         parts.append(f"{len(rejected)} rejected")
     return ", ".join(parts)
+
+
+def environment() -> dict[str, Any]:
+    """Date, package versions and machine of this run, for a report's header."""
+    import datetime
+    import os
+    import platform
+    from importlib import metadata
+    versions = {"python": platform.python_version()}
+    for package in ("graphopt", "torch", "onnx", "onnxruntime", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "versions": versions,
+            "machine": f"{_cpu_name()}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}"}
+
+
+def _cpu_name() -> str:
+    import platform
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

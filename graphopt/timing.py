@@ -3,6 +3,8 @@
 `measure(fn)` runs warm-up calls, then repeats until `repeats` samples or
 `max_seconds` have been spent, and returns the median with its spread. It is
 the one timer of the project: report latencies and bench tables agree.
+`measure_interleaved(fns)` times several callables in rotating round-robin (A/B tests:
+`graphopt compare`) and gives their latency ratio with a bootstrap confidence interval.
 """
 from __future__ import annotations
 
@@ -44,3 +46,51 @@ def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 20,
     def quantile(q: float) -> float:
         return samples[min(len(samples) - 1, int(q * len(samples)))]
     return Timing(statistics.median(samples), quantile(0.1), quantile(0.9), len(samples))
+
+
+@dataclass(frozen=True)
+class Interleaved:
+    """Samples of several callables timed in round-robin (one call each per round, order rotating)."""
+    samples: dict[str, list[float]]
+
+    def timing(self, name: str) -> Timing:
+        values = sorted(self.samples[name])
+        def quantile(q: float) -> float:
+            return values[min(len(values) - 1, int(q * len(values)))]
+        return Timing(statistics.median(values), quantile(0.1), quantile(0.9), len(values))
+
+    def ratio(self, slow: str, fast: str, confidence: float = 0.95, resamples: int = 2000,
+              seed: int = 0) -> tuple[float, float, float]:
+        """median(slow) / median(fast) and its bootstrap confidence interval over the paired rounds."""
+        import random
+        a, b = self.samples[slow], self.samples[fast]
+        rng = random.Random(seed)
+        estimates = []
+        for _ in range(resamples):
+            picks = [rng.randrange(len(a)) for _ in a]
+            estimates.append(statistics.median(a[i] for i in picks) / statistics.median(b[i] for i in picks))
+        estimates.sort()
+        tail = (1 - confidence) / 2
+        low = estimates[int(tail * resamples)]
+        high = estimates[min(resamples - 1, int((1 - tail) * resamples))]
+        return statistics.median(a) / statistics.median(b), low, high
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 20, warmup: int = 2,
+                        max_seconds: float = 60.0) -> Interleaved:
+    """Time each of `fns` once per round, rotating the order, so drift on a busy machine hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    budget_end = time.perf_counter() + max_seconds
+    for round_index in range(rounds):
+        if round_index >= 3 and time.perf_counter() > budget_end:
+            break
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - start)
+    return Interleaved(samples)

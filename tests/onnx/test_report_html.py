@@ -35,6 +35,43 @@ def report(tmp_path_factory):
     return result
 
 
+@pytest.fixture(scope="module")
+def pruned_report():
+    """A real O3 run: pruning records its groups as a dict in stats["layers"] (it crashed the page once)."""
+    import torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(16 * 6 * 6, 10)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    opt = graphopt.optimize(model, (x,), level="O3", prune=0.5, quantize=None, progress=False)
+    assert any(isinstance(r.stats.get("layers"), dict) for r in opt.report.records if r.modified)
+    return opt.report
+
+
+def test_a_pruned_run_renders_with_its_groups(tmp_path, pruned_report):
+    text = pruned_report.to_html(tmp_path / "pruned.html").read_text()
+    assert "structured_pruning" in text and text.count("data:image/png;base64,") >= 2
+    assert "prune None" not in text and "<th>pruning</th><td>0.5</td>" in text
+
+
+def test_header_values_are_words_and_sizes_share_one_unit(tmp_path, report):
+    text = report.to_html(tmp_path / "r.html").read_text()
+    assert "<th>int8 scheme</th><td>int8-dynamic</td>" in text
+    assert "<th>verified after every pass</th><td>yes</td>" in text
+    units = {u for u in ("KiB", "MiB") if f" {u}<" in text or f" {u} " in text}
+    assert units == {report.size_unit}, units
+
+
+def test_a_rolled_back_pass_is_said_prominently(tmp_path, report):
+    import copy
+    rolled = copy.deepcopy(report)
+    rolled.records[-1].rolled_back = True
+    rolled.records[-1].reason = "output cosine 0.93 < 0.99 (budget: output cosine ≥ 0.99); rolled back"
+    rolled.meta["outcome"] = ["int8-dynamic was requested but ROLLED BACK: output cosine 0.93 < 0.99"]
+    text = rolled.to_html(tmp_path / "rolled.html").read_text()
+    assert "class='summary problem'" in text and "<b>not done</b>" in text and "<h2>Rolled back</h2>" in text
+
+
 def test_html_has_the_pass_table_and_three_plots(tmp_path, report):
     path = report.to_html(tmp_path / "r.html")
     text = path.read_text()
@@ -49,12 +86,14 @@ def test_saved_run_loads_back(tmp_path, report):
     assert str(loaded) == str(report)
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
-def test_headless_chromium_renders_it(tmp_path, report):
-    path = report.to_html(tmp_path / "r.html")
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("which", ["report", "pruned_report"])
+def test_headless_chromium_renders_it(tmp_path, request, which):
+    path = request.getfixturevalue(which).to_html(tmp_path / "r.html")
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1200,1600", path.as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1200,1600", path.as_uri()],
+                   capture_output=True, timeout=120, check=True)
     import matplotlib.image
     pixels = matplotlib.image.imread(str(shot))
     assert pixels.shape[:2] == (1600, 1200)
