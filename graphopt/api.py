@@ -38,7 +38,8 @@ class OptimizedModule(torch.nn.Module):
         self._manager = PassManager(  # built now so that bad options fail before any capture
             build_passes(options), FxIR(), level=options.level, enable=options.enable,
             disable=options.disable, verify=options.verify, reproducer_dir=options.reproducer_dir,
-            measure_latency=options.measure_latency, progress=options.progress)
+            measure_latency=options.measure_latency, progress=options.progress,
+            speed_check=options.speed_check, on_record=options.on_record)
         self.graph_module: fx.GraphModule | None = None
         self.report = Report()
         self._pending = [model]   # a list, so the original is not registered as a submodule
@@ -115,7 +116,9 @@ def optimize(model: torch.nn.Module, example_inputs: tuple | None = None, *,
     `quantize="auto"` is "int8-dynamic" at O2/O3 and nothing below; None keeps
     the model float at any level.
     Further options: enable=/disable= (pass names), accuracy_budget=,
-    backend=, reproducer_dir=, verify_samples=, measure_latency=, progress=, seed=.
+    backend=, reproducer_dir=, verify_samples=, measure_latency=, progress=, seed=,
+    speed_check= (True: default; False: off; a dict of graphopt.speed.SpeedCheck fields, e.g.
+    {"min_gain": 0.05}), on_record= (called with each pass's PassRecord as it finishes).
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"graphopt.optimize takes a torch.nn.Module, got {type(model).__name__}")

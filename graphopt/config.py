@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .errors import OptionError
+from .speed import SpeedCheck, parse_speed_check
 
 LEVELS = {"O0": 0, "O1": 1, "O2": 2, "O3": 3}
 QUANT_SCHEMES = ("int8-dynamic", "int8-static", "int8-weight-only")
@@ -34,6 +35,8 @@ class Options:
     backend: str | None = None
     reproducer_dir: str | os.PathLike | None = None
     measure_latency: bool = True
+    speed_check: SpeedCheck | None = None    # parsed from True/False/dict; on by default while timing is on
+    on_record: Callable[[Any], None] | None = None   # called with each pass's PassRecord as it is made
     progress: bool = True
     seed: int = 0
     quantize_options: dict[str, Any] = field(default_factory=dict)  # validated by passes/quantize
@@ -73,6 +76,13 @@ def parse_options(level: str | int | None = None, quantize: str | None = AUTO,
     unknown = sorted(set(rest) - known)
     if unknown:
         raise OptionError(f"unknown option(s): {', '.join(unknown)}")
+    measure_latency = rest.get("measure_latency", True)
+    if "speed_check" in rest:
+        rest["speed_check"] = parse_speed_check(rest["speed_check"], measure_latency)
+    else:   # default: on, unless the caller turned timing off
+        rest["speed_check"] = SpeedCheck() if measure_latency else None
+    if rest.get("on_record") is not None and not callable(rest["on_record"]):
+        raise OptionError(f"on_record={rest['on_record']!r} must be a callable taking a PassRecord")
     if isinstance(rest.get("calibration_data"), Iterator):   # a generator is read once: keep its batches
         rest["calibration_data"] = list(rest["calibration_data"])
     return Options(level=numeric, quantize=quantize, prune=prune, **rest)

@@ -15,7 +15,12 @@ A pass is an object with
 
 The manager is IR-agnostic: an `IR` adapter says how to copy, finalize, count,
 run and dump a module, so the same manager drives FX graphs and ONNX graphs.
-Each pass receives a copy; the copy is kept only if it lints and verifies.
+Each pass receives a copy; the copy is kept only if it lints, verifies and,
+with a `speed_check` (graphopt/speed.py), is not measurably slower than the
+graph before it on the example inputs (timed interleaved against it). At the
+end the result is timed against the captured graph the same way: where the
+combination came out slower, the fastest verified variant is returned and
+the report says why.
 """
 from __future__ import annotations
 
@@ -27,14 +32,15 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch.fx as fx
 
 from . import ir
 from .errors import InputError, OptionError
 from .report import PassRecord, Report
-from .timing import measure
+from .speed import SpeedCheck, Verdict, timing_context
+from .timing import Timing, measure
 from .verify import LOSSLESS, Budget, compare_runs
 
 Inputs = Sequence[tuple[tuple, dict]]
@@ -139,6 +145,8 @@ class PassManager:
     reproducer_dir: str | os.PathLike | None = None
     measure_latency: bool = True
     progress: bool = False
+    speed_check: SpeedCheck | None = None
+    on_record: Callable[[PassRecord], None] | None = None   # called as each pass's record is made (live progress)
 
     def __post_init__(self) -> None:
         known = {p.name for p in self.passes}
@@ -161,20 +169,70 @@ class PassManager:
             report: Report | None = None) -> tuple[Any, Report]:
         report = report if report is not None else Report()
         self._latency_inputs = list(inputs[:1])  # latency is timed on the example inputs
-        self._latency_cache: tuple[Any, float | None] = (None, None)
+        self._timings: list[tuple[Any, Timing]] = []   # latest timing of the modules still in play
+        self._fastest: tuple[Any, Timing] | None = None  # fastest verified variant kept so far
+        self._lossless: Any = module                     # the graph before the first lossy pass changed it
+        if self.measure_latency:
+            report.meta["timing"] = timing_context()
         current, current_outputs = module, self.ir.run(module, inputs) if self.verify else None
         report.baseline = self._record("captured", current, 0.0, reference, current_outputs, {})
         steps = self._progress(self.selected)
         for p in steps:
+            if hasattr(steps, "set_postfix_str"):
+                steps.set_postfix_str(p.name)
             for step in range(self.max_steps if getattr(p, "fixed_point", False) else 1):
                 current, current_outputs, record = self._run_one(p, current, current_outputs, inputs, reference)
                 if step:
                     record.name = f"{p.name} (step {step + 1})"
-                report.records.append(record)
+                self._append(report, record)
                 if record.rolled_back or not record.modified:
                     break
+        if self.speed_check is not None and current is not module:
+            current, current_outputs = self._never_slower(module, current, current_outputs, inputs, reference,
+                                                          report)
         report.final = self._record("optimized", current, 0.0, reference, current_outputs, {})
         return current, report
+
+    def _append(self, report: Report, record: PassRecord) -> None:
+        report.records.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def _never_slower(self, original: Any, final: Any, final_outputs: list[Any] | None, inputs: Inputs,
+                      reference: list[Any], report: Report) -> tuple[Any, list[Any] | None]:
+        """Time the result against the captured graph; if it is slower, return the fastest verified variant."""
+        verdict = self._compare(original, final)
+        report.meta["speed"] = f"optimized vs captured: {verdict.describe()}"
+        if verdict.kind != "slower":
+            return final, final_outputs
+        chosen, why = original, "the captured graph"
+        candidates = {"the fastest verified intermediate graph": self._fastest[0] if self._fastest else None,
+                      "the graph of the lossless passes alone": self._lossless}
+        for name, candidate in candidates.items():
+            if candidate is not None and candidate is not final and candidate is not original \
+                    and self._compare(original, candidate).kind != "slower":
+                chosen, why = candidate, name
+                break
+        record = self._record("speed check", chosen, 0.0, reference, None, {})
+        record.rolled_back = True
+        record.reason = (f"the optimized graph was slower than the captured one ({verdict.describe()}): "
+                         f"returned {why} instead")
+        record.speed = verdict.describe()
+        self._append(report, record)
+        report.meta["speed"] += f"; returned {why}"
+        warnings.warn(f"graphopt: {record.reason}")
+        return chosen, (self.ir.run(chosen, inputs) if self.verify else None)
+
+    def _compare(self, before: Any, after: Any) -> Verdict:
+        """Interleaved timing of two modules on the example inputs; remembers both timings."""
+        verdict = self.speed_check.compare(lambda: self.ir.run(before, self._latency_inputs),
+                                           lambda: self.ir.run(after, self._latency_inputs))
+        self._remember(before, verdict.before)
+        self._remember(after, verdict.after)
+        return verdict
+
+    def _remember(self, module: Any, timing: Timing) -> None:
+        self._timings = [(m, t) for m, t in self._timings if m is not module][-3:] + [(module, timing)]
 
     def _progress(self, passes: Sequence[Pass]):
         if not self.progress:
@@ -214,31 +272,48 @@ class PassManager:
             record.modified = record.rolled_back = True
             record.reason = f"{reason} (budget: {budget.describe()}); rolled back"
             return current, current_outputs, record
+        verdict = self._compare(current, result.module) if self.speed_check is not None else None
+        reason = verdict and self.speed_check.rollback_reason(verdict, lossy=budget != LOSSLESS)
+        if reason:
+            record = self._record(p.name, current, elapsed, reference, outputs, result.stats)
+            record.modified = record.rolled_back = True
+            record.reason, record.speed = reason, verdict.describe()
+            return current, current_outputs, record
+        if budget == LOSSLESS and self._lossless is current:
+            self._lossless = result.module
         record = self._record(p.name, result.module, elapsed, reference, outputs, result.stats)
         record.modified = True
+        if verdict is not None:
+            record.speed = verdict.describe()
+            if self._fastest is None or verdict.after.median_s < self._fastest[1].median_s:
+                self._fastest = (result.module, verdict.after)
         return result.module, outputs, record
 
     def _record(self, name: str, module: Any, elapsed: float, reference: list[Any],
                 outputs: list[Any] | None, stats: dict[str, Any]) -> PassRecord:
         errors = compare_runs(outputs, reference) if outputs is not None else None
+        timing = self._latency(module)
         return PassRecord(
             name=name, wall_s=elapsed, nodes=self.ir.count_nodes(module),
-            param_bytes=self.ir.param_bytes(module), latency_ms=self._latency(module),
+            param_bytes=self.ir.param_bytes(module),
+            latency_ms=timing.median_ms if timing else None,
+            latency_p10_ms=timing.p10_s * 1e3 if timing else None,
+            latency_p90_ms=timing.p90_s * 1e3 if timing else None,
             max_abs_err=errors.max_abs if errors else None,
             max_rel_err=errors.max_rel if errors else None,
             min_cosine=errors.min_cosine if errors else None,
             stats=stats)
 
-    def _latency(self, module: Any) -> float | None:
-        """Median latency on the example inputs, measured once per distinct module."""
+    def _latency(self, module: Any) -> Timing | None:
+        """Latency on the example inputs: the latest interleaved timing of `module`, else measured once now."""
         if not self.measure_latency:
             return None
-        cached_module, cached = self._latency_cache
-        if cached_module is not module:
-            cached = measure(lambda: self.ir.run(module, self._latency_inputs), warmup=1,
-                             repeats=5, max_seconds=2.0).median_ms
-            self._latency_cache = (module, cached)
-        return cached
+        for known, timing in reversed(self._timings):
+            if known is module:
+                return timing
+        timing = measure(lambda: self.ir.run(module, self._latency_inputs), warmup=1, repeats=5, max_seconds=2.0)
+        self._remember(module, timing)
+        return timing
 
     def _write_reproducer(self, p: Pass, module: Any, exc: Exception) -> Path:
         root = Path(self.reproducer_dir) if self.reproducer_dir else Path(tempfile.gettempdir()) / "graphopt-reproducers"

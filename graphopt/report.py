@@ -28,6 +28,7 @@ class PassRecord:
     rolled_back: bool = False
     reason: str | None = None
     reproducer: str | None = None
+    speed: str | None = None                # speed check verdict against the graph before the pass
     stats: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -122,6 +123,12 @@ class Report:
             parts.append(f"max rel err {f.max_rel_err:.2e}")
         if self.rolled_back:
             parts.append(f"{len(self.rolled_back)} pass(es) rolled back")
+        if self.meta.get("speed"):
+            parts.append(self.meta["speed"])
+        timing = self.meta.get("timing")
+        if timing and b.latency_ms:
+            parts.append(f"timed on the example inputs, {timing['threads']} threads, load {timing['load_1min']} "
+                         f"on {timing['cores']} cores; latency: median (p10–p90)")
         return "; ".join(parts)
 
     def __str__(self) -> str:
@@ -183,6 +190,8 @@ def _summary(record: PassRecord) -> str:
     rejected = record.stats.get("rejected") or []
     if rejected:
         parts.append(f"{len(rejected)} rejected")
+    if record.speed:
+        parts.append(record.speed)
     return ", ".join(parts)
 
 
