@@ -148,7 +148,7 @@ class StructuredPruning:
         layers = {g.name: {"modules": g.modules, "units": g.units, "unit_channels": g.gran,
                            "pruned_units": len(plan.get(g.name, ()))} for g in groups}
         return log.result(gm, flops_before=before[0], flops_after=after_flops, params_before=before[1],
-                          params_after=float(sum(p.numel() for p in gm.parameters())),
+                          params_after=float(ir.param_count(gm)),
                           flops_ratio=after_flops / before[0] if before[0] else 1.0, layers=layers,
                           boundaries=analysis.boundaries, recalibrated=recalibrated)
 

@@ -98,7 +98,7 @@ class Cost:
         for group in analysis.groups.values():
             for m in group.members:
                 members.setdefault(m.attr, {}).setdefault(m.dim, []).append(m.seg)
-        for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+        for name, tensor in ir.live_tensors(gm).items():   # what the graph reads, each storage once
             if not tensor.is_floating_point():
                 continue
             dims = [(tensor.shape[d], tuple(segs)) for d, segs in members.get(name, {}).items()]
