@@ -3,7 +3,7 @@
 Cost model (per sample: a symbolic batch dimension counts as 1, any other
 symbolic dimension, e.g. a token model's sequence length, as its example value):
 
-    MACs = Σ over conv / linear / matmul / attention nodes of
+    MACs = Σ over conv / linear / (add)mm / matmul / attention nodes of
            base_MACs · Π keep-fraction of each pruned dimension it reads or writes
     params = Σ over tensors of numel · Π keep-fraction of each pruned dimension
 
@@ -74,7 +74,7 @@ class Cost:
         _size = _sizer(gm)
         for node in gm.graph.nodes:
             if ir.is_op(node, aten.conv1d, aten.conv2d, aten.conv3d, aten.linear, aten.matmul, aten.bmm,
-                        aten.scaled_dot_product_attention):
+                        aten.mm, aten.addmm, aten.scaled_dot_product_attention):
                 out = _size(node)
                 dims = [(out[d], seg_of(node, d)) for d in range(len(out)) if seg_of(node, d)]
                 x = node.args[0]
@@ -85,8 +85,13 @@ class Cost:
                 elif ir.is_op(node, aten.scaled_dot_product_attention):
                     q, key, v = (_size(a) for a in node.args[:3])
                     base = math.prod(q[:-1]) * key[-2] * (q[-1] + v[-1])
-                elif ir.is_op(node, aten.matmul, aten.bmm):
-                    base = math.prod(out) * _size(x)[-1]
+                elif ir.is_op(node, aten.matmul, aten.bmm, aten.mm, aten.addmm):
+                    if ir.is_op(node, aten.addmm):
+                        x = node.args[1]
+                    k = _size(x)[-1]
+                    base = math.prod(out) * k
+                    if ir.is_op(node, aten.mm, aten.addmm) and seg_of(x, 1):   # x·W with W stored [K, N]
+                        dims.append((k, seg_of(x, 1)))
                 else:
                     w = _size(node.args[1])
                     base = math.prod(out) * math.prod(w[1:])
