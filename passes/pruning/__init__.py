@@ -32,6 +32,11 @@ prune_options:
     labels           one label tensor per calibration batch, for "taylor"
     max_calibration_batches   batches used for scoring and the sweep (default 8)
 
+When a ratio target cannot be met, the stats say so (`target_met`, and
+`shortfall`: the blocked groups that would have saved most, each with the op
+that blocks it, and the groups already at their largest cut) and a warning
+repeats it.
+
 The pass is lossy: its budget is unbounded (the report records the error),
 and recovery is `graphopt.finetune`.
 """
@@ -143,14 +148,43 @@ class StructuredPruning:
         recalibrated = (calibration.recalibrate(gm, reference, batches,
                                                 calibration.kept_channels(analysis, plan, reference), self.progress)
                         if recalibrate else [])
-        after_flops = allocate.count_flops(gm)
+        after = (allocate.count_flops(gm), float(ir.param_count(gm)))
         log.matched("channel group", len(plan))
         layers = {g.name: {"modules": g.modules, "units": g.units, "unit_channels": g.gran,
                            "pruned_units": len(plan.get(g.name, ()))} for g in groups}
-        return log.result(gm, flops_before=before[0], flops_after=after_flops, params_before=before[1],
-                          params_after=float(ir.param_count(gm)),
-                          flops_ratio=after_flops / before[0] if before[0] else 1.0, layers=layers,
-                          boundaries=analysis.boundaries, recalibrated=recalibrated)
+        shortfall = self._shortfall(analysis, groups, plan, cost, before, after)
+        if shortfall:
+            warnings.warn(f"graphopt: structured pruning fell short of its target: {shortfall}")
+        return log.result(gm, flops_before=before[0], flops_after=after[0], params_before=before[1],
+                          params_after=after[1], flops_ratio=after[0] / before[0] if before[0] else 1.0,
+                          layers=layers, boundaries=analysis.boundaries, recalibrated=recalibrated,
+                          target_met=not shortfall, shortfall=shortfall)
+
+    def _shortfall(self, analysis: Analysis, groups: list, plan: Mapping[str, list[int]], cost: allocate.Cost,
+                   before: tuple[float, float], after: tuple[float, float]) -> str:
+        """Why a ratio target was missed ('' when met): the blocked groups that would have saved most,
+        each with the op that blocks it, and the groups already at their largest allowed cut."""
+        if isinstance(self.prune, Mapping):
+            return ""
+        kind = self.options["target"]
+        index = 0 if kind == "flops" else 1
+        keep = 1.0 - float(self.prune)
+        if not before[index] or after[index] <= keep * before[index] * (1 + 1e-6):
+            return ""
+        measure = cost.of(kind)
+        full = measure({})
+        saving = {g.name: full - measure({g.name: g.units}) for g in analysis.groups.values() if g.blocked}
+        blockers = sorted(saving, key=saving.get, reverse=True)[:3]
+        limits = allocate.levels
+        capped = [g.name for g in groups if plan.get(g.name) and len(plan[g.name]) == max(
+            limits(g, self.options["round_to"], self.options["max_layer_ratio"]))]
+        parts = [f"kept {after[index] / before[index]:.2f} of the {kind}, asked {keep:.2f}"]
+        parts += [f"{name} ({saving[name] / full:.0%} of the {kind}) blocked by {analysis.groups[name].blocked[0]}"
+                  for name in blockers if saving[name] > 0]
+        if capped:
+            parts.append(f"{len(capped)} group(s) at their largest cut (max_layer_ratio="
+                         f"{self.options['max_layer_ratio']}, round_to={self.options['round_to']})")
+        return "; ".join(parts)
 
     def _recalibrates(self, batches: list[Any] | None) -> bool:
         if self.options["recalibrate"] is True and not batches:

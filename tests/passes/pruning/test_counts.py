@@ -69,3 +69,22 @@ def test_param_count_ignores_dead_attributes_and_counts_shared_storage_once():
         gm.graph.get_attr("left_over")                                    # a get_attr nobody reads
     assert ir.param_count(gm) == 15
     assert ir.param_bytes(gm) == 15 * 4
+
+
+def test_a_missed_target_names_the_blocking_op():
+    """Most FLOPs sit behind a cumsum (an unknown op, a boundary): prune=0.5 cannot be met, and the stats say
+    which group would have saved most and what blocks it."""
+    from .test_pruning import UnknownOp
+    model = UnknownOp().eval()
+    with pytest.warns(UserWarning, match="fell short of its target"):
+        opt = graphopt.optimize(model, (torch.randn(2, 3, 8, 8),), prune=0.5, disable=["int8_dynamic"],
+                                measure_latency=False, progress=False, prune_options={"round_to": 1})
+    stats = opt.report["structured_pruning"].stats
+    assert stats["flops_after"] > 0.5 * stats["flops_before"] and not stats["target_met"]
+    assert "blocked by" in stats["shortfall"] and "cumsum" in stats["shortfall"]
+
+
+def test_a_met_target_reports_no_shortfall():
+    opt = _optimize(randomize_(ResNetLike(16), 0), torch.randn(2, 3, 8, 8))
+    stats = opt.report["structured_pruning"].stats
+    assert stats["target_met"] and stats["shortfall"] == ""
