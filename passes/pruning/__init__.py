@@ -21,6 +21,10 @@ prune_options:
                      after the same fine-tune all allocations reach 99.24%,
                      bench/results/pruning.md); False: ranking
     sweep_ratios     ratios of that sweep (default (0.25, 0.5, 0.75))
+    sweep_batches    calibration batches each sweep probe runs (default 2)
+    sweep_budget_s   seconds the sweep may take (default 60): groups are probed
+                     largest cost first; the rest get their curve from their
+                     importance scores (allocate.sensitivity)
     recalibrate      "auto" (default): True when calibration_data is given;
                      True: after slicing, give every convolution's output
                      channels the mean and std they had before pruning on the
@@ -64,7 +68,7 @@ from .groups import Analysis, analyze, matching_groups
 DEFAULTS: dict[str, Any] = {
     "criterion": "l2", "ranking": "global", "round_to": 8, "max_layer_ratio": 0.8, "ignored": (),
     "target": "flops", "sensitivity": "auto", "recalibrate": "auto", "sweep_ratios": (0.25, 0.5, 0.75),
-    "metric": None,
+    "metric": None, "sweep_batches": 2, "sweep_budget_s": 60.0,
     "loss_fn": None, "labels": None, "max_calibration_batches": 8,
 }
 
@@ -96,6 +100,11 @@ def validate(prune: Any, prune_options: Mapping[str, Any]) -> dict[str, Any]:
         opts["ignored"] = (opts["ignored"],)
     if opts["criterion"] == "taylor" and opts["loss_fn"] is None and opts["labels"] is None:
         raise OptionError("criterion='taylor' needs prune_options['loss_fn'] or prune_options['labels']")
+    if isinstance(opts["sweep_batches"], bool) or not isinstance(opts["sweep_batches"], int) or opts["sweep_batches"] < 1:
+        raise OptionError(f"prune_options sweep_batches={opts['sweep_batches']!r} must be a positive integer")
+    if isinstance(opts["sweep_budget_s"], bool) or not isinstance(opts["sweep_budget_s"], (int, float)) \
+            or opts["sweep_budget_s"] <= 0:
+        raise OptionError(f"prune_options sweep_budget_s={opts['sweep_budget_s']!r} must be a positive number")
     for key in ("loss_fn", "metric"):
         if opts[key] is not None and not callable(opts[key]):
             raise OptionError(f"prune_options {key} must be callable")
@@ -214,9 +223,10 @@ class StructuredPruning:
         if opts["sensitivity"] is True or (opts["sensitivity"] == "auto" and batches):
             if not batches:
                 raise OptionError("prune_options sensitivity=True needs calibration_data")
-            drop = _drop_fn(gm, analysis, batches, opts["metric"], self._recalibrates(batches))
+            drop = _drop_fn(gm, analysis, batches[:opts["sweep_batches"]], opts["metric"],
+                            self._recalibrates(batches))
             return allocate.sensitivity(groups, scores, measure, keep, round_to, max_ratio, drop,
-                                        opts["sweep_ratios"], self.progress)
+                                        opts["sweep_ratios"], self.progress, opts["sweep_budget_s"])
         rank = allocate.global_rank if opts["ranking"] == "global" else allocate.uniform
         return rank(groups, scores, measure, keep, round_to, max_ratio)
 
@@ -225,11 +235,17 @@ def _drop_fn(gm: fx.GraphModule, analysis: Analysis, batches: list[Any],
              metric: Callable[[torch.nn.Module], float] | None,
              recalibrate: bool = False) -> Callable[[Mapping[str, list[int]]], float]:
     """Metric lost when a plan is applied as a mask (equal to slicing, much cheaper), recalibrated
-    as the sliced graph will be when `recalibrate`."""
+    as the sliced graph will be when `recalibrate`. Every probe masks one working copy in place and
+    restores its tensors afterwards (no copy of the graph per probe)."""
     with torch.no_grad():
         reference = [importance.call(gm, b) for b in batches]
     stats = calibration.statistics(gm, calibration.conv_nodes(gm), batches) if recalibrate else {}
     base = metric(gm) if metric is not None else 0.0
+    work = copy.deepcopy(gm)
+    if recalibrate:   # biases recalibration would add, added once: zero, so the copy computes the same
+        for node in calibration.conv_nodes(work):
+            calibration.bias_node(work, node)
+    saved = {name: t.detach().clone() for name, t in ir.live_tensors(work).items()}
 
     def score(module: torch.nn.Module) -> float:
         if metric is not None:
@@ -245,11 +261,15 @@ def _drop_fn(gm: fx.GraphModule, analysis: Analysis, batches: list[Any],
         return -sum(errors) / len(errors)
 
     def drop(plan: Mapping[str, list[int]]) -> float:
-        masked = copy.deepcopy(gm)
-        slicing.mask(masked, analysis, plan)
-        if recalibrate:
-            calibration.recalibrate(masked, stats, batches)
-        return base - score(masked)
+        try:
+            slicing.mask(work, analysis, plan)
+            if recalibrate:
+                calibration.recalibrate(work, stats, batches)
+            return base - score(work)
+        finally:
+            with torch.no_grad():
+                for name, tensor in ir.live_tensors(work).items():
+                    tensor.copy_(saved[name])
 
     return drop
 
