@@ -6,7 +6,8 @@ rewiring, constants and metadata work the same way everywhere:
 - matching: `is_op`, `find_nodes`, `single_user`, `const_value`
 - rewriting: `replace_all_uses`, `erase_unused`, `add_constant`
 - housekeeping: `refresh_meta` (shape/dtype after a rewrite), `lint`,
-  `drop_unused_attributes`, `count_nodes`, `param_bytes`
+  `drop_unused_attributes`, `count_nodes`, `live_tensors`, `param_count`,
+  `param_bytes`
 """
 from __future__ import annotations
 
@@ -208,17 +209,52 @@ def count_nodes(gm: fx.GraphModule) -> int:
     return sum(1 for _ in compute_nodes(gm))
 
 
-def param_bytes(module: torch.nn.Module) -> int:
-    """Bytes held by parameters and buffers, each storage counted once."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
+def live_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters and buffers `module` computes with, by name, each storage once.
+
+    For a GraphModule: those its get_attr nodes read (a get_attr with no user
+    reads nothing) plus everything of the submodules it calls; attributes a
+    rewrite left behind (a conv's weight after BatchNorm folding) do not count.
+    For any other module: all its parameters and buffers.
+    """
+    if isinstance(module, fx.GraphModule):
+        named: list[tuple[str, torch.Tensor]] = []
+        for node in module.graph.nodes:
+            if node.op == "get_attr" and node.users:
+                value = get_attr_value(module, node) if _is_tensor_attr(module, str(node.target)) else None
+                if value is not None:
+                    named.append((str(node.target), value))
+            elif node.op == "call_module" and node.target not in GUARD_MODULES:
+                sub = module.get_submodule(str(node.target))
+                named += [(f"{node.target}.{n}", t) for n, t in
+                          list(sub.named_parameters()) + list(sub.named_buffers())]
+    else:
+        named = list(module.named_parameters()) + list(module.named_buffers())
+    seen: set[object] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in named:
         key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += tensor.numel() * tensor.element_size()
-    return total
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor
+    return out
+
+
+def _is_tensor_attr(gm: fx.GraphModule, target: str) -> bool:
+    value: object = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return isinstance(value, torch.Tensor)
+
+
+def param_count(module: torch.nn.Module) -> int:
+    """Elements of the floating-point parameters and buffers `module` computes with (`live_tensors`)."""
+    return sum(t.numel() for t in live_tensors(module).values() if t.is_floating_point())
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers `module` computes with (`live_tensors`)."""
+    return sum(t.numel() * t.element_size() for t in live_tensors(module).values())
 
 
 def is_mutating(node: fx.Node) -> bool:

@@ -21,6 +21,10 @@ prune_options:
                      after the same fine-tune all allocations reach 99.24%,
                      bench/results/pruning.md); False: ranking
     sweep_ratios     ratios of that sweep (default (0.25, 0.5, 0.75))
+    sweep_batches    calibration batches each sweep probe runs (default 2)
+    sweep_budget_s   seconds the sweep may take (default 60): groups are probed
+                     largest cost first; the rest get their curve from their
+                     importance scores (allocate.sensitivity)
     recalibrate      "auto" (default): True when calibration_data is given;
                      True: after slicing, give every convolution's output
                      channels the mean and std they had before pruning on the
@@ -31,6 +35,11 @@ prune_options:
     loss_fn          callable(outputs[, labels]) -> loss, for "taylor"
     labels           one label tensor per calibration batch, for "taylor"
     max_calibration_batches   batches used for scoring and the sweep (default 8)
+
+When a ratio target cannot be met, the stats say so (`target_met`, and
+`shortfall`: the blocked groups that would have saved most, each with the op
+that blocks it, and the groups already at their largest cut) and a warning
+repeats it.
 
 The pass is lossy: its budget is unbounded (the report records the error),
 and recovery is `graphopt.finetune`.
@@ -59,7 +68,7 @@ from .groups import Analysis, analyze, matching_groups
 DEFAULTS: dict[str, Any] = {
     "criterion": "l2", "ranking": "global", "round_to": 8, "max_layer_ratio": 0.8, "ignored": (),
     "target": "flops", "sensitivity": "auto", "recalibrate": "auto", "sweep_ratios": (0.25, 0.5, 0.75),
-    "metric": None,
+    "metric": None, "sweep_batches": 2, "sweep_budget_s": 60.0,
     "loss_fn": None, "labels": None, "max_calibration_batches": 8,
 }
 
@@ -91,6 +100,11 @@ def validate(prune: Any, prune_options: Mapping[str, Any]) -> dict[str, Any]:
         opts["ignored"] = (opts["ignored"],)
     if opts["criterion"] == "taylor" and opts["loss_fn"] is None and opts["labels"] is None:
         raise OptionError("criterion='taylor' needs prune_options['loss_fn'] or prune_options['labels']")
+    if isinstance(opts["sweep_batches"], bool) or not isinstance(opts["sweep_batches"], int) or opts["sweep_batches"] < 1:
+        raise OptionError(f"prune_options sweep_batches={opts['sweep_batches']!r} must be a positive integer")
+    if isinstance(opts["sweep_budget_s"], bool) or not isinstance(opts["sweep_budget_s"], (int, float)) \
+            or opts["sweep_budget_s"] <= 0:
+        raise OptionError(f"prune_options sweep_budget_s={opts['sweep_budget_s']!r} must be a positive number")
     for key in ("loss_fn", "metric"):
         if opts[key] is not None and not callable(opts[key]):
             raise OptionError(f"prune_options {key} must be callable")
@@ -143,14 +157,43 @@ class StructuredPruning:
         recalibrated = (calibration.recalibrate(gm, reference, batches,
                                                 calibration.kept_channels(analysis, plan, reference), self.progress)
                         if recalibrate else [])
-        after_flops = allocate.count_flops(gm)
+        after = (allocate.count_flops(gm), float(ir.param_count(gm)))
         log.matched("channel group", len(plan))
         layers = {g.name: {"modules": g.modules, "units": g.units, "unit_channels": g.gran,
                            "pruned_units": len(plan.get(g.name, ()))} for g in groups}
-        return log.result(gm, flops_before=before[0], flops_after=after_flops, params_before=before[1],
-                          params_after=float(sum(p.numel() for p in gm.parameters())),
-                          flops_ratio=after_flops / before[0] if before[0] else 1.0, layers=layers,
-                          boundaries=analysis.boundaries, recalibrated=recalibrated)
+        shortfall = self._shortfall(analysis, groups, plan, cost, before, after)
+        if shortfall:
+            warnings.warn(f"graphopt: structured pruning fell short of its target: {shortfall}")
+        return log.result(gm, flops_before=before[0], flops_after=after[0], params_before=before[1],
+                          params_after=after[1], flops_ratio=after[0] / before[0] if before[0] else 1.0,
+                          layers=layers, boundaries=analysis.boundaries, recalibrated=recalibrated,
+                          target_met=not shortfall, shortfall=shortfall)
+
+    def _shortfall(self, analysis: Analysis, groups: list, plan: Mapping[str, list[int]], cost: allocate.Cost,
+                   before: tuple[float, float], after: tuple[float, float]) -> str:
+        """Why a ratio target was missed ('' when met): the blocked groups that would have saved most,
+        each with the op that blocks it, and the groups already at their largest allowed cut."""
+        if isinstance(self.prune, Mapping):
+            return ""
+        kind = self.options["target"]
+        index = 0 if kind == "flops" else 1
+        keep = 1.0 - float(self.prune)
+        if not before[index] or after[index] <= keep * before[index] * (1 + 1e-6):
+            return ""
+        measure = cost.of(kind)
+        full = measure({})
+        saving = {g.name: full - measure({g.name: g.units}) for g in analysis.groups.values() if g.blocked}
+        blockers = sorted(saving, key=saving.get, reverse=True)[:3]
+        limits = allocate.levels
+        capped = [g.name for g in groups if plan.get(g.name) and len(plan[g.name]) == max(
+            limits(g, self.options["round_to"], self.options["max_layer_ratio"]))]
+        parts = [f"kept {after[index] / before[index]:.2f} of the {kind}, asked {keep:.2f}"]
+        parts += [f"{name} ({saving[name] / full:.0%} of the {kind}) blocked by {analysis.groups[name].blocked[0]}"
+                  for name in blockers if saving[name] > 0]
+        if capped:
+            parts.append(f"{len(capped)} group(s) at their largest cut (max_layer_ratio="
+                         f"{self.options['max_layer_ratio']}, round_to={self.options['round_to']})")
+        return "; ".join(parts)
 
     def _recalibrates(self, batches: list[Any] | None) -> bool:
         if self.options["recalibrate"] is True and not batches:
@@ -180,9 +223,10 @@ class StructuredPruning:
         if opts["sensitivity"] is True or (opts["sensitivity"] == "auto" and batches):
             if not batches:
                 raise OptionError("prune_options sensitivity=True needs calibration_data")
-            drop = _drop_fn(gm, analysis, batches, opts["metric"], self._recalibrates(batches))
+            drop = _drop_fn(gm, analysis, batches[:opts["sweep_batches"]], opts["metric"],
+                            self._recalibrates(batches))
             return allocate.sensitivity(groups, scores, measure, keep, round_to, max_ratio, drop,
-                                        opts["sweep_ratios"], self.progress)
+                                        opts["sweep_ratios"], self.progress, opts["sweep_budget_s"])
         rank = allocate.global_rank if opts["ranking"] == "global" else allocate.uniform
         return rank(groups, scores, measure, keep, round_to, max_ratio)
 
@@ -191,11 +235,17 @@ def _drop_fn(gm: fx.GraphModule, analysis: Analysis, batches: list[Any],
              metric: Callable[[torch.nn.Module], float] | None,
              recalibrate: bool = False) -> Callable[[Mapping[str, list[int]]], float]:
     """Metric lost when a plan is applied as a mask (equal to slicing, much cheaper), recalibrated
-    as the sliced graph will be when `recalibrate`."""
+    as the sliced graph will be when `recalibrate`. Every probe masks one working copy in place and
+    restores its tensors afterwards (no copy of the graph per probe)."""
     with torch.no_grad():
         reference = [importance.call(gm, b) for b in batches]
     stats = calibration.statistics(gm, calibration.conv_nodes(gm), batches) if recalibrate else {}
     base = metric(gm) if metric is not None else 0.0
+    work = copy.deepcopy(gm)
+    if recalibrate:   # biases recalibration would add, added once: zero, so the copy computes the same
+        for node in calibration.conv_nodes(work):
+            calibration.bias_node(work, node)
+    saved = {name: t.detach().clone() for name, t in ir.live_tensors(work).items()}
 
     def score(module: torch.nn.Module) -> float:
         if metric is not None:
@@ -211,11 +261,15 @@ def _drop_fn(gm: fx.GraphModule, analysis: Analysis, batches: list[Any],
         return -sum(errors) / len(errors)
 
     def drop(plan: Mapping[str, list[int]]) -> float:
-        masked = copy.deepcopy(gm)
-        slicing.mask(masked, analysis, plan)
-        if recalibrate:
-            calibration.recalibrate(masked, stats, batches)
-        return base - score(masked)
+        try:
+            slicing.mask(work, analysis, plan)
+            if recalibrate:
+                calibration.recalibrate(work, stats, batches)
+            return base - score(work)
+        finally:
+            with torch.no_grad():
+                for name, tensor in ir.live_tensors(work).items():
+                    tensor.copy_(saved[name])
 
     return drop
 

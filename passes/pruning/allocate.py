@@ -3,7 +3,7 @@
 Cost model (per sample: a symbolic batch dimension counts as 1, any other
 symbolic dimension, e.g. a token model's sequence length, as its example value):
 
-    MACs = Σ over conv / linear / matmul / attention nodes of
+    MACs = Σ over conv / linear / (add)mm / matmul / attention nodes of
            base_MACs · Π keep-fraction of each pruned dimension it reads or writes
     params = Σ over tensors of numel · Π keep-fraction of each pruned dimension
 
@@ -17,7 +17,8 @@ channels and never more than `max_ratio` of a group:
   cheapest step of any group until the FLOPs (or params) target is met;
 - local: the same ratio of every group (found by bisection for a target), or
   the ratios the user gave per module pattern;
-- sensitivity: each group's metric drop measured alone at a few ratios;
+- sensitivity: each group's metric drop measured alone at a few ratios (under
+  a time budget, largest groups first; the rest estimated from their scores);
   greedily take the step with the smallest drop per FLOP saved, then give
   back steps of the largest drop that the target does not need (the last
   step of a large group can overshoot it).
@@ -25,6 +26,8 @@ channels and never more than `max_ratio` of a group:
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -74,7 +77,7 @@ class Cost:
         _size = _sizer(gm)
         for node in gm.graph.nodes:
             if ir.is_op(node, aten.conv1d, aten.conv2d, aten.conv3d, aten.linear, aten.matmul, aten.bmm,
-                        aten.scaled_dot_product_attention):
+                        aten.mm, aten.addmm, aten.scaled_dot_product_attention):
                 out = _size(node)
                 dims = [(out[d], seg_of(node, d)) for d in range(len(out)) if seg_of(node, d)]
                 x = node.args[0]
@@ -85,8 +88,13 @@ class Cost:
                 elif ir.is_op(node, aten.scaled_dot_product_attention):
                     q, key, v = (_size(a) for a in node.args[:3])
                     base = math.prod(q[:-1]) * key[-2] * (q[-1] + v[-1])
-                elif ir.is_op(node, aten.matmul, aten.bmm):
-                    base = math.prod(out) * _size(x)[-1]
+                elif ir.is_op(node, aten.matmul, aten.bmm, aten.mm, aten.addmm):
+                    if ir.is_op(node, aten.addmm):
+                        x = node.args[1]
+                    k = _size(x)[-1]
+                    base = math.prod(out) * k
+                    if ir.is_op(node, aten.mm, aten.addmm) and seg_of(x, 1):   # x·W with W stored [K, N]
+                        dims.append((k, seg_of(x, 1)))
                 else:
                     w = _size(node.args[1])
                     base = math.prod(out) * math.prod(w[1:])
@@ -98,7 +106,7 @@ class Cost:
         for group in analysis.groups.values():
             for m in group.members:
                 members.setdefault(m.attr, {}).setdefault(m.dim, []).append(m.seg)
-        for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+        for name, tensor in ir.live_tensors(gm).items():   # what the graph reads, each storage once
             if not tensor.is_floating_point():
                 continue
             dims = [(tensor.shape[d], tuple(segs)) for d, segs in members.get(name, {}).items()]
@@ -195,15 +203,27 @@ def global_rank(groups: Sequence[Group], scores: Mapping[str, torch.Tensor], cos
 
 def sensitivity(groups: Sequence[Group], scores: Mapping[str, torch.Tensor], cost: Callable, keep: float,
                 round_to: int, max_ratio: float, drop: Callable[[Mapping[str, list[int]]], float],
-                ratios: Sequence[float] = (0.25, 0.5, 0.75), progress: bool = True) -> dict[str, list[int]]:
+                ratios: Sequence[float] = (0.25, 0.5, 0.75), progress: bool = True,
+                budget_s: float = math.inf) -> dict[str, list[int]]:
     """Greedy under the target, by measured metric drop per unit of cost saved.
 
-    `drop(plan)` is the metric lost when `plan` (one group's lowest units) is applied alone.
+    `drop(plan)` is the metric lost when `plan` (one group's lowest units) is applied alone. Groups are
+    probed largest cost first while `budget_s` lasts; a group left unprobed gets the first-order curve
+
+        drop(n) ≈ k · Σ lowest n scores / Σ scores
+
+    with k the median of that ratio over the probed points (1 when none was probed).
     """
     from tqdm.auto import tqdm
     full = cost({})
     curves: dict[str, list[tuple[int, float]]] = {}
-    for g in tqdm(groups, desc="pruning sensitivity", unit="group", disable=None if progress else True):
+    order = sorted(groups, key=lambda g: cost({g.name: g.units}) - full)   # most cost first
+    start = time.perf_counter()
+    bar = tqdm(order, desc="pruning sensitivity", unit="group", disable=None if progress else True)
+    for g in bar:
+        if curves and time.perf_counter() - start > budget_s:   # the largest group is always probed
+            break
+        bar.set_postfix_str(", ".join(g.modules[:2]) or g.name)
         allowed = levels(g, round_to, max_ratio)
         points = [(0, 0.0)]
         for r in ratios:
@@ -211,6 +231,19 @@ def sensitivity(groups: Sequence[Group], scores: Mapping[str, torch.Tensor], cos
             if n > points[-1][0]:
                 points.append((n, max(points[-1][1], drop({g.name: _lowest(scores[g.name], n)}))))
         curves[g.name] = points
+    bar.close()
+
+    def removed_share(g: Group, n: int) -> float:
+        ordered = torch.sort(scores[g.name]).values
+        return float(ordered[:n].sum() / ordered.sum().clamp_min(1e-30))
+
+    ratios_seen = [loss / share for g in groups if g.name in curves for n, loss in curves[g.name][1:]
+                   if (share := removed_share(g, n)) > 0]
+    k = statistics.median(ratios_seen) if ratios_seen else 1.0
+    for g in groups:
+        if g.name not in curves:
+            allowed = levels(g, round_to, max_ratio)
+            curves[g.name] = [(n, k * removed_share(g, n)) for n in allowed]
 
     def loss_at(name: str, n: int) -> float:
         pts = curves[name]

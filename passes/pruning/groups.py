@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from typing import Any, Iterable
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -232,11 +233,13 @@ class _Walk:
 
     # the op rules
     def visit(self, node: fx.Node) -> None:
-        target = ir.overload_packet(node.target)
+        target = _functional(ir.overload_packet(node.target))
         if target in (aten.conv1d, aten.conv2d, aten.conv3d):
             return self.conv(node)
         if target is aten.linear:
             return self.linear(node)
+        if target in (aten.addmm, aten.mm) and _is_attr(node.args[2 if target is aten.addmm else 1]):
+            return self.addmm(node, target)
         if target is aten.embedding:
             return self.embedding(node)
         if target is aten.batch_norm:
@@ -250,7 +253,7 @@ class _Walk:
         if target in RESHAPES or target is aten.flatten or target is aten.expand:
             return self.reshape(node, target)
         if target in (aten.permute, aten.transpose, aten.t, aten.unsqueeze, aten.squeeze, aten.select,
-                      aten.slice):
+                      aten.slice, aten.roll):
             return self.dim_map(node, target)
         if target in POOLS:
             return self.pool(node)
@@ -331,6 +334,19 @@ class _Walk:
             self.block(segs, f"{node.name}: bias computed at run time")
         out[rank - 1] = segs
         self.ann[node] = out
+
+    def addmm(self, node: fx.Node, target: object) -> None:
+        """addmm(b, x[M, K], W[K, N]) = x·W + b: a linear whose weight is stored transposed (Hugging Face's
+        Conv1D in GPT-2): W's dim 0 reads x's features, its dim 1 makes N output channels."""
+        bias, x, w = (node.args[0], *node.args[1:3]) if target is aten.addmm else (None, *node.args[:2])
+        xin = _dims_of(self.ann.get(x))
+        if 0 in xin:
+            self.block(xin[0], f"{node.name}: {target} over pruned rows")
+        self.member(w, 0, xin.get(1, ()), "in")
+        segs = self.source(node, ir.shape(w)[1], str(w.target), (1,))
+        if bias is not None and (len(ir.shape(bias) or ()) != 1 or not self.member(bias, 0, segs, "param")):
+            self.block(segs, f"{node.name}: addmm bias computed at run time or not a vector")
+        self.ann[node] = {1: segs}
 
     def embedding(self, node: fx.Node) -> None:
         w, ids = node.args[0], node.args[1]
@@ -493,6 +509,11 @@ class _Walk:
             dropped = [d for d in range(rank) if ir.shape(x)[d] == 1 and out_rank < rank
                        and (len(node.args) < 2 or d in _as_list(node.args[1], rank))]
             self.ann[node] = {d - sum(1 for q in dropped if q < d): s for d, s in xin.items()}
+        elif target is aten.roll:   # a cyclic shift (Swin's shifted windows) keeps the dimensions it does not roll
+            for d in _as_list(node.args[2] if len(node.args) > 2 else None, rank):
+                if d in xin:
+                    self.block(xin[d], f"{node.name}: roll along a pruned dimension")
+            self.ann[node] = {d: s for d, s in xin.items()}
         elif target is aten.select:
             at = node.args[1] % rank
             if at in xin:
@@ -638,8 +659,12 @@ class _Walk:
             self.block((q_segs or ()) + (k_segs or ()) + (v_segs or ()),
                        f"{node.name}: only some of Q, K, V heads are prunable")
             return
-        if isinstance(mask, fx.Node) and len(ir.shape(mask) or ()) == rank and _static(ir.shape(mask)[head]) != 1:
-            self.block(q_segs, f"{node.name}: the attention mask has a head dimension")
+        mask_head = head - rank + len(ir.shape(mask) or ()) if isinstance(mask, fx.Node) else -1
+        if mask_head >= 0 and _static(ir.shape(mask)[mask_head]) != 1 and not self.member(mask, mask_head, q_segs,
+                                                                                            "param"):
+            # a constant mask (a folded relative-position bias) is sliced with the heads; a computed one is not
+            self.block(q_segs + k_segs + v_segs, f"{node.name}: the attention mask has a head dimension "
+                                                 f"(computed at run time by {mask.name})")
             return
         self.couple(k_segs, v_segs, node)
         self.couple(q_segs, k_segs, node, ratio=hq // hk if hk and hq % hk == 0 else 1)
@@ -703,6 +728,12 @@ def analyze(gm: fx.GraphModule, ignored: Iterable[str] = ()) -> Analysis:
 
 
 def _finish(walk: _Walk) -> Analysis:
+    # a weight read by several layers (ALBERT's shared layers, tied weights) couples their channels where
+    # the layouts agree: the shared tensor is sliced once for all its readers; conflicting layouts block below
+    first: dict[tuple[str, int, int, int, int], str] = {}
+    for m in walk.members:
+        key = (m.attr, m.dim, m.seg.start, m.seg.block, m.seg.count)
+        walk.union(first.setdefault(key, m.seg.group), m.seg.group)
     find = walk.find
     groups: dict[str, Group] = {}
     for gid, (src, _, gran, units) in walk.info.items():
@@ -746,7 +777,24 @@ def _remap_ann(value: Any, remap: Any) -> Any:
 # helpers
 
 def _is_source(node: fx.Node) -> bool:
-    return ir.is_op(node, aten.conv1d, aten.conv2d, aten.conv3d, aten.linear, aten.embedding)
+    return (ir.is_op(node, aten.conv1d, aten.conv2d, aten.conv3d, aten.linear, aten.embedding)
+            or (ir.is_op(node, aten.addmm) and _is_attr(node.args[2]))
+            or (ir.is_op(node, aten.mm) and _is_attr(node.args[1])))
+
+
+def _is_attr(arg: object) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "get_attr"
+
+
+def _functional(packet: object) -> object:
+    """`aten.add_` -> `aten.add`: an in-place element-wise op keeps its first operand's layout, so its
+    channels follow the same rule (torch.export keeps `x += y` and `nn.SiLU(inplace=True)` in place)."""
+    name = getattr(packet, "__name__", "")
+    if name.endswith("_") and not name.startswith("_"):
+        functional = getattr(aten, name[:-1], None)
+        if functional in ELEMENTWISE:
+            return functional
+    return packet
 
 
 def _flat(args: Any) -> list[Any]:
@@ -791,21 +839,27 @@ def _grouped_layout(segs: tuple[Seg, ...], groups: int, per: int) -> bool:
             and all(s.start == g * per and s.block * s.count == per for g, s in enumerate(ordered)))
 
 
-def _factor(in_shape: tuple, out_shape: tuple) -> list[tuple[list[int], list[int]]]:
-    """Pair runs of input dims with runs of output dims of equal size (symbolic sizes opaque).
+def _size_expr(size: object) -> sympy.Expr:
+    return sympy.Integer(size) if isinstance(size, int) else size.node.expr  # type: ignore[union-attr]
 
-    Dims that cannot be paired are left out; the caller treats them as unmapped."""
-    def key(shape: tuple, dims: list[int]) -> tuple[int, tuple[str, ...]]:
-        sizes = [shape[k] for k in dims]
-        return math.prod(s for s in sizes if isinstance(s, int)), tuple(sorted(str(s) for s in sizes
-                                                                                if not isinstance(s, int)))
+
+def _factor(in_shape: tuple, out_shape: tuple) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of input dims with runs of output dims of equal size.
+
+    Sizes are compared as sympy products, so a symbolic batch merged with a static
+    dimension ([s0, 7, C] -> [7·s0, C]) pairs up. Dims that cannot be paired are left
+    out; the caller treats them as unmapped."""
+    def key(shape: tuple, dims: list[int]) -> sympy.Expr:
+        return sympy.Mul(*(_size_expr(shape[k]) for k in dims))
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
     while i < len(in_shape) and j < len(out_shape):
         ins, outs = [i], [j]
-        while key(in_shape, ins) != key(out_shape, outs):
-            a, b = key(in_shape, ins), key(out_shape, outs)
-            grow_in = len(a[1]) < len(b[1]) or (a[1] == b[1] and a[0] < b[0])
+        while (ratio := sympy.simplify(key(out_shape, outs) / key(in_shape, ins))) != 1:
+            num, den = ratio.as_numer_denom()
+            if num.free_symbols and den.free_symbols:
+                return groups                      # unrelated symbols: opaque
+            grow_in = bool(num.free_symbols) or (not den.free_symbols and bool(ratio > 1))
             if grow_in and ins[-1] + 1 < len(in_shape):
                 ins.append(ins[-1] + 1)
             elif not grow_in and outs[-1] + 1 < len(out_shape):

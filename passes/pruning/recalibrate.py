@@ -107,7 +107,7 @@ def _get(gm: fx.GraphModule, attr: str) -> torch.Tensor:
     return value
 
 
-def _bias(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+def bias_node(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """The conv's bias node, created (zeros) when it has none."""
     bias = node.args[2] if len(node.args) > 2 else None
     if bias is not None:
@@ -151,7 +151,7 @@ def recalibrate(gm: fx.GraphModule, reference: Stats, batches: Sequence[Any],
                             torch.ones_like(std))
         weight_attr = str(node.args[1].target)
         weight = _get(gm, weight_attr)
-        bias_attr = str(_bias(gm, node).target)
+        bias_attr = str(bias_node(gm, node).target)
         bias = _get(gm, bias_attr)
         with torch.no_grad():
             shape = (-1,) + (1,) * (weight.dim() - 1)

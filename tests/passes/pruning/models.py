@@ -2,7 +2,7 @@
 
 Besides the shared families of tests/strategies.py (residual, depthwise, concat,
 split CNNs and hand-written attention), these draw grouped convolutions,
-GroupNorm, a chunk of one conv into two branches, conv → flatten → linear, and
+GroupNorm, squeeze-excitation gates with in-place ops, Swin-style (shifted) window attention, a chunk of one conv into two branches, conv → flatten → linear, and
 attention through `F.scaled_dot_product_attention` with a fused QKV
 projection and grouped-query K/V heads.
 """
@@ -55,6 +55,75 @@ class FusedAttention(nn.Module):
         return x + self.down(F.gelu(self.up(x)))
 
 
+class SqueezeExcite(nn.Module):
+    """MBConv as torchvision writes it: in-place SiLU and `result += input`, gate · x from an SE branch."""
+
+    def __init__(self, width: int, hidden: int, squeeze: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, width, 3, padding=1)
+        self.expand = nn.Sequential(nn.Conv2d(width, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
+                                    nn.SiLU(inplace=True))
+        self.dw = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+                                nn.BatchNorm2d(hidden), nn.SiLU(inplace=True))
+        self.fc1, self.fc2 = nn.Conv2d(hidden, squeeze, 1), nn.Conv2d(squeeze, hidden, 1)
+        self.proj = nn.Conv2d(hidden, width, 1)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.dw(self.expand(x))
+        gate = torch.sigmoid(self.fc2(F.silu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        result = self.proj(gate * y)
+        result += x
+        return self.head(result.mean((2, 3)))
+
+
+class WindowAttention(nn.Module):
+    """Swin-style block: (shifted) windows merged into the batch, a constant relative-position bias
+    per head as the attention mask, then an MLP."""
+
+    def __init__(self, dim: int, heads: int, window: int, shift: int, hidden: int) -> None:
+        super().__init__()
+        self.heads, self.window, self.shift = heads, window, shift
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.register_buffer("bias", torch.randn(heads, window * window, window * window))
+        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # x: [B, H, W, C]
+        b, h, w, c = x.shape
+        k, d = self.window, c // self.heads
+        y = torch.roll(x, (-self.shift, -self.shift), (1, 2))
+        y = y.view(b, h // k, k, w // k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, k * k, c)
+        q, kk, v = self.qkv(y).split(c, dim=-1)
+        q, kk, v = (t.view(t.shape[0], k * k, self.heads, d).transpose(1, 2) for t in (q, kk, v))
+        out = F.scaled_dot_product_attention(q, kk, v, attn_mask=self.bias)
+        out = self.o(out.transpose(1, 2).reshape(-1, k * k, c))
+        out = out.view(b, h // k, w // k, k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        x = x + torch.roll(out, (self.shift, self.shift), (1, 2))
+        return x + self.down(F.gelu(self.up(x)))
+
+
+@st.composite
+def squeeze_excite_cases(draw: st.DrawFn) -> ModelCase:
+    width, hidden = draw(st.integers(2, 6)), draw(st.integers(4, 16))
+    squeeze, seed = draw(st.integers(2, 6)), draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    model = randomize_(SqueezeExcite(width, hidden, squeeze), seed)
+    return ModelCase("squeeze-excite", model, _float_inputs(2, 5, 5),
+                     f"width={width} hidden={hidden} squeeze={squeeze} seed={seed}")
+
+
+@st.composite
+def window_attention_cases(draw: st.DrawFn) -> ModelCase:
+    heads, window = draw(st.integers(1, 3)), draw(st.sampled_from([2, 3]))
+    dim, grid = heads * draw(st.integers(2, 4)), draw(st.integers(1, 2))
+    shift, hidden, seed = draw(st.integers(0, window - 1)), draw(st.integers(4, 16)), draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    model = randomize_(WindowAttention(dim, heads, window, shift, hidden), seed)
+    return ModelCase("window-attn", model, _float_inputs(window * grid, window * grid, dim),
+                     f"dim={dim} heads={heads} window={window} grid={grid} shift={shift} hidden={hidden} seed={seed}")
+
+
 @st.composite
 def grouped_cases(draw: st.DrawFn) -> ModelCase:
     groups = draw(st.sampled_from([1, 2, 4]))
@@ -80,4 +149,5 @@ def fused_attention_cases(draw: st.DrawFn) -> ModelCase:
 
 
 def prunable_models() -> st.SearchStrategy[ModelCase]:
-    return st.one_of(cnn_cases(), attention_cases(), grouped_cases(), fused_attention_cases())
+    return st.one_of(cnn_cases(), attention_cases(), grouped_cases(), fused_attention_cases(),
+                     squeeze_excite_cases(), window_attention_cases())

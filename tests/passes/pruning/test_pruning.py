@@ -48,6 +48,8 @@ def masked_and_sliced(model: nn.Module, inputs: tuple, seed: int, ratio: float):
 @given(case=prunable_models(), seed=st.integers(0, 1000), ratio=st.sampled_from([0.25, 0.5, 0.75]))
 def test_masked_equals_sliced(case, seed, ratio):
     gm, analysis, plan, masked, sliced = masked_and_sliced(case.model, case.make_inputs(2, 0), seed, ratio)
+    if case.family in ("squeeze-excite", "window-attn"):   # the gate / windows do not stop the pruning
+        assert any(g.units > 2 for g in analysis.prunable()) and any(plan.values()), case
     x = case.make_inputs(3, 1)   # another batch size: the sliced graph keeps a dynamic batch
     with torch.no_grad():
         err = compare(sliced(*x), masked(*x))
