@@ -43,10 +43,6 @@ class Console:
         if not self.quiet:
             print(pass_line(record), file=sys.stderr, flush=True)
 
-    def records(self, records: list[PassRecord]) -> None:
-        for record in records:
-            self.record(record)
-
     @staticmethod
     def warn(message: str) -> None:
         """Always shown: a framed message a user cannot miss."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from graphopt.errors import OptionError, UnsupportedError
 from graphopt.pass_manager import PassManager
 from graphopt.passes import onnx as onnx_passes
 from graphopt.report import Report
+from graphopt.speed import parse_speed_check
 
 from .files import check_destination, load_model, save_model
 from .ir import OnnxIR, OnnxModel, random_inputs
@@ -36,13 +37,19 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, level: str | i
                   quantize: str | None = None, calibration_data: Any = None, *,
                   verify: bool = True, verify_samples: int = 2, input_dims: Mapping[str, int] | None = None,
                   enable: Iterable[str] = (), disable: Iterable[str] = (), force: bool = False,
-                  measure_latency: bool = True, progress: bool = True, seed: int = 0) -> Report:
+                  measure_latency: bool = True, speed_check: Any = None,
+                  on_record: Callable[[Any], None] | None = None, progress: bool = True, seed: int = 0) -> Report:
     """Optimize the ONNX model at `src` and write it to `dst`; returns the per-pass report.
 
     level: O1 lossless graph rewrites, O2 + int8 (O3 is O2 here: pruning needs a torch model).
     quantize: "int8-dynamic" | "int8-static" | "int8-weight-only" (O2 defaults to int8-dynamic).
     calibration_data: feeds ({input name: array}), an .npz file or a directory of .npz files.
     input_dims: sizes for symbolic dimensions of the inputs (default 2 for batch, 16 otherwise).
+    speed_check: as graphopt.optimize's: each pass is timed in ONNX Runtime against the graph before it
+        (interleaved, on the first verification feed) and rolled back if measurably slower; the file
+        written is never measurably slower than the input (True, False, a dict of SpeedCheck fields;
+        default: on while measure_latency is).
+    on_record: called with each pass's PassRecord as it finishes.
     """
     start = time.perf_counter()
     numeric = _level(level, quantize)
@@ -63,8 +70,11 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, level: str | i
     runnable = _runnable(model, inputs) if verify or measure_latency else None
     if verify and runnable:
         raise UnsupportedError(f"{runnable}; optimize with verify=False (--no-verify) to skip verification")
+    check = parse_speed_check(measure_latency if speed_check is None else speed_check, measure_latency)
+    timed = measure_latency and not runnable
     manager = PassManager(passes, ir, level=min(numeric, 2), enable=tuple(enable), disable=tuple(disable),
-                          verify=verify, measure_latency=measure_latency and not runnable, progress=progress)
+                          verify=verify, measure_latency=timed, progress=progress, speed_check=check if timed else None,
+                          on_record=on_record)
     reference = ir.run(model, inputs) if verify else []
     report = Report(meta={"source": str(src), "level": f"O{numeric}", "quantize": quantize, "verify": verify,
                           "opset": model.opset, "passes": [p.name for p in manager.selected]})

@@ -80,6 +80,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     max_calibration_batches: int = 32
     progress: bool = True
+    speed: Any = None            # graphopt.speed.SpeedCheck: layers whose int8 form is slower here stay float
 
     @property
     def w8a8(self) -> bool:
@@ -103,7 +104,8 @@ def parse(options: Any) -> QuantConfig:
     unknown = sorted(set(knobs) - set(KNOBS))
     if unknown:
         raise OptionError(f"unknown quantize_options key(s): {', '.join(unknown)}; known: {', '.join(KNOBS)}")
-    config = QuantConfig(scheme=scheme, progress=getattr(options, "progress", True))
+    config = QuantConfig(scheme=scheme, progress=getattr(options, "progress", True),
+                         speed=getattr(options, "speed_check", None))
     _set_knobs(config, knobs)
     if options.calibration_data is not None:
         config.batches = _read_batches(options.calibration_data, config.max_calibration_batches)

@@ -19,7 +19,8 @@ static scales), which is what the tests check.
 M is read from the graph with `sym_size`, so a dynamic batch stays dynamic.
 The int8 weight and its scales are buffers (int8 bytes: the module shrinks
 ~4×) and survive `state_dict()`. Layers that cannot or should not run int8
-stay float with their reason in the report; convolutions stay float in torch
+stay float with their reason in the report (with a speed check, also a layer
+whose int8 form is measurably slower on this target: layer_speed.py); convolutions stay float in torch
 (there is no int8 convolution kernel for CPU in torch) and are marked
 (`node.meta["graphopt_int8"]`) for QDQ quantization in the ONNX export.
 """
@@ -38,7 +39,7 @@ from graphopt import ir
 from graphopt.pass_manager import PassResult, RewriteLog
 from graphopt.verify import Budget
 
-from . import fallback
+from . import fallback, layer_speed
 from .calibrate import as_inputs, calibrate, layer_name, run_batches
 from .config import DEFAULT_MIN_COSINE, QuantConfig
 from .observers import QMAX, WEIGHT_QMAX, make_observer, quantize_weight
@@ -87,6 +88,9 @@ class QuantizeLinears:
             chosen = set(selection.quantized)
         else:
             chosen = set(eligible)
+        slower = layer_speed.slower_layers(gm, [s for s in sites if s.node.name in chosen], config.scheme,
+                                           lambda w: weight_bits(config, w), config.speed) if config.speed else {}
+        chosen -= set(slower)
         bytes_before = bytes_after = 0
         layers = []
         for site in sites:
@@ -102,7 +106,8 @@ class QuantizeLinears:
                 bytes_after += n * k + 4 * n          # int8 weight + float32 per-channel scale
                 log.matched(f"{row['op']} → int8")
             else:
-                reason = site.reason or "fell back to float: most sensitive layer, the accuracy budget needs it"
+                reason = site.reason or slower.get(site.node.name) or \
+                    "fell back to float: most sensitive layer, the accuracy budget needs it"
                 row.update(scheme="float", runs="torch float", reason=reason)
                 bytes_after += float_bytes
                 log.rejected(row["op"], site.node, reason)
