@@ -212,11 +212,13 @@ def distillation_loss(student: Any, teacher: Any, labels: torch.Tensor | None, t
 def finetune(opt: Any, train_data: Iterable[Any], teacher: torch.nn.Module | None = None, epochs: int = 3,
              qat: bool = False, *, lr: float = 1e-3, weight_decay: float = 0.0, temperature: float = 2.0,
              alpha: float = 0.5, distill: str = "auto", seed: int = 0, progress: bool = True,
-             quantize_options: Mapping[str, Any] | None = None, renorm: bool | str = "auto") -> Any:
+             quantize_options: Mapping[str, Any] | None = None, renorm: bool | str = "auto",
+             speed_check: Any = True) -> Any:
     """Distil `teacher` into a copy of `opt` on `train_data`; returns the tuned copy (see module docstring).
 
     qat=True returns the tuned model converted to int8-dynamic (an O2 OptimizedModule, with
-    `quantize_options` for the int8 pass) after training with fake int8 (graphopt/qat.py).
+    `quantize_options` for the int8 pass and `speed_check` as graphopt.optimize's: int8 that is slower
+    here is rolled back) after training with fake int8 (graphopt/qat.py).
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise OptionError(f"epochs={epochs!r} must be a positive integer")
@@ -299,7 +301,7 @@ def finetune(opt: Any, train_data: Iterable[Any], teacher: torch.nn.Module | Non
             raise InputError(f"the teacher modified its own state during finetune: {changed[:3]}")
     if qat:
         graphopt_qat.strip(student)
-        return _to_int8(student, batches, quantize_options or {}, progress)
+        return _to_int8(student, batches, quantize_options or {}, progress, speed_check)
     return tuned
 
 
@@ -322,10 +324,11 @@ def _site_options(quantize_options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _to_int8(student: torch.fx.GraphModule, batches: list[Any], quantize_options: Mapping[str, Any],
-             progress: bool) -> Any:
+             progress: bool, speed_check: Any) -> Any:
     """The int8 pass (O2, int8-dynamic) on the tuned float graph."""
     from .api import optimize
     args, kwargs, _ = _split(batches[0])
     calibration = [kw or a for a, kw, _ in map(_split, batches[:8])]
     return optimize(student, args, example_kwargs=kwargs, level="O2", quantize="int8-dynamic",
-                    quantize_options=dict(quantize_options), calibration_data=calibration, progress=progress)
+                    quantize_options=dict(quantize_options), calibration_data=calibration, progress=progress,
+                    speed_check=speed_check)

@@ -114,8 +114,13 @@ def _summary(report: Report) -> str:
         items.append(f"<b>size</b>: parameters {format_bytes(b.param_bytes, unit)} → {format_bytes(f.param_bytes, unit)}"
                      + _ratio(b.param_bytes, f.param_bytes, "smaller", "LARGER"))
         if b.latency_ms and f.latency_ms:
+            timing = report.meta.get("timing") or {}
+            context = (f" — timed interleaved on the example inputs, {timing['threads']} threads, load "
+                       f"{timing['load_1min']} on {timing['cores']} cores") if timing else ""
             items.append(f"<b>latency</b> (median, p10–p90 in brackets): {format_latency(b)} → {format_latency(f)} ms"
-                         + _ratio(b.latency_ms, f.latency_ms, "faster", "SLOWER"))
+                         + _ratio(b.latency_ms, f.latency_ms, "faster", "SLOWER") + _e(context))
+            if report.meta.get("speed"):
+                items.append(f"<b>speed check</b>: {_e(report.meta['speed'])}")
         if f.min_cosine is not None or f.max_rel_err is not None:
             fidelity = [f"min cosine {f.min_cosine:.5f}" if f.min_cosine is not None else "",
                         f"max relative error {f.max_rel_err:.2e}" if f.max_rel_err is not None else "",

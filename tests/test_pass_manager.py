@@ -193,6 +193,6 @@ def test_fusion_and_smoothing_are_kept_on_a_bfloat16_model():
     x = torch.randn(8, 32).to(torch.bfloat16)
     calibration = [(torch.randn(16, 32).to(torch.bfloat16),) for _ in range(4)]
     opt = graphopt.optimize(model, (x,), level="O2", quantize="int8-dynamic", calibration_data=calibration,
-                            progress=False)
+                            progress=False, speed_check=False)   # the error budget is the point, not speed
     assert not opt.report.rolled_back, [(r.name, r.reason) for r in opt.report.rolled_back]
     assert opt.report["smoothquant"].modified
