@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -169,14 +170,20 @@ def refresh_meta(gm: fx.GraphModule) -> None:
     """Recompute every node's `meta["val"]` (shape, dtype) after a rewrite.
 
     Runs fake-tensor propagation with the capture's own fake mode, so symbolic
-    dimensions such as a dynamic batch stay symbolic.
+    dimensions such as a dynamic batch stay symbolic. It runs under the Python
+    dispatcher, as torch.export's tracing does: without it, composite ops such
+    as `aten.pad` reach C++ kernels that read concrete sizes, which specialises
+    the batch and sequence symbols on the capture's (shared) shape environment
+    to the example's values, and every shape a later pass reads from the
+    metadata (the int8 rewrite's reshapes) then bakes in the example's batch.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = [n.meta.get("val") for n in placeholders]
     mode = detect_fake_mode(values)
     if mode is None or any(v is None for v in values):
         return
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*values)
+    with enable_python_dispatcher():
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*values)
 
 
 def drop_unused_attributes(gm: fx.GraphModule) -> int:
