@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves((args, kwargs))):
         raise InputError("example inputs hold no tensor: pass the tensors the model's forward() takes")
     work = copy.deepcopy(model).eval()
+    _name_var_keywords(work, kwargs)
     notes: list[str] = []
     with_sequence = _dynamic_dims(work, args, kwargs, True)    # also checks the inputs fit forward()
     try:  # a model that does not run on its inputs is the caller's problem, not an export failure
@@ -91,6 +93,31 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
         notes.append("batch dimension specialised: the optimized module accepts only the example batch size")
     other = _other_shape(module.eval(), args, kwargs, notes)
     return Captured(module, work, dynamic, notes, other)
+
+
+def _name_var_keywords(model: torch.nn.Module, kwargs: dict) -> None:
+    """Give `model` (the private copy) a forward() whose signature names the example's keyword inputs that
+    would land in its **kwargs (Hugging Face's `use_cache=False`, …) as keyword-only parameters.
+
+    torch.export 2.13 checks `dynamic_shapes` against forward()'s bound arguments ({…, "kwargs": {…}}) but
+    later matches it against the call's own keywords ({…, "use_cache": …}) and fails ("Must provide a
+    tree_name …"); with the keywords named, both views agree. The call itself is unchanged."""
+    signature = inspect.signature(model.forward)
+    params = list(signature.parameters.values())
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in kwargs if k not in signature.parameters]
+    if not extra:
+        return
+    forward = type(model).forward
+
+    def named(self: torch.nn.Module, *args: object, **kw: object) -> object:
+        return forward(self, *args, **kw)
+
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    named.__signature__ = signature.replace(   # type: ignore[attr-defined]
+        parameters=[self_param] + [p for p in params if p.kind is not p.VAR_KEYWORD] + extra)
+    model.forward = types.MethodType(named, model)
 
 
 def _dynamic_dims(model: torch.nn.Module, args: tuple, kwargs: dict, sequence: bool) -> dict[str, object]:
