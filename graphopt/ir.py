@@ -243,5 +243,24 @@ def is_pure(node: fx.Node) -> bool:
 
 
 def is_mutated(node: fx.Node) -> bool:
-    """True if some user of `node` writes into it in place."""
-    return any(is_mutating(user) for user in node.users)
+    """True if some node writes into `node`'s value in place, directly or through a view of it
+    (`copy_` into a `slice` or `select` of it, as Hugging Face code fills index tables)."""
+    pending, seen = [node], {node}
+    while pending:
+        current = pending.pop()
+        for user in current.users:
+            if is_mutating(user):
+                return True
+            if user not in seen and _is_view_of(user, current):
+                seen.add(user)
+                pending.append(user)
+    return False
+
+
+def _is_view_of(node: fx.Node, source: fx.Node) -> bool:
+    """True if `node`'s output may alias `source` (its schema marks that argument as aliased)."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return False
+    return any(arg.alias_info is not None and value is source
+               for arg, value in zip(schema.arguments, node.args))
