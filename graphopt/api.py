@@ -70,7 +70,8 @@ class OptimizedModule(torch.nn.Module):
         captured = capture(model, args, kwargs)
         gm = captured.module
         inputs = verification_inputs(args, kwargs, options.verify_samples, options.seed,
-                                     calibration=options.calibration_data, dynamic_batch=captured.dynamic_batch)
+                                     calibration=options.calibration_data, dynamic_batch=captured.dynamic_batch,
+                                     other_shape=captured.other_shape)
         reference = run_on(captured.original, inputs) if options.verify else []
         manager = self._manager
         report = Report(meta={

@@ -8,20 +8,30 @@ dimension symbolic when the model allows (the optimized module then accepts
 other batch sizes and sequence lengths) and specialises it otherwise,
 without failing. If export fails with the sequence dimension marked, it is
 retried with the batch dimension alone.
+
+`Captured.other_shape` is the example resized to a second value of every
+dimension the graph kept symbolic (batch B → B+1, sequence S → S+1, within
+the range export inferred), checked to run on the captured graph; the
+verification inputs include it, so a rewrite that bakes the example's batch
+into the graph fails verification instead of failing the user's next call.
 """
 from __future__ import annotations
 
 import copy
 import inspect
+import types
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
+from . import ir
 from .errors import CaptureError, InputError
+from .inputs import resize
 
 _HINTS = (
     (("data-dependent", "guardonunbacked", "could not guard", "could not extract specialized integer"),
@@ -41,6 +51,7 @@ class Captured:
     original: torch.nn.Module   # the eval-mode deep copy that was exported (a reference to compare with)
     dynamic_batch: bool
     notes: list[str]
+    other_shape: tuple[tuple, dict] | None = None   # the example at a second size of each symbolic dimension
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
@@ -54,6 +65,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves((args, kwargs))):
         raise InputError("example inputs hold no tensor: pass the tensors the model's forward() takes")
     work = copy.deepcopy(model).eval()
+    _name_var_keywords(work, kwargs)
     notes: list[str] = []
     with_sequence = _dynamic_dims(work, args, kwargs, True)    # also checks the inputs fit forward()
     try:  # a model that does not run on its inputs is the caller's problem, not an export failure
@@ -79,7 +91,33 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     dynamic = _has_symbolic_batch(module)
     if not dynamic:
         notes.append("batch dimension specialised: the optimized module accepts only the example batch size")
-    return Captured(module.eval(), work, dynamic, notes)
+    other = _other_shape(module.eval(), args, kwargs, notes)
+    return Captured(module, work, dynamic, notes, other)
+
+
+def _name_var_keywords(model: torch.nn.Module, kwargs: dict) -> None:
+    """Give `model` (the private copy) a forward() whose signature names the example's keyword inputs that
+    would land in its **kwargs (Hugging Face's `use_cache=False`, …) as keyword-only parameters.
+
+    torch.export 2.13 checks `dynamic_shapes` against forward()'s bound arguments ({…, "kwargs": {…}}) but
+    later matches it against the call's own keywords ({…, "use_cache": …}) and fails ("Must provide a
+    tree_name …"); with the keywords named, both views agree. The call itself is unchanged."""
+    signature = inspect.signature(model.forward)
+    params = list(signature.parameters.values())
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in kwargs if k not in signature.parameters]
+    if not extra:
+        return
+    forward = type(model).forward
+
+    def named(self: torch.nn.Module, *args: object, **kw: object) -> object:
+        return forward(self, *args, **kw)
+
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    named.__signature__ = signature.replace(   # type: ignore[attr-defined]
+        parameters=[self_param] + [p for p in params if p.kind is not p.VAR_KEYWORD] + extra)
+    model.forward = types.MethodType(named, model)
 
 
 def _dynamic_dims(model: torch.nn.Module, args: tuple, kwargs: dict, sequence: bool) -> dict[str, object]:
@@ -96,6 +134,46 @@ def _dynamic_dims(model: torch.nn.Module, args: tuple, kwargs: dict, sequence: b
     except TypeError as exc:
         raise InputError(f"the example inputs do not fit {type(model).__name__}.forward: {exc}") from exc
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def _other_shape(module: fx.GraphModule, args: tuple, kwargs: dict, notes: list[str]) -> tuple[tuple, dict] | None:
+    """The example resized so that each symbol of the placeholders' shapes takes a second value
+    (see `_second_value`); None when no dimension is symbolic or the graph rejects the sizes."""
+    mode = ir.fake_mode(module.graph)
+    if mode is None or mode.shape_env is None:
+        return None
+    env = mode.shape_env
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    shapes = [tuple(v.shape) if isinstance(v := n.meta.get("val"), torch.Tensor) else () for n in placeholders]
+    symbols = {sym for shape in shapes for d in shape if not isinstance(d, int) for sym in d.node.expr.free_symbols}
+    example = {sym: int(env.backed_var_to_val[sym]) for sym in symbols}
+    values = {sym: _second_value(value, env.var_to_range.get(sym)) or value for sym, value in example.items()}
+    if values == example:
+        return None
+    leaves = fx_pytree.tree_flatten_spec((args, kwargs), module._in_spec)
+    sizes = {id(leaf): [d if isinstance(d, int) else int(d.node.expr.xreplace(values)) for d in shape]
+             for leaf, shape in zip(leaves, shapes) if isinstance(leaf, torch.Tensor)}
+    other = pytree.tree_map(lambda leaf: resize(leaf, sizes[id(leaf)]) if id(leaf) in sizes else leaf, (args, kwargs))
+    try:
+        with torch.no_grad():
+            module(*other[0], **other[1])
+    except Exception as exc:   # a constraint export kept as a run-time check (e.g. an even length)
+        notes.append(f"verification runs at the example's shapes only: the graph rejects a second size "
+                     f"({_first_line(exc)})")
+        return None
+    resized = sorted({str(tuple(a.shape)) for a, b in zip(pytree.tree_leaves(other), pytree.tree_leaves((args, kwargs)))
+                      if isinstance(a, torch.Tensor) and a.shape != b.shape})
+    notes.append(f"verification also runs at a second size of each dynamic dimension: {', '.join(resized)}")
+    return other
+
+
+def _second_value(value: int, limits: object) -> int | None:
+    """value + 1 where the symbol's range allows, else value − 1; never below 2 (export specialises 0 and 1)."""
+    lower, upper = getattr(limits, "lower", 2), getattr(limits, "upper", value + 1)   # sympy numbers, maybe ±∞
+    for candidate in (value + 1, value - 1):
+        if max(2, lower) <= candidate <= upper:
+            return candidate
+    return None
 
 
 def _has_symbolic_batch(module: fx.GraphModule) -> bool:

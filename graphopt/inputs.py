@@ -5,11 +5,16 @@ and on `n` random inputs of the same structure, shapes and dtypes: floats
 drawn with the example's mean and spread, integers (token ids, indices)
 drawn from the example's own range, booleans copied. A rewrite that happens
 to be right on one input is rarely right on three different ones.
+
+Where capture kept dimensions symbolic, one more input has other sizes
+(`Captured.other_shape`: a second batch size, and sequence length for token
+models), so that a rewrite that only works at the example's shapes fails
+verification. Latency is timed on the first input (the example's shapes).
 """
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -41,26 +46,35 @@ def batch_as_inputs(item: Any, positional: int) -> tuple[tuple, dict]:
 
 
 def verification_inputs(args: tuple, kwargs: dict, n: int, seed: int = 0,
-                        calibration: Iterable[Any] | None = None, dynamic_batch: bool = False) -> Inputs:
-    """The example inputs (when finite) followed by `n` look-alikes.
+                        calibration: Iterable[Any] | None = None, dynamic_batch: bool = False,
+                        other_shape: tuple[tuple, dict] | None = None) -> Inputs:
+    """The example inputs (when finite) followed by `n` look-alikes, then `other_shape` if given.
 
     With calibration data the look-alikes are its first `n` batches that fit the
     captured shapes (real data: a lossy pass such as static int8 is judged on the
-    distribution it was calibrated for); otherwise random tensors shaped like
-    the example.
+    distribution it was calibrated for), and `other_shape` (the example resized)
+    is used as it is; otherwise random tensors shaped like the example, and a
+    random look-alike of `other_shape`.
     """
+    generator = torch.Generator().manual_seed(seed)
+    finite = not has_non_finite(args, kwargs)
     if calibration is not None:
         batches = (batch_as_inputs(item, len(args)) for item in calibration)
         real = [b for _, b in zip(range(n), (b for b in batches if _fits(b, (args, kwargs), dynamic_batch)))]
         if real:
-            return ([] if has_non_finite(args, kwargs) else [(args, kwargs)]) + real
-    generator = torch.Generator().manual_seed(seed)
-    randoms = [pytree.tree_map(lambda leaf: _look_alike(leaf, generator), (args, kwargs)) for _ in range(n)]
-    if has_non_finite(args, kwargs):
+            other = [] if other_shape is None else [other_shape if finite else _look_alikes(other_shape, generator)]
+            return ([(args, kwargs)] if finite else []) + real + other
+    randoms = [_look_alikes((args, kwargs), generator) for _ in range(n)]
+    if not finite:
         warnings.warn("graphopt: the example inputs hold NaN or inf, so verification cannot compare "
                       "outputs on them; it uses random finite inputs of the same shapes instead")
-        return randoms or [pytree.tree_map(lambda leaf: _look_alike(leaf, generator), (args, kwargs))]
-    return [(args, kwargs)] + randoms
+        randoms = randoms or [_look_alikes((args, kwargs), generator)]
+    other = [] if other_shape is None else [_look_alikes(other_shape, generator)]
+    return ([(args, kwargs)] if finite else []) + randoms + other
+
+
+def _look_alikes(inputs: tuple[tuple, dict], generator: torch.Generator) -> tuple[tuple, dict]:
+    return pytree.tree_map(lambda leaf: _look_alike(leaf, generator), inputs)
 
 
 def _fits(candidate: tuple[tuple, dict], example: tuple[tuple, dict], dynamic_batch: bool) -> bool:
@@ -91,3 +105,13 @@ def _look_alike(leaf: Any, generator: torch.Generator) -> Any:
         return leaf.clone()
     low, high = int(leaf.min()), int(leaf.max())
     return torch.randint(low, high + 1, leaf.shape, generator=generator, dtype=leaf.dtype)
+
+
+def resize(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """`tensor` at `shape` (same rank): each dimension cut, or extended by repeating its elements from
+    the start (index i reads i mod size), so masks, ids and images keep the example's own values."""
+    out = tensor
+    for dim, (have, want) in enumerate(zip(tensor.shape, shape)):
+        if have != want:
+            out = out.index_select(dim, torch.arange(want, device=tensor.device) % have)
+    return out

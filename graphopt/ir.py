@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -170,14 +171,20 @@ def refresh_meta(gm: fx.GraphModule) -> None:
     """Recompute every node's `meta["val"]` (shape, dtype) after a rewrite.
 
     Runs fake-tensor propagation with the capture's own fake mode, so symbolic
-    dimensions such as a dynamic batch stay symbolic.
+    dimensions such as a dynamic batch stay symbolic. It runs under the Python
+    dispatcher, as torch.export's tracing does: without it, composite ops such
+    as `aten.pad` reach C++ kernels that read concrete sizes, which specialises
+    the batch and sequence symbols on the capture's (shared) shape environment
+    to the example's values, and every shape a later pass reads from the
+    metadata (the int8 rewrite's reshapes) then bakes in the example's batch.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = [n.meta.get("val") for n in placeholders]
     mode = detect_fake_mode(values)
     if mode is None or any(v is None for v in values):
         return
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*values)
+    with enable_python_dispatcher():
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*values)
 
 
 def drop_unused_attributes(gm: fx.GraphModule) -> int:
@@ -272,5 +279,24 @@ def is_pure(node: fx.Node) -> bool:
 
 
 def is_mutated(node: fx.Node) -> bool:
-    """True if some user of `node` writes into it in place."""
-    return any(is_mutating(user) for user in node.users)
+    """True if some node writes into `node`'s value in place, directly or through a view of it
+    (`copy_` into a `slice` or `select` of it, as Hugging Face code fills index tables)."""
+    pending, seen = [node], {node}
+    while pending:
+        current = pending.pop()
+        for user in current.users:
+            if is_mutating(user):
+                return True
+            if user not in seen and _is_view_of(user, current):
+                seen.add(user)
+                pending.append(user)
+    return False
+
+
+def _is_view_of(node: fx.Node, source: fx.Node) -> bool:
+    """True if `node`'s output may alias `source` (its schema marks that argument as aliased)."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return False
+    return any(arg.alias_info is not None and value is source
+               for arg, value in zip(schema.arguments, node.args))

@@ -257,8 +257,8 @@ class EliminateCommonSubexpressions(CanonicalPass):
         for node in list(gm.graph.nodes):
             if node.op == "get_attr":
                 key: Any = ("get_attr", node.target)
-            elif ir.is_pure(node) and not ir.is_mutated(node):
-                try:
+            elif ir.is_pure(node) and not ir.is_mutated(node) and not any(map(ir.is_mutated, node.all_input_nodes)):
+                try:  # an input written in place holds different values before and after the write
                     key = _hashable((node.target, node.args, node.kwargs))
                 except TypeError:
                     continue  # an argument that cannot be compared safely

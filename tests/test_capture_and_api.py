@@ -1,4 +1,5 @@
 """Capture and the public `optimize` entry point: both forms, structures, bad input."""
+import inspect
 import warnings
 
 import pytest
@@ -184,3 +185,28 @@ def test_a_shape_the_graph_was_not_captured_for_is_a_clear_input_error():
     opt = graphopt.optimize(model, (torch.randn(4, 6),), progress=False, measure_latency=False)
     with pytest.raises(InputError, match="shape the optimized graph accepts"):
         opt(torch.randn(4, 7))
+
+
+class TakesKwargs(nn.Module):
+    """A forward() with **kwargs, as Hugging Face models have (`use_cache=False` lands there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.lin = nn.Embedding(20, 8), nn.Linear(8, 8)
+
+    def forward(self, ids, mask=None, **kwargs):
+        y = self.lin(self.embed(ids))
+        return y * 2 if kwargs.get("double") else y
+
+
+def test_keyword_inputs_that_land_in_var_kwargs_are_captured():
+    """Regression: torch.export failed ("Must provide a tree_name …") on dynamic shapes for such keywords."""
+    model = TakesKwargs().eval()
+    ids = torch.randint(0, 20, (2, 5))
+    opt = graphopt.optimize(model, (ids,), example_kwargs={"double": True}, progress=False, measure_latency=False)
+    assert not opt.report.rolled_back, opt.report
+    for batch, seq in ((2, 5), (3, 9)):
+        ids = torch.randint(0, 20, (batch, seq))
+        with torch.no_grad():
+            assert torch.allclose(opt(ids, double=True), model(ids, double=True), rtol=1e-5, atol=1e-6)
+    assert "kwargs" in inspect.signature(model.forward).parameters   # the caller's model keeps its signature

@@ -108,6 +108,56 @@ def test_crashing_pass_is_rolled_back_and_writes_a_reproducer(tmp_path):
     assert repro in str(report)
 
 
+class BakesBatch:
+    """A 'lossy' pass that reshapes the output to the example's literal shape, as int8 reshapes did."""
+    name, level, requires, fixed_point, budget = "bakes_batch", 2, (), False, Budget(min_cosine=0.99)
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def run(self, gm):
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        (value,) = output.args[0]
+        with gm.graph.inserting_before(output):
+            baked = gm.graph.call_function(aten.reshape.default, (value, list(self.shape)))
+        output.args = ((baked,),)
+        return PassResult(gm, True, {})
+
+
+def test_a_pass_that_only_works_at_the_example_batch_fails_verification_and_is_rolled_back():
+    """The verification inputs hold the example at a second batch size where capture kept the batch dynamic."""
+    model, x = TinyNet().eval(), torch.randn(4, 6)
+    captured = capture(model, (x,))
+    inputs = verification_inputs((x,), {}, 1, other_shape=captured.other_shape)
+    assert [a[0].shape[0] for a, _ in inputs] == [4, 4, 5]   # example, a look-alike, the second batch size
+    reference = run_on(model, inputs)
+    with pytest.warns(UserWarning, match="rolled back"):
+        out, report = PassManager([BakesBatch((4, 3))], level=2).run(captured.module, inputs, reference)
+    record = report["bakes_batch"]
+    assert record.rolled_back and "shape '[4, 3]' is invalid" in record.reason, record.reason
+    assert out is captured.module
+
+
+def test_token_models_verify_at_a_second_batch_and_sequence_length():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 4)
+
+        def forward(self, ids, mask):
+            return self.embed(ids) * mask[..., None]
+
+    ids, mask = torch.randint(0, 20, (2, 7)), torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    captured = capture(Tokens(), (ids, mask))
+    (ids2, mask2), _ = captured.other_shape
+    assert ids2.shape == mask2.shape == (3, 8)
+    assert mask2[:2, :7].equal(mask) and mask2[2, :7].equal(mask[0])   # the example's own mask, repeated
+    inputs = verification_inputs((ids, mask), {}, 1, other_shape=captured.other_shape)
+    assert [a[0].shape for a, _ in inputs] == [(2, 7), (2, 7), (3, 8)]
+    assert any("second size" in note for note in captured.notes)
+
+
 def test_lossy_pass_kept_within_budget_and_rolled_back_beyond():
     gm, inputs, reference = _setup()
     within = ScalesOutput(1e-3, Budget(max_rel_err=1e-2))

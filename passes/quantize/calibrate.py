@@ -2,10 +2,12 @@
 
 `calibrate(gm, batches, watch)` interprets the graph node by node
 (torch.fx.Interpreter) and hands the value of every watched node to its
-callbacks (observers, SmoothQuant statistics). It also checks every floating
-value for NaN/inf and stops at the first node that produces one, naming the
-layer, so bad calibration data (or a layer that overflows) is reported where
-it appears rather than as an unexplained scale of inf.
+callbacks (observers, SmoothQuant statistics). Inputs holding NaN/inf are
+rejected (bad calibration data). Intermediates may hold them on purpose
+(T5's relative-position buckets take log(0) = −inf and discard it with
+`where`), so a non-finite intermediate is an error only when a watched value
+holds one: then the message names the layer where NaN/inf first appeared on
+its path, rather than leaving an unexplained scale of inf.
 
 Calibration items are normalized by `as_inputs` (see config.py for the forms
 accepted).
@@ -88,13 +90,25 @@ class _Observing(fx.Interpreter):
         super().__init__(gm)
         self.watch = watch
         self.batch = 0
+        self.origin: dict[fx.Node, fx.Node] = {}   # node holding NaN/inf -> where they first appeared on its path
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self.origin = {}
+        return super().run(*args, **kwargs)
 
     def run_node(self, node: fx.Node) -> Any:
         value = super().run_node(node)
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            where = f"input {node.name!r}" if node.op == "placeholder" else f"layer {layer_name(self.module, node)!r}"
-            raise InputError(f"calibration batch {self.batch} holds NaN/inf: they first appear in {where} "
-                             f"(node {node.name}); clean the calibration data")
+            if node.op == "placeholder":
+                raise InputError(f"calibration batch {self.batch} holds NaN/inf in input {node.name!r}; "
+                                 "clean the calibration data")
+            self.origin[node] = next((self.origin[a] for a in node.all_input_nodes if a in self.origin), node)
+            if self.watch.get(node.name):
+                first = self.origin[node]
+                raise InputError(
+                    f"calibration batch {self.batch}: the value observed at node {node.name} holds NaN/inf, "
+                    f"which first appear in layer {layer_name(self.module, first)!r} (node {first.name}) on "
+                    "finite inputs: the model overflows there on this data; check the calibration data's scale")
         for callback in self.watch.get(node.name, ()):
             callback(value)
         return value

@@ -152,3 +152,29 @@ def test_dead_code_elimination_drops_unused_parameters():
     out, report = _run(DeadCodeElimination(), Unused(), torch.randn(2, 4))
     assert not ir.find_nodes(out, aten.linear)[1:] and not hasattr(out.unused, "weight")
     assert report["dead_code_elimination"].matches["dead node"] == 1
+
+
+class FillsIndexTables(nn.Module):
+    """BEiT's relative-position index in small: two equal `zeros` tables, each filled in place through a
+    slice (`copy_` into a view), then used to index a different-sized parameter table."""
+
+    def __init__(self):
+        super().__init__()
+        self.t0, self.t1 = nn.Parameter(torch.randn(10, 4)), nn.Parameter(torch.randn(7, 4))
+
+    def forward(self, x):
+        idx0 = torch.zeros(3, 3, dtype=torch.long)
+        idx0[1:] = 9                       # valid for t0 (10 rows), out of range for t1 (7 rows)
+        idx1 = torch.zeros(3, 3, dtype=torch.long)
+        idx1[0] = 6
+        return x + self.t0[idx0.view(-1)].sum(0) + self.t1[idx1.view(-1)].sum(0)
+
+
+@pytest.mark.parametrize("pass_", [EliminateCommonSubexpressions(), FoldConstants()], ids=["cse", "fold"])
+def test_values_written_in_place_through_a_view_are_neither_merged_nor_folded(pass_):
+    """Regression: CSE merged the two tables (IndexError on BEiT), and folding read the table before its fill."""
+    model, x = FillsIndexTables(), torch.randn(2, 4)
+    out, report = _run(pass_, model, x)
+    assert not report.rolled_back, report
+    with torch.no_grad():
+        assert torch.equal(out(x), model(x))

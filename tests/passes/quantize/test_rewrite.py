@@ -130,3 +130,33 @@ def test_random_models_stay_close_on_fresh_inputs_and_other_batch_sizes(case, sc
         # the pass kept cosine ≥ 0.99 on its verification inputs; fresh draws of the same
         # distribution are allowed a little more (static scales may clip a new extreme)
         assert cosine(actual, expected) > 0.98, case
+
+
+class PaddedTokens(nn.Module):
+    """MobileBERT's embeddings in small: token + position embedding, pad along the sequence, linear on
+    3-D tokens (the eval-mode dropout makes an O1 pass change the graph and refresh its metadata)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(50, 32), nn.Embedding(32, 32)
+        self.proj, self.out = nn.Linear(64, 32), nn.Linear(32, 32)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, ids):
+        e = self.drop(self.embed(ids) + self.pos(torch.arange(ids.shape[1])))
+        shifted = nn.functional.pad(e[:, 1:], (0, 0, 0, 1))
+        return self.out(torch.relu(self.proj(torch.cat([e, shifted], dim=-1))))
+
+
+def test_int8_reshapes_keep_the_batch_and_sequence_symbolic():
+    """Regression: a pass's metadata refresh ran `aten.pad` outside the Python dispatcher, which specialised
+    the batch and sequence to the example's (2, 16), and the int8 rewrite emitted reshape(…, [2, 16, N])."""
+    torch.manual_seed(0)
+    model = PaddedTokens().eval()
+    opt = graphopt.optimize(model, (torch.randint(0, 50, (2, 16)),), level="O2", **QUIET)
+    assert count_int8_ops(opt) == 2, opt.report
+    for batch, seq in ((3, 16), (2, 9), (5, 23)):   # position table: up to 32 tokens
+        ids = torch.randint(0, 50, (batch, seq))
+        with torch.no_grad():
+            expected, actual = model(ids), opt(ids)
+        assert cosine(actual, expected) > 0.99, (batch, seq)   # the int8 pass's own budget
