@@ -126,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--json", action="store_true", help="print the run as one JSON document on stdout")
     opt.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
     opt.add_argument("--no-verify", action="store_true", help="skip verification (models ONNX Runtime cannot run)")
+    opt.add_argument("--no-speed-check", action="store_true",
+                     help="keep passes that make the model slower on this machine (default: each pass is timed "
+                          "against the graph before it and rolled back if measurably slower)")
     opt.set_defaults(handler=_run("optimize"))
 
     cmp = commands.add_parser("compare", help="A/B test two models on the same inputs", formatter_class=raw,

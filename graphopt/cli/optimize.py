@@ -78,6 +78,7 @@ def _optimize_torch(args: argparse.Namespace, loaded: loaders.LoadedModel, quant
     opt = graphopt.optimize(module, example_args, example_kwargs=example_kwargs, level=args.level,
                             quantize=quantize or "auto", prune=args.prune, calibration_data=batches,
                             accuracy_budget=args.accuracy_budget, verify=not args.no_verify,
+                            speed_check=not args.no_speed_check,
                             progress=not console.quiet, on_record=console.record)
     console.stage(f"exporting to ONNX: {args.output}")
     _silence_exporter_registry()
@@ -96,6 +97,7 @@ def _optimize_onnx(args: argparse.Namespace, loaded: loaders.LoadedModel, quanti
     console.stage(f"optimizing {loaded.onnx_path} in ONNX Runtime")
     report = optimize_onnx(loaded.onnx_path, args.output, level=args.level, quantize=quantize,
                                     calibration_data=feeds, force=args.force, verify=not args.no_verify,
+                                    speed_check=not args.no_speed_check,
                                     progress=not console.quiet, on_record=console.record)
     return report
 

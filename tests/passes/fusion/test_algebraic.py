@@ -18,7 +18,7 @@ class Layout(nn.Module):
     def forward(self, x):
         for p in self.perms:
             x = x.permute(*p)
-        return x.reshape(x.shape[0], -1).view(-1) * 2
+        return x.reshape(x.shape[0], -1).reshape(-1) * 2   # .view(-1) fails on some permutations (non-contiguous)
 
 
 @examples(8)
