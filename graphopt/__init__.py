@@ -4,7 +4,7 @@
     print(opt.report)
 """
 from .api import OptimizedModule, optimize
-from .errors import (CaptureError, GraphoptError, InputError, OptionError, UnsupportedError,
+from .errors import (CaptureError, ExportError, GraphoptError, InputError, OptionError, UnsupportedError,
                      VerificationError)
 from .finetune import finetune
 from .onnx import export_onnx, optimize_onnx
@@ -12,5 +12,5 @@ from .report import PassRecord, Report
 
 __all__ = [
     "optimize", "OptimizedModule", "export_onnx", "optimize_onnx", "finetune", "Report", "PassRecord",
-    "GraphoptError", "CaptureError", "InputError", "OptionError", "UnsupportedError", "VerificationError",
+    "GraphoptError", "CaptureError", "ExportError", "InputError", "OptionError", "UnsupportedError", "VerificationError",
 ]
