@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import (CaptureError, GraphoptError, InputError, OptionError, UnsupportedError,
+from .errors import (CaptureError, ExportError, GraphoptError, InputError, OptionError, UnsupportedError,
                      VerificationError)
 from .report import PassRecord, Report
 
@@ -23,7 +23,7 @@ _LAZY = {"optimize": ".api", "OptimizedModule": ".api", "export_onnx": ".onnx", 
 
 __all__ = [
     "optimize", "OptimizedModule", "export_onnx", "optimize_onnx", "finetune", "Report", "PassRecord",
-    "GraphoptError", "CaptureError", "InputError", "OptionError", "UnsupportedError", "VerificationError",
+    "GraphoptError", "CaptureError", "ExportError", "InputError", "OptionError", "UnsupportedError", "VerificationError",
 ]
 
 

@@ -29,5 +29,10 @@ class VerificationError(GraphoptError):
     """An optimized graph does not compute what the original did."""
 
 
+class ExportError(GraphoptError):
+    """The module could not be exported to ONNX, or the written file fails its check (the ONNX checker
+    or ONNX Runtime refuses it); the message names the operator and the runtime's reason."""
+
+
 class UnsupportedError(GraphoptError, NotImplementedError):
     """A requested capability exists in the API but not (yet) for this model or option."""

@@ -14,6 +14,7 @@ from .dead_nodes import DeadNodeElimination
 from .gemm import MatMulAddToGemm
 from .identity import EliminateIdentity
 from .quantize import QuantizeInt8
+from .rotary import RotaryCachesAtBatch
 from .skip_padding import SkipPadding
 from .transpose_reshape import CollapseTransposeReshape
 from .uint8_quantize import QuantizeToUint8
@@ -31,4 +32,4 @@ def passes(int8: str | None = None, calibration: Sequence[dict] = ()) -> list[An
     return selected
 
 
-__all__ = ["passes", "OnnxPass", "QuantizeInt8", "QuantizeToUint8", "SkipPadding", "ConstantFolding", "DeadNodeElimination"]
+__all__ = ["passes", "OnnxPass", "QuantizeInt8", "QuantizeToUint8", "RotaryCachesAtBatch", "SkipPadding", "ConstantFolding", "DeadNodeElimination"]

@@ -123,6 +123,29 @@ def test_constant_folding_never_materializes_a_huge_generator(tmp_path):
     assert rel_err(run(dst, feeds)[0], run(src, feeds)[0]) <= LOSSLESS_REL_TOL
 
 
+def test_constant_folding_budget_covers_the_whole_pass(tmp_path):
+    """Weights made at run time by ConstantOfShape (the onnx zoo's "light" graphs): eight 192 KiB
+    generators, each far under the 1 MiB guard, would together add 1.5 MiB; the pass's one budget
+    folds the first five and keeps the rest as nodes, and the outputs are unchanged."""
+    value = helper.make_tensor("v", TensorProto.FLOAT, [1], [0.02])
+    nodes, previous = [], "x"
+    for i in range(8):
+        nodes += [helper.make_node("ConstantOfShape", [f"shape{i}"], [f"w{i}"], value=value),
+                  helper.make_node("MatMul", [previous, f"w{i}"], [f"h{i}"])]
+        previous = f"h{i}"
+    nodes.append(helper.make_node("Identity", [previous], ["y"]))
+    inits = {f"shape{i}": np.array([224, 224], np.int64) for i in range(8)}
+    model = _model(nodes, [_vi("x", [2, 224])], [_vi("y", [2, 224])], inits)
+    src, dst, report = _optimize(tmp_path, model, level="O1")
+    growth = dst.stat().st_size - src.stat().st_size
+    assert 0 < growth <= 1 << 20                                 # the guard's budget, for the whole pass
+    assert op_types(dst).count("ConstantOfShape") == 3           # 5 × 196 KiB fit in 1 MiB, the 6th does not
+    rejected = report["onnx_constant_folding"].stats["rejected"]
+    assert sum("ConstantOfShape would add" in r for r in rejected) == 3
+    feeds = {"x": f32(2, 224)}
+    assert rel_err(run(dst, feeds)[0], run(src, feeds)[0]) <= LOSSLESS_REL_TOL
+
+
 def test_custom_domain_ops_are_skipped_with_a_reason(tmp_path):
     """A com.microsoft op (ORT runs it) on a constant: not folded, left alone with the reason."""
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]),

@@ -1,0 +1,49 @@
+"""export_onnx on architectures the sweep (bench/sweep.py) found failing: tiny configs, random weights."""
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+import graphopt
+from graphopt.verify import LOSSLESS_REL_TOL
+
+from .helpers import rel_err, run
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def rotary_decoder():
+    """A one-layer Mistral (rotary embeddings, grouped-query attention), built from a config."""
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.MistralModel(config).eval()
+
+
+def test_rotary_decoder_exports_at_opset_23_and_runs_at_other_batches(tmp_path, rotary_decoder):
+    """The exporter fuses the rotary pattern into RotaryEmbedding with caches of batch 1 (they come from
+    position ids [1, S]), which ONNX Runtime refuses at any other batch; the export expands them."""
+    ids = torch.randint(0, 64, (2, 8))
+    path = graphopt.export_onnx(rotary_decoder, (), tmp_path / "mistral.onnx", opset=23,
+                                example_kwargs={"input_ids": ids, "use_cache": False})
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "RotaryEmbedding" in ops                       # the fused kernel is kept
+    for batch, length in ((3, 8), (1, 5)):
+        other = torch.randint(0, 64, (batch, length))
+        want = rotary_decoder(input_ids=other, use_cache=False).last_hidden_state.detach().numpy()
+        (got,) = run(path, {"input_ids": other.numpy()})
+        assert rel_err(got, want) <= LOSSLESS_REL_TOL
+
+
+def test_runtime_refusal_is_an_export_error_naming_the_operator(tmp_path, rotary_decoder, monkeypatch):
+    """Without the cache fix, ONNX Runtime's refusal becomes an ExportError that names the RotaryEmbedding
+    node and the runtime's reason, and no file is written."""
+    from graphopt.passes.onnx import RotaryCachesAtBatch
+    monkeypatch.setattr(RotaryCachesAtBatch, "rewrite", lambda self, model, log: None)
+    ids = torch.randint(0, 64, (2, 8))
+    with pytest.raises(graphopt.ExportError, match="RotaryEmbedding node .*cos_cache"):
+        graphopt.export_onnx(rotary_decoder, (), tmp_path / "mistral.onnx", opset=23,
+                             example_kwargs={"input_ids": ids, "use_cache": False})
+    assert not list(tmp_path.iterdir())
