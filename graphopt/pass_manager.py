@@ -203,21 +203,21 @@ class PassManager:
         """Time the result against the captured graph; if it is slower, return the fastest verified variant."""
         verdict = self._compare(original, final)
         report.meta["speed"] = f"optimized vs captured: {verdict.describe()}"
-        if verdict.kind != "slower":
+        if not verdict.low > 1.0:   # stricter than a pass's tolerance: the result may not be slower at all
             return final, final_outputs
         chosen, why = original, "the captured graph"
         candidates = {"the fastest verified intermediate graph": self._fastest[0] if self._fastest else None,
                       "the graph of the lossless passes alone": self._lossless}
         for name, candidate in candidates.items():
             if candidate is not None and candidate is not final and candidate is not original \
-                    and self._compare(original, candidate).kind != "slower":
+                    and not self._compare(original, candidate).low > 1.0:
                 chosen, why = candidate, name
                 break
         record = self._record("speed check", chosen, 0.0, reference, None, {})
         record.rolled_back = True
-        record.reason = (f"the optimized graph was slower than the captured one ({verdict.describe()}): "
-                         f"returned {why} instead")
-        record.speed = verdict.describe()
+        slower = f"{verdict.ratio:.2f}× slower, 95 % CI {verdict.low:.2f}–{verdict.high:.2f}×"
+        record.reason = f"the optimized graph was slower than the captured one ({slower}): returned {why} instead"
+        record.speed = slower
         self._append(report, record)
         report.meta["speed"] += f"; returned {why}"
         warnings.warn(f"graphopt: {record.reason}")
