@@ -12,6 +12,7 @@ deep copy.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -79,10 +80,12 @@ class OptimizedModule(torch.nn.Module):
             "verify": options.verify, "dynamic_batch": captured.dynamic_batch, "notes": captured.notes,
             "passes": [p.name for p in manager.selected]})
         gm, report = manager.run(gm, inputs, reference, report)
-        report.meta["total_s"] = time.perf_counter() - start
         self.graph_module, self.report = gm, report
         if options.backend == "inductor":
             self._runner = InductorRunner(gm, captured.dynamic_batch)
+        elif options.speed_check is not None:
+            self._runner = _never_slower_than_the_model(captured.original, gm, args, kwargs, options, report)
+        report.meta["total_s"] = time.perf_counter() - start
         self._in_spec = pytree.tree_structure((args, kwargs))
         self._pending = [None]
 
@@ -97,6 +100,24 @@ class OptimizedModule(torch.nn.Module):
         """The graph was captured in eval mode; train() only flips the flag (see finetune)."""
         self.training = mode
         return self
+
+
+def _never_slower_than_the_model(model: torch.nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict,
+                                 options: Options, report: Report) -> torch.nn.Module | None:
+    """The pass manager guarantees the result is not slower than the captured graph; capture itself can cost
+    time (torch.export's calling convention and guards). Time the result against the model as given the same
+    way; if it is measurably slower (whole 95 % interval above 1), calls run the model as given instead, and
+    the report says so. Returns the module calls should run, or None for the optimized graph."""
+    verdict = options.speed_check.compare(lambda: model(*args, **kwargs), lambda: gm(*args, **kwargs))
+    report.meta["speed_vs_model"] = f"optimized vs the model as given: {verdict.describe()}"
+    if not verdict.low > 1.0:
+        return None
+    why = (f"the optimized graph was slower than the model as given ({verdict.ratio:.2f}× slower, 95 % CI "
+           f"{verdict.low:.2f}–{verdict.high:.2f}×): calls run the model as given (export_onnx still exports the "
+           "optimized graph)")
+    report.meta["speed"] = f"{report.meta.get('speed', '')}; {why}".lstrip("; ")
+    warnings.warn(f"graphopt: {why}")
+    return model
 
 
 def _describe(spec: pytree.TreeSpec) -> str:
