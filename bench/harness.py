@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from graphopt.report import cpu_name
 from graphopt.timing import Timing, measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,16 +87,6 @@ def machine_info() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         pass
     return info
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_results(name: str, title: str, rows: list[dict[str, Any]], notes: str = "") -> Path:

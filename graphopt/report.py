@@ -208,10 +208,11 @@ def environment() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             continue
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "versions": versions,
-            "machine": f"{_cpu_name()}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}"}
+            "machine": f"{cpu_name()}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}"}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (the benchmarks' machine stamp uses it too)."""
     import platform
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
