@@ -139,6 +139,23 @@ def check_quantize_args(x: torch.Tensor, smooth: Optional[torch.Tensor], values:
     return m, k
 
 
+def check_layer_norm_args(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> tuple[int, int]:
+    """Validate the LayerNorm half of ``layer_norm_quantize`` (over the last dim of a 2-D x); return ``(M, K)``."""
+    check_matrix("x", x, FLOAT_DTYPES)
+    m, k = x.shape
+    if k == 0:
+        raise ValueError("x must have K >= 1 columns")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_vector(name, t, k, FLOAT_DTYPES)
+    check_same_device(x=x, weight=weight, bias=bias)
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    return m, k
+
+
 def check_w8a16_args(
     x: torch.Tensor,
     w_q: torch.Tensor,

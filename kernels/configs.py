@@ -253,3 +253,36 @@ def pick(
     # The tiles are tuned per class, but split-K belongs to this launch's M: a class's winner
     # (timed and cached with the split of the M it was tuned at) is re-split for this M.
     return finish(tuned)
+
+
+# Row kernels (quantize_per_token, layer_norm_quantize): a program holds ``block_m`` whole rows of
+# ``block_k`` = next_power_of_2(K) elements in registers. The heuristic gives each program about
+# ROW_TILE elements and one warp per 1024 of them; the autotune times ROW_SEARCH_ROWS x ROW_SEARCH_WARPS.
+ROW_TILE = 8192
+ROW_SEARCH_ROWS = (1, 2, 4, 8, 16)
+ROW_SEARCH_WARPS = (1, 2, 4, 8, 16)
+ROW_MAX_ELEMENTS = 32768
+
+
+def quantize_config(
+    kernel: str, m: int, k: int, dtype: torch.dtype, device: torch.device, run: Callable[[BlockConfig], object]
+) -> BlockConfig:
+    """Rows per program and warps for a row kernel over ``[m, k]``: the heuristic, or autotuned if enabled.
+
+    The autotune key holds K and M's power-of-two bucket (the grid is M / rows programs).
+    """
+    block_k = triton.next_power_of_2(k)
+    rows = max(ROW_TILE // block_k, 1)
+    heuristic = BlockConfig(rows, 1, block_k, num_warps=min(max(rows * block_k // 1024, 1), 16))
+    if not autotune_enabled(device):
+        return heuristic
+    from triton.testing import do_bench
+
+    candidates = list(dict.fromkeys([heuristic] + [
+        BlockConfig(r, 1, block_k, num_warps=w)
+        for r in ROW_SEARCH_ROWS if r * block_k <= ROW_MAX_ELEMENTS
+        for w in ROW_SEARCH_WARPS if w * 32 <= r * block_k
+    ]))
+    key = "|".join((kernel, torch.cuda.get_device_name(device), triton.__version__,
+                    f"m{triton.next_power_of_2(m)}", f"k{k}", str(dtype)))
+    return autotune(key, candidates, run, lambda fn: do_bench(fn, warmup=10, rep=40, return_mode="median"))

@@ -33,7 +33,7 @@ import torch
 
 from . import fbgemm
 from .activations import apply_activation
-from .checks import SCALE_FLOOR, check_int8_linear_args, check_quantize_args, check_w8a16_args
+from .checks import SCALE_FLOOR, check_int8_linear_args, check_layer_norm_args, check_quantize_args, check_w8a16_args
 
 K_CHUNK = 1024
 
@@ -96,6 +96,16 @@ def quantize_per_token(x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -
     # |x / scale| <= 127 (1 + 2u) < 127.5 by the choice of scale, so rounding alone stays in [-127, 127]
     q = torch.div(xf, scale[:, None]).round_().to(torch.int8)
     return q, scale
+
+
+def layer_norm_quantize(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+    smooth: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, y_q, scale)``: torch's LayerNorm over the last dim, then ``quantize_per_token(y, smooth)``."""
+    check_layer_norm_args(x, weight, bias, eps)
+    y = torch.nn.functional.layer_norm(x, (x.shape[1],), weight, bias, eps)
+    return (y, *quantize_per_token(y, smooth))
 
 
 def w8a16_linear(

@@ -6,6 +6,9 @@
                                    ⇒  acc = MatMulInteger(x_q + 128, w_qᵀ + 128, 128, 128)   (uint8 × uint8)
                                       act(Cast(acc, float) · s_x[:, None] · s_w[None, :] + b)
     w8a16_linear(x, w_q, s_w, b)   ⇒  MatMul(x, DequantizeLinear(w_qᵀ, s_w, axis=1)) + b
+    layer_norm_quantize(x, w, b, eps, smooth)
+                                   ⇒  y = LayerNormalization(x, w or 1, b, axis=-1, epsilon=eps)
+                                      (y, quantize_per_token(y, smooth))
 
 QuantizeLinear divides by the scale and rounds half to even as the op's CPU
 path does, and |x / s| ≤ 127 by the choice of s, so its saturation is the
@@ -59,7 +62,8 @@ def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
     ops = torch.ops.graphopt
     return {ops.quantize_per_token.default: quantize_per_token,
             ops.int8_linear.default: int8_linear_translation(gelu_op=opset >= GELU_OPSET),
-            ops.w8a16_linear.default: w8a16_linear}
+            ops.w8a16_linear.default: w8a16_linear,
+            ops.layer_norm_quantize.default: layer_norm_quantize}
 
 
 def _op() -> Any:
@@ -106,6 +110,15 @@ def w8a16_linear(x: Any, w_q: Any, w_scale: Any, bias: Any = None) -> Any:
     if bias is not None:
         y = op.Add(y, op.Cast(bias, to=_FLOAT))
     return op.CastLike(y, x)
+
+
+def layer_norm_quantize(x: Any, weight: Any, bias: Any, eps: float, smooth: Any = None) -> tuple[Any, Any, Any]:
+    op = _op()
+    if weight is None:   # LayerNormalization's scale input is required
+        ones = op.ConstantOfShape(op.Shape(x, start=-1), value=helper.make_tensor("one", _FLOAT, [1], [1.0]))
+        weight = op.CastLike(ones, x)
+    y = op.LayerNormalization(x, weight, bias, axis=-1, epsilon=float(eps))
+    return (y, *quantize_per_token(y, smooth))
 
 
 def _activation(op: Any, y: Any, activation: str, gelu_op: bool) -> Any:
