@@ -259,8 +259,8 @@ def pick(
 # ``block_k`` = next_power_of_2(K) elements in registers. The heuristic gives each program about
 # ROW_TILE elements and one warp per 1024 of them; the autotune times ROW_SEARCH_ROWS x ROW_SEARCH_WARPS.
 ROW_TILE = 8192
-ROW_SEARCH_ROWS = (1, 2, 4, 8, 16)
-ROW_SEARCH_WARPS = (1, 2, 4, 8, 16)
+ROW_SEARCH_ROWS = (1, 2, 4, 8)
+ROW_SEARCH_WARPS = (2, 4, 8)
 ROW_MAX_ELEMENTS = 32768
 
 
