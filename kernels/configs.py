@@ -80,6 +80,14 @@ W8A16_TABLE: tuple[tuple[Optional[int], BlockConfig], ...] = (
     (None, BlockConfig(128, 128, 64, num_warps=8, num_stages=3)),
 )
 
+# W4A16 (int4 weights, group-wise): not yet measured on a GPU. The <= 16 class is a GEMV shape
+# (one 16-row tile, wide K blocks, split-K for occupancy); its block_k is capped at the group size.
+W4A16_TABLE: tuple[tuple[Optional[int], BlockConfig], ...] = (
+    (16, BlockConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)),
+    (64, BlockConfig(64, 64, 64, num_warps=4, num_stages=4)),
+    (None, BlockConfig(128, 128, 64, num_warps=8, num_stages=3)),
+)
+
 # Autotune search space (besides the table's own entries). ``pick`` times the
 # ones whose block_m fits the shape class (block_m <= max(16, the class's
 # largest M); every one for the unbounded class).
@@ -111,6 +119,9 @@ W8A16_SEARCH: tuple[BlockConfig, ...] = (
     BlockConfig(128, 256, 64, num_warps=8, num_stages=3),
     BlockConfig(256, 128, 64, num_warps=8, num_stages=3),
 )
+
+#: W4A16 tiles: the W8A16 space (block_k is capped at the group size at launch).
+W4A16_SEARCH = W8A16_SEARCH
 
 MAX_SPLIT_K = 16
 MIN_K_BLOCKS_PER_SPLIT = 4
