@@ -16,7 +16,7 @@ from .errors import OptionError
 from .speed import SpeedCheck, parse_speed_check
 
 LEVELS = {"O0": 0, "O1": 1, "O2": 2, "O3": 3}
-QUANT_SCHEMES = ("int8-dynamic", "int8-static", "int8-weight-only")
+QUANT_SCHEMES = ("int8-dynamic", "int8-static", "int8-weight-only", "int4-weight-only")
 AUTO = "auto"
 BACKENDS = (None, "eager", "inductor")
 

@@ -53,7 +53,7 @@ MAX_ROW = 2**17
 @triton_kernel
 def _quantize_rows_kernel(
     x_ptr, weight_ptr, bias_ptr, y_ptr, smooth_ptr, q_ptr, scale_ptr,
-    M, K, stride_xm, stride_ym, stride_qm, stride_s, eps, scale_floor,
+    M, K, k_float, stride_xm, stride_ym, stride_qm, stride_s, eps, scale_floor,
     NORM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -69,9 +69,10 @@ def _quantize_rows_kernel(
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM:
-        mean = tl.sum(x, axis=1) / K
+        mean = tl.math.div_rn(tl.sum(x, axis=1), k_float)   # exact for a constant row
         centered = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / K + eps)
+        variance = tl.math.div_rn(tl.sum(centered * centered, axis=1), k_float)
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(variance + eps))
         y = centered * rstd[:, None]
         if HAS_WEIGHT:
             y = y * tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -100,7 +101,7 @@ def _launch(x: torch.Tensor, smooth: Optional[torch.Tensor], q: torch.Tensor, sc
     def run(c: configs.BlockConfig) -> None:
         _quantize_rows_kernel.on(x.device)[(triton.cdiv(m, c.block_m),)](
             x, weight, bias, y, smooth, q, scale,
-            m, k, x.stride(0), 0 if y is None else y.stride(0), q.stride(0),
+            m, k, float(k), x.stride(0), 0 if y is None else y.stride(0), q.stride(0),
             0 if smooth is None else smooth.stride(0), eps, SCALE_FLOOR,
             NORM=norm is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             HAS_SMOOTH=smooth is not None, ROWS=c.block_m, BLOCK_K=c.block_k, num_warps=c.num_warps,
