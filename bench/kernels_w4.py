@@ -1,9 +1,9 @@
 """W4A16 kernel vs fp16 cuBLAS on a GPU: decode shapes M = 1, 4, 16 for (K, N) = (4096, 4096), (4096, 11008).
 
-    python -m bench.kernels_w4 --gpu --out w4.md     # on a CUDA machine: times with triton.testing.do_bench
+    python -m bench.kernels_w4 --gpu --out w4.md     # on a CUDA machine: times CUDA-graph replays (do_bench_cudagraph)
     python -m bench.kernels_w4 --out w4.md           # no GPU: small shapes in Triton's interpreter (checks only)
 
-Each row: median times (do_bench, ms) of ``x @ W.T`` in float16 (cuBLAS via torch) and of
+Each row: median times (triton.testing.do_bench_cudagraph: CUDA-graph replay, no launch cost, ms) of ``x @ W.T`` in float16 (cuBLAS via torch) and of
 ``graphopt.kernels.triton_w4a16_linear`` (group size 128, float16 activations), the speed-up, and the achieved
 bandwidth: bytes the kernel must move (weights, scales, zero points, x, y) over its time, and the share of
 the device's peak HBM bandwidth (``--peak-gbps``, default from the device name: H200 4800, H100 3350).
@@ -44,10 +44,11 @@ def operands(m: int, k: int, n: int, device: str, dtype: torch.dtype) -> tuple[t
 
 def timer(device: str) -> Callable[[Callable[[], object]], float]:
     if device == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench_cudagraph
 
-        def bench(fn: Callable[[], object]) -> float:
-            result = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        def bench(fn: Callable[[], object]) -> float:   # CUDA-graph replay: the kernel, not Python's launch cost
+            fn()
+            result = do_bench_cudagraph(fn, rep=100, return_mode="median")
             return float(result[0] if isinstance(result, (tuple, list)) else result)
         return bench
 
