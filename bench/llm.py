@@ -85,7 +85,8 @@ def train(model: nn.Module, data: torch.Tensor, seconds: float) -> dict[str, Any
             steps, loss = steps + 1, loss_t.item()
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}")
-    model.eval()
+    optimizer.zero_grad(set_to_none=True)     # a parameter's .grad trips the captured graph's guards
+    model.requires_grad_(False).eval()
     return {"steps": steps, "final train loss": loss, "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -93,7 +94,7 @@ def train(model: nn.Module, data: torch.Tensor, seconds: float) -> dict[str, Any
 def perplexity(module: nn.Module, batches: list[torch.Tensor]) -> float:
     total, count = 0.0, 0
     for batch in batches:
-        logits = module(batch[:, :-1])
+        logits = module(batch[:, :-1].contiguous())
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
                                  reduction="sum").item()
         count += batch[:, 1:].numel()
@@ -124,8 +125,8 @@ def accuracy(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, 
     steps = 8 if args.quick else STEPS
     prompts = windows(held_out, 4, SEQ - steps, g)     # prompt + continuation = SEQ: the captured length
     wrapped = Logits(model).eval()
-    quiet = dict(measure_latency=False, speed_check=False, progress=False)
-    example = (eval_batches[0][:, :-1],)
+    quiet = dict(measure_latency=False, speed_check=False, progress=False, verify_samples=1)
+    example = (eval_batches[0][:, :-1].contiguous(),)
     variants: dict[str, nn.Module] = {"torch fp32": wrapped}
     variants["graphopt int8-weight-only"] = graphopt.optimize(wrapped, example, quantize="int8-weight-only", **quiet)
     variants["graphopt int4-weight-only RTN (g128)"] = graphopt.optimize(
