@@ -60,16 +60,11 @@ def _sizer(gm: fx.GraphModule) -> Callable[[fx.Node], list[int]]:
         if isinstance(d, int):
             return d
         expr, env = d.node.expr, d.node.shape_env
-        value = expr.subs({symbol: 1 if symbol in batch else _hint(env, symbol) for symbol in expr.free_symbols})
+        value = expr.subs({symbol: 1 if symbol in batch else ir.shape_hint(env, symbol)
+                           for symbol in expr.free_symbols})
         return max(int(value), 1)
 
     return lambda node: [size(d) for d in (ir.shape(node) or ())]
-
-
-def _hint(env: object, symbol: object) -> int:
-    """The example's value of a shape symbol (ShapeEnv.size_hint: no guard is added), 1 when it has none."""
-    hint = env.size_hint(symbol, allow_none=True)  # type: ignore[attr-defined]
-    return 1 if hint is None else int(hint)
 
 
 class Cost:

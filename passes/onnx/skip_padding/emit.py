@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from .plan import Plan
 
 
+@dataclass
 class RealRows:
     """The tensors every gather and scatter shares, built once per rewrite."""
     index: gs.Variable          # [n] row numbers of the computed rows in [B·S]

@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 from ..row_ops import PRODUCTS, Edits, Rows, row_wise, token_leads
 
 
+@dataclass
 class Plan:
     """What to rewrite, by tensor and node names."""
     mask: str
