@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .capture import capture
-from .compile import InductorRunner
+from .compile.runner import InductorRunner
 from .config import Options, parse_options
 from .errors import InputError
 from .inputs import verification_inputs

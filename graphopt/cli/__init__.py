@@ -164,7 +164,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ..report_html import load_report, write_html
+    from ..report import load_report
+    from ..report_html import write_html
     report = load_report(args.run)
     print(report)
     if args.html:
