@@ -38,10 +38,11 @@ from typing import Any, Callable, Iterable
 import torch
 
 from graphopt.errors import InputError, OptionError
+from graphopt.schemes import NAMES
 
 from .observers import OBSERVERS, WEIGHT_OBSERVERS, default_weight_bits
 
-SCHEMES = ("int8-dynamic", "int8-static", "int8-weight-only")
+SCHEMES = NAMES
 DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85)
 #: Cosine the int8 pass must keep when no accuracy_budget is given: per-token / per-channel int8 on
 #: sane models stays above 0.999; a wrong scale, channel or epilogue falls far below 0.99.
