@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from .base import OnnxPass
 from .constant_folding import ConstantFolding
+from .dropout import EliminateInferenceDropout
 from .onnxscript_rules import (DeadNodeElimination, OnnxscriptRules, collapse_transpose_reshape, eliminate_identity,
                                fold_conv_batchnorm, matmul_add_to_gemm)
 from .quantize import QuantizeInt8
@@ -24,7 +25,7 @@ def passes(int8: str | None = None, calibration: Sequence[dict] = ()) -> list[An
     """Every ONNX pass in order; the int8 pass (level O2) when `int8` names a scheme. Skipping padding checks
     itself on the first calibration feed (or random look-alike inputs) with random padding masks; it runs
     before int8, so that per-tensor scales and calibrated ranges see real tokens only."""
-    selected: list[Any] = [DeadNodeElimination(), eliminate_identity(), ConstantFolding(), fold_conv_batchnorm(),
+    selected: list[Any] = [DeadNodeElimination(), EliminateInferenceDropout(), eliminate_identity(), ConstantFolding(), fold_conv_batchnorm(),
                            matmul_add_to_gemm(), collapse_transpose_reshape()]
     selected.append(SkipPadding(calibration[:1]))
     if int8 is not None:

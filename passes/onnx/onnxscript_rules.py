@@ -4,7 +4,8 @@ onnxscript (a dependency through torch.onnx) ships tested rules for the
 standard ONNX peepholes; graphopt runs them rather than keeping its own:
 
     onnx_eliminate_identity          Identity(x) ⇒ x  (onnx_ir's IdentityEliminationPass);
-                                     Dropout(x) ⇒ x in inference (ratio 0 or training_mode False);
+                                     Dropout(x) ⇒ x with ratio 0 or training_mode False (the default
+                                     training_mode: graphopt's own `dropout.EliminateInferenceDropout`);
                                      Cast(x, to=dtype(x)) ⇒ x
     onnx_collapse_transpose_reshape  Transpose(Transpose(x, p₁), p₂) ⇒ Transpose(x, p₁∘p₂) (x when the identity);
                                      Reshape(Reshape(x, s₁), s₂) ⇒ Reshape(x, s₂)
@@ -50,15 +51,15 @@ class OnnxscriptRules(OnnxPass):
             model = upgraded
             log.matched(f"opset upgrade to {self.min_opset}")
         ir_model = ir.serde.deserialize_model(model.to_proto())
-        for label, make in self.ir_passes:
-            before = _node_count(ir_model)
-            make()(ir_model)
-            if _node_count(ir_model) < before:
-                log.matched(label, before - _node_count(ir_model))
         for rule in self.rules:
             count = rewriter.RewriteRuleSet([rule]).apply_to_model(ir_model)
             if count:
                 log.matched(rule.name or type(rule).__name__, count)
+        for label, make in self.ir_passes:      # after the rules: they write Identity for what they remove
+            before = _node_count(ir_model)
+            make()(ir_model)
+            if _node_count(ir_model) < before:
+                log.matched(label, before - _node_count(ir_model))
         if not log.modified:
             return log.result(model)
         ir_passes.RemoveUnusedNodesPass()(ir_model)
@@ -97,7 +98,8 @@ def eliminate_identity() -> OnnxscriptRules:
 
 def collapse_transpose_reshape() -> OnnxscriptRules:
     return OnnxscriptRules("onnx_collapse_transpose_reshape",
-                           [common.transpose_transpose_rule, common.no_op_transpose_rule, common.reshape_reshape_rule])
+                           [common.transpose_transpose_rule, common.no_op_transpose_rule, common.reshape_reshape_rule],
+                           [("Identity", ir_passes.IdentityEliminationPass)])
 
 
 def fold_conv_batchnorm() -> OnnxscriptRules:
