@@ -175,10 +175,11 @@ def test_int8_export_budget_widens_with_the_modules_own_error_and_still_catches_
     assert budget.min_cosine == pytest.approx(min(floor.min_cosine, 2 * final.min_cosine ** 2 - 1))
     graphopt.export_onnx(opt, inputs, tmp_path / "ok.onnx")
 
-    def off_by_one_weight(op, q):            # a translation bug: weights shifted by 127 instead of 128
+    def off_by_one_weight(op, q):            # a translation bug: codes shifted by 127 instead of 128
         return op.Cast(op.Add(op.Cast(q, to=6), op.Constant(value=onnx.helper.make_tensor(
             "shift", onnx.TensorProto.INT32, [], [127]))), to=2)
     monkeypatch.setattr(translations, "_to_uint8", off_by_one_weight)
+    monkeypatch.setattr(translations, "_codes_uint8", off_by_one_weight)    # and on the activations
     with pytest.raises(graphopt.VerificationError, match="differs from the torch module"):
         graphopt.export_onnx(opt, inputs, tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()
