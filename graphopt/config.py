@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .errors import OptionError
+from .schemes import NAMES
 from .speed import SpeedCheck, parse_speed_check
 
 LEVELS = {"O0": 0, "O1": 1, "O2": 2, "O3": 3}
-QUANT_SCHEMES = ("int8-dynamic", "int8-static", "int8-weight-only", "int4-weight-only")
+QUANT_SCHEMES = NAMES
 AUTO = "auto"
 BACKENDS = (None, "eager", "inductor")
 

@@ -31,6 +31,7 @@ class PassRecord:
     modified: bool = False
     rolled_back: bool = False
     reason: str | None = None
+    code: str | None = None                 # graphopt.rules.Reason of a rollback (reason is its prose)
     reproducer: str | None = None
     speed: str | None = None                # speed check verdict against the graph before the pass
     stats: dict[str, Any] = field(default_factory=dict)
@@ -38,6 +39,11 @@ class PassRecord:
     @property
     def matches(self) -> dict[str, int]:
         return dict(self.stats.get("matches", {}))
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        """{rejection code: count} of the candidates this pass looked at and did not rewrite."""
+        return dict(self.stats.get("reasons", {}))
 
 
 @dataclass

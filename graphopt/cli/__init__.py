@@ -16,10 +16,11 @@ import sys
 from typing import Sequence
 
 from ..errors import GraphoptError
+from ..schemes import Scheme
 
 #: Exit statuses (also in `graphopt --help`).
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_FALLBACK = 0, 1, 2, 3
-SCHEMES = {"dynamic": "int8-dynamic", "static": "int8-static", "weight-only": "int8-weight-only"}
+SCHEMES = {s.short: s.value for s in Scheme}
 
 MODEL_HELP = """\
 MODEL is any of:

@@ -6,8 +6,11 @@
    graphopt's custom int8 ops translated to standard ONNX operators
    (`graphopt.onnx.translations`), so ONNX Runtime (CPU, CUDA) and TensorRT
    run the file without vendor domains.
-2. Cleanup with onnx-graphsurgeon through the ONNX passes (constant folding
-   under the size guard, dead nodes, unused initializers, topological sort).
+2. Cleanup through the ONNX passes, run by the pass manager (verified on the
+   example inputs, rolled back if a pass changes the outputs; the records go
+   to the optimized module's `report.meta["export_passes"]`): constant folding
+   under the size guard, padding skipped, dead nodes, unused initializers,
+   topological sort.
 3. Dynamic axes: batch (axis 0) of every input, and sequence (axis 1) of
    integer token inputs, wherever the graph allows them; named `batch` and
    `sequence` in the file.
@@ -101,7 +104,7 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
                           opset or default_opset(scheme))
     _name_dynamic_axes(proto, example_inputs, kwargs, dynamic_axes)
     feeds = _feeds(proto, example_inputs, kwargs)
-    proto = _cleanup(proto, feeds if skip_padding else None)
+    proto = _cleanup(proto, feeds, skip_padding, getattr(opt, "report", None))
     budget = tolerance or _budget(opt, scheme)
 
     def check(written: Path) -> None:
@@ -295,18 +298,30 @@ def _name_dynamic_axes(proto: onnx.ModelProto, args: tuple, kwargs: dict,
                 dim.dim_param = rename[dim.dim_param]
 
 
-def _cleanup(proto: onnx.ModelProto, padding_feeds: dict[str, np.ndarray] | None) -> onnx.ModelProto:
-    """Constant folding (size-guarded), uint8 quantization, padding skipped (given example feeds), dead nodes
-    and unused initializers, topological order."""
-    from graphopt.passes.onnx import (ConstantFolding, DeadNodeElimination, QuantizeToUint8, RotaryCachesAtBatch,
-                                      SkipPadding)
+def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding: bool,
+             report: Any = None) -> onnx.ModelProto:
+    """The export's graph passes, run by the pass manager (each verified on the example feeds, rolled back
+    if it changes the outputs, recorded): rotary caches at the batch (opset 23), constant folding under the
+    size guard, padding skipped (exact, checked on random masks), dead nodes and unused initializers.
+
+    The records go to `report.meta["export_passes"]` when a report is given (the optimized module's)."""
+    from graphopt.pass_manager import PassManager
+    from graphopt.passes.onnx import ConstantFolding, DeadNodeElimination, RotaryCachesAtBatch, SkipPadding
+
+    from .ir import OnnxIR
     model = OnnxModel.from_proto(proto)
-    skip = [SkipPadding([padding_feeds])] if padding_feeds is not None else []
-    rotary = [RotaryCachesAtBatch()] if model.opset >= RotaryCachesAtBatch.min_opset else []
-    for p in (*rotary, ConstantFolding(), QuantizeToUint8(), *skip, DeadNodeElimination()):
-        p.run(model)
-    model.graph.toposort()
-    return model.to_proto()
+    passes: list[Any] = [RotaryCachesAtBatch()] if model.opset >= RotaryCachesAtBatch.min_opset else []
+    passes += [ConstantFolding(), *([SkipPadding([feeds])] if skip_padding else []), DeadNodeElimination()]
+    ir = OnnxIR()
+    inputs = [((), feeds)]
+    manager = PassManager(passes, ir, level=1, measure_latency=False, progress=False)
+    optimized, records = manager.run(model, inputs, ir.run(model, inputs))
+    if report is not None and hasattr(report, "meta"):
+        report.meta["export_passes"] = [{"name": r.name, "modified": r.modified, "rolled_back": r.rolled_back,
+                                         "code": r.code, "reason": r.reason, "matches": r.matches,
+                                         "nodes": r.nodes} for r in records.records]
+    optimized.graph.toposort()
+    return optimized.to_proto()
 
 
 def _feeds(proto: onnx.ModelProto, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:

@@ -46,10 +46,11 @@ from typing import Any, Callable, Iterable
 import torch
 
 from graphopt.errors import InputError, OptionError
+from graphopt.schemes import NAMES
 
 from .observers import OBSERVERS, WEIGHT_OBSERVERS, default_weight_bits
 
-SCHEMES = ("int8-dynamic", "int8-static", "int8-weight-only", "int4-weight-only")
+SCHEMES = NAMES
 WEIGHT_ONLY = ("int8-weight-only", "int4-weight-only")
 GROUP_SIZES = (32, 64, 128)
 HEAD_POLICIES = ("int8", "float", "int4")

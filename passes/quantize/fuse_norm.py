@@ -13,10 +13,10 @@ therefore declares a budget (cosine ≥ 0.9999 against the graph before it)
 instead of claiming to be lossless.
 
 Rejections (reason codes):
-    not-cuda        the graph runs on the CPU: there the fused op is the same two
+    DEVICE          the graph runs on the CPU: there the fused op is the same two
                     torch ops (no memory saved), so the graph is left as it is
-    not-last-dim    the LayerNorm normalizes more than the last dimension
-    taken           another quantize of the same LayerNorm output was fused already
+    WRONG_AXIS      the LayerNorm normalizes more than the last dimension
+    ALREADY_DONE    another quantize of the same LayerNorm output was fused already
 """
 from __future__ import annotations
 
@@ -27,18 +27,17 @@ import torch.fx as fx
 
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.*)
 from graphopt import ir
-from graphopt.pass_manager import PassResult, RewriteLog
+from graphopt.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.rules import Reason, Reject
 from graphopt.verify import Budget
 
 aten = torch.ops.aten
 PATTERN = "layer_norm → quantize_per_token"
 
 
-class FuseLayerNormQuantize:
+class FuseLayerNormQuantize(Pass):
     name = "fuse_layer_norm_quantize"
     level = 2
-    requires: tuple[str, ...] = ()
-    fixed_point = False
     budget = Budget(min_cosine=0.9999)   # last-bit differences of y flip codes next to a boundary (docstring)
 
     def __init__(self, devices: tuple[str, ...] = ("cuda",)) -> None:
@@ -61,8 +60,8 @@ class FuseLayerNormQuantize:
 
 
 def _layer_norm_feeding(quantize: fx.Node, fused: set[fx.Node],
-                        devices: tuple[str, ...]) -> tuple[fx.Node | None, str | None]:
-    """The aten.layer_norm whose output (maybe reshaped to 2-D) quantize reads, or (None, reason code);
+                        devices: tuple[str, ...]) -> tuple[fx.Node | None, Reject | None]:
+    """The aten.layer_norm whose output (maybe reshaped to 2-D) quantize reads, or (None, why not);
     (None, None) when quantize's input is not a LayerNorm at all."""
     x2 = quantize.args[0]
     norm = x2.args[0] if ir.is_op(x2, aten.reshape, aten.view) else x2
@@ -70,11 +69,11 @@ def _layer_norm_feeding(quantize: fx.Node, fused: set[fx.Node],
         return None, None
     value = ir.val(norm)
     if not isinstance(value, torch.Tensor) or value.device.type not in devices:
-        return None, "not-cuda"
+        return None, Reject(Reason.DEVICE, f"on {getattr(value, 'device', '?')}: the fused kernel is a CUDA kernel")
     if len(norm.args[1]) != 1:
-        return None, "not-last-dim"
+        return None, Reject(Reason.WRONG_AXIS, "normalizes more than the last dimension")
     if norm in fused:
-        return None, "taken"
+        return None, Reject(Reason.ALREADY_DONE, "this LayerNorm is fused with another quantize already")
     return norm, None
 
 

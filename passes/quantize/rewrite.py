@@ -23,9 +23,11 @@ M is read from the graph with `sym_size`, so a dynamic batch stays dynamic.
 The int8 weight and its scales are buffers (int8 bytes: the module shrinks
 ~4×) and survive `state_dict()`. Layers that cannot or should not run int8
 stay float with their reason in the report (with a speed check, also a layer
-whose int8 form is measurably slower on this target: layer_speed.py); convolutions stay float in torch
-(there is no int8 convolution kernel for CPU in torch) and are marked
-(`node.meta["graphopt_int8"]`) for QDQ quantization in the ONNX export.
+whose int8 form is measurably slower on this target: layer_speed.py); convolutions stay float,
+in torch (no int8 convolution kernel for CPU) and in the ONNX export (ONNX
+Runtime ran ConvInteger ~40× and DequantizeLinear → Conv ~18× slower than a
+float Conv on this CPU: `graphopt.passes.onnx.quantize.CONV_REASON`);
+`optimize_onnx`'s int8-static quantizes them with calibrated QDQ.
 """
 from __future__ import annotations
 
@@ -39,7 +41,9 @@ import torch.fx as fx
 
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.*)
 from graphopt import ir
-from graphopt.pass_manager import PassResult, RewriteLog
+from graphopt.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.rules import Reason, Reject
+from graphopt.schemes import Scheme
 from graphopt.verify import Budget
 
 from . import fallback, layer_speed
@@ -47,11 +51,10 @@ from .calibrate import as_inputs, calibrate, layer_name, run_batches
 from .config import DEFAULT_MIN_COSINE, DEFAULT_MIN_COSINE_INT4, QuantConfig
 from .int4 import Int4Plan, awq_scale, collect_rows, output_head, quantize_int4, quantized_bytes
 from .observers import QMAX, WEIGHT_QMAX, make_observer, quantize_weight
-from .sites import Site, find_convolutions, find_sites
+from .sites import Site, find_sites
 
 aten = torch.ops.aten
 ACTIVATIONS = {aten.relu: "relu", aten.silu: "silu"}   # gelu: by its `approximate` argument
-CONV_REASON = "no int8 convolution kernel in torch on CPU: float in torch, marked for QDQ int8 in the ONNX export"
 
 
 def budget_for(config: QuantConfig) -> Budget:
@@ -66,14 +69,12 @@ def budget_for(config: QuantConfig) -> Budget:
     return Budget()                # the user's metric is enforced by the fallback, on the user's data
 
 
-class QuantizeLinears:
+class QuantizeLinears(Pass):
     level = 2
-    requires: tuple[str, ...] = ()
-    fixed_point = False
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
-        self.name = config.scheme.replace("-", "_")          # int8_dynamic | int8_static | int8_weight_only
+        self.name = Scheme(config.scheme).pass_name          # int8_dynamic | int8_static | int8_weight_only
         self.budget = budget_for(config)
 
     def run(self, gm: fx.GraphModule) -> PassResult:
@@ -120,18 +121,18 @@ class QuantizeLinears:
                 bytes_after += quantized_bytes(form, n, k, config.group_size)
                 log.matched(f"{row['op']} → int8")
             else:
-                reason = site.reason or slower.get(site.node.name) or (
-                    "output head kept float (quantize_options['head'])"
-                    if config.scheme == "int4-weight-only" and site.node.name not in scales else
-                    "fell back to float: most sensitive layer, the accuracy budget needs it")
-                row.update(scheme="float", runs="torch float", reason=reason)
+                reason = Reject(Reason.NOT_ELIGIBLE, site.reason) if site.reason else \
+                    Reject(Reason.SLOWER, slower[site.node.name]) if site.node.name in slower else \
+                    Reject(Reason.NOT_ELIGIBLE, "output head kept float (quantize_options['head'])") \
+                    if config.scheme == "int4-weight-only" and site.node.name not in scales else \
+                    Reject(Reason.ACCURACY, "fell back to float: most sensitive layer, the accuracy budget needs it")
+                row.update(scheme="float", runs="torch float", reason=reason.message)
                 bytes_after += float_bytes
                 log.rejected(row["op"], site.node, reason)
             if selection is not None and site.node.name in selection.sensitivity:
                 row.update(sensitivity=selection.sensitivity[site.node.name],
                            error_share=selection.share[site.node.name])
             layers.append(row)
-        layers += self._mark_convolutions(gm, batches)
         ir.drop_unused_attributes(gm)
         stats: dict[str, Any] = {"layers": layers, "scheme": config.scheme,
                                  "weight_bytes": {"before": bytes_before, "after": bytes_after}}
@@ -173,23 +174,6 @@ class QuantizeLinears:
             c, alpha, _, _ = awq_scale(site.weight(gm), x_rows, config.group_size)
             plans[site.node.name] = Int4Plan("int4", None if alpha == 0 else c, alpha)
         return plans
-
-    def _mark_convolutions(self, gm: fx.GraphModule, batches: list) -> list[dict[str, Any]]:
-        convs = find_convolutions(gm)
-        scales = {}
-        if convs and self.config.scheme == "int8-static":
-            observers = {c.name: make_observer(self.config.observer, self.config.percentile,
-                                               self.config.averaging_constant) for c in convs}
-            calibrate(gm, batches, {c.args[0].name: [observers[c.name].observe] for c in convs},
-                      self.config.progress, desc="int8 calibration (convolutions)")
-            scales = {name: float(o.scale()) for name, o in observers.items()}
-        rows = []
-        for conv in convs:
-            conv.meta["graphopt_int8"] = {"scheme": self.config.scheme, "x_scale": scales.get(conv.name)}
-            rows.append({"layer": layer_name(gm, conv), "op": ir.overload_packet(conv.target).__name__,
-                         "scheme": "float in torch", "runs": "torch float; ONNX export: QDQ int8",
-                         "reason": CONV_REASON})
-        return rows
 
 
 def quantized_copy(gm: fx.GraphModule, names: Sequence[str], config: QuantConfig,
