@@ -13,11 +13,13 @@ from .activation import RecognizeActivations
 from .algebraic import AlgebraicCleanup
 from .attention import RecognizeAttention
 from .batchnorm import FoldBatchNorm
+from .grouped_query import GroupedQueryAttention
 from .horizontal_gemm import MergeParallelGemms
 from .normalization import RecognizeNormalization
 
 
 def passes() -> list[Any]:
     """The fusion passes, in the order they run."""
-    return [RecognizeActivations(), RecognizeNormalization(), RecognizeAttention(), AlgebraicCleanup(),
+    return [RecognizeActivations(), RecognizeNormalization(), RecognizeAttention(), GroupedQueryAttention(),
+            AlgebraicCleanup(),
             FoldBatchNorm(), MergeParallelGemms()]
