@@ -44,6 +44,7 @@ def capture_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     work = shared_eval_copy(model)
     spec = _cache_spec(work, keyword, input_ids, max_cache_len)
     step = DecoderStep(work, mask_kind, keyword)
+    input_ids, attention_mask = _at_least_two(input_ids, attention_mask)
     example = prefill_inputs(input_ids, attention_mask, spec)
     batch, query = Dim.AUTO, Dim("query", min=1, max=max_cache_len)
     shapes = ({0: batch, 1: query}, {0: batch, 1: query}, {0: query}, {0: batch},
@@ -58,6 +59,17 @@ def capture_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     module = fx.GraphModule(unlifted, unlifted.graph)
     module.meta.update(getattr(unlifted, "meta", {}))
     return CapturedDecoder(module.eval(), step, spec, example)
+
+
+def _at_least_two(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The example with batch and length ≥ 2 (rows and tokens repeated): torch.export specialises a dimension
+    whose example size is 1, and the graph must take any batch and both q = S and q = 1."""
+    for dim in (0, 1):
+        if input_ids.shape[dim] == 1:
+            input_ids = input_ids.repeat_interleave(2, dim)
+            attention_mask = attention_mask.repeat_interleave(2, dim) if attention_mask is not None else None
+    return input_ids, attention_mask
 
 
 def _cache_spec(model: torch.nn.Module, keyword: str, input_ids: torch.Tensor, max_cache_len: int) -> CacheSpec:
