@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
 
+from graphopt import ir
 from graphopt.config import Options
 from graphopt.errors import InputError, OptionError
 from graphopt.pass_manager import FxIR, PassManager
@@ -39,10 +39,7 @@ class SharedTensorsFxIR(FxIR):
     """FxIR whose per-pass copy shares the parameters and buffers (the graph and modules are copied)."""
 
     def copy(self, module: fx.GraphModule) -> fx.GraphModule:
-        memo: dict[int, object] = {id(t): t for t in (*module.parameters(), *module.buffers())}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return copy.deepcopy(module, memo)
+        return ir.copy_sharing_tensors(module)
 
 
 class GenerationModule(torch.nn.Module):
