@@ -140,7 +140,8 @@ def optimize(model: torch.nn.Module, example_inputs: tuple | None = None, *,
     Further options: enable=/disable= (pass names), accuracy_budget=,
     backend=, reproducer_dir=, verify_samples=, measure_latency=, progress=, seed=,
     speed_check= (True: default; False: off; a dict of graphopt.speed.SpeedCheck fields, e.g.
-    {"min_gain": 0.05}), on_record= (called with each pass's PassRecord as it finishes).
+    {"min_gain": 0.05}), on_record= (called with each pass's PassRecord as it finishes),
+    generation=True with max_cache_len= (a causal LM for .generate(): see graphopt.llm).
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"graphopt.optimize takes a torch.nn.Module, got {type(model).__name__}")
@@ -154,6 +155,9 @@ def optimize(model: torch.nn.Module, example_inputs: tuple | None = None, *,
         raise InputError(f"example_kwargs must be a dict, got {type(example_kwargs).__name__}")
     parsed = parse_options(level=level, quantize=quantize, prune=prune,
                            calibration_data=calibration_data, verify=verify, **options)
+    if parsed.generation:   # a causal LM for generate(): graphopt/llm
+        from .llm import optimize_for_generation
+        return optimize_for_generation(model, example_inputs, example_kwargs, parsed)
     opt = OptimizedModule(model, parsed)
     if example_inputs is not None or example_kwargs is not None:
         opt._optimize(tuple(example_inputs or ()), dict(example_kwargs or {}))

@@ -96,6 +96,9 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         raise InputError(f"export_onnx takes the module graphopt.optimize returned (or any torch.nn.Module), "
                          f"got {type(opt).__name__}")
     kwargs = dict(example_kwargs or {})
+    if hasattr(opt, "decoder_inputs"):   # a generation module (graphopt.llm): the decoder step with its KV cache
+        example_inputs, kwargs = opt.decoder_inputs(example_inputs, kwargs), {}
+        skip_padding = False             # its attention_mask spans the cache: no padded rows to skip
     path = check_destination(None, path)
     module, scheme = _exportable(opt, example_inputs, kwargs)
     with torch.no_grad():
