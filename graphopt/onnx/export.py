@@ -303,9 +303,12 @@ def _name_dynamic_axes(proto: onnx.ModelProto, args: tuple, kwargs: dict,
 
 def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding: bool,
              report: Any = None) -> onnx.ModelProto:
-    """The export's graph passes, run by the pass manager (each verified on the example feeds, rolled back
-    if it changes the outputs, recorded): rotary caches at the batch (opset 23), constant folding under the
-    size guard, padding skipped (exact, checked on random masks), dead nodes and unused initializers.
+    """The export's graph passes, run by the pass manager: first what makes the file runnable at all (rotary
+    caches at the batch, opset 23: ONNX Runtime refuses the exporter's form, so that graph has no outputs to
+    verify against; the export's final comparison with the torch module checks it), then the cleanups, each
+    verified on the example feeds against the runnable graph, rolled back if it changes the outputs, and
+    recorded: constant folding under the size guard, padding skipped (exact, checked on random masks), dead
+    nodes and unused initializers.
 
     The records go to `report.meta["export_passes"]` when a report is given (the optimized module's)."""
     from graphopt.pass_manager import PassManager
@@ -313,16 +316,21 @@ def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding:
 
     from .ir import OnnxIR
     model = OnnxModel.from_proto(proto)
-    passes: list[Any] = [RotaryCachesAtBatch()] if model.opset >= RotaryCachesAtBatch.min_opset else []
-    passes += [ConstantFolding(), *([SkipPadding([feeds])] if skip_padding else []), DeadNodeElimination()]
-    ir = OnnxIR()
-    inputs = [((), feeds)]
+    ir, inputs = OnnxIR(), [((), feeds)]
+    records = []
+    if model.opset >= RotaryCachesAtBatch.min_opset:
+        fixes = PassManager([RotaryCachesAtBatch()], ir, level=1, verify=False, measure_latency=False,
+                            progress=False)
+        model, fixed = fixes.run(model, inputs, None)
+        records += fixed.records
+    passes = [ConstantFolding(), *([SkipPadding([feeds])] if skip_padding else []), DeadNodeElimination()]
     manager = PassManager(passes, ir, level=1, measure_latency=False, progress=False)
-    optimized, records = manager.run(model, inputs, ir.run(model, inputs))
+    optimized, cleaned = manager.run(model, inputs, ir.run(model, inputs))
+    records += cleaned.records
     if report is not None and hasattr(report, "meta"):
         report.meta["export_passes"] = [{"name": r.name, "modified": r.modified, "rolled_back": r.rolled_back,
                                          "code": r.code, "reason": r.reason, "matches": r.matches,
-                                         "nodes": r.nodes} for r in records.records]
+                                         "nodes": r.nodes} for r in records]
     optimized.graph.toposort()
     return optimized.to_proto()
 
