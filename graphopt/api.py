@@ -43,13 +43,19 @@ class OptimizedModule(torch.nn.Module):
             speed_check=options.speed_check, on_record=options.on_record)
         self.graph_module: fx.GraphModule | None = None
         self.report = Report()
-        self._pending = [model]   # a list, so the original is not registered as a submodule
+        self._pending = [model]   # lists, so the original is not registered as a submodule
+        self._original: list[torch.nn.Module | None] = [None]
         self._in_spec: pytree.TreeSpec | None = None
         self._runner: Any = None   # the torch.compile'd graph when options.backend == "inductor"
 
     @property
     def captured(self) -> bool:
         return self.graph_module is not None
+
+    @property
+    def original(self) -> torch.nn.Module | None:
+        """The model as given (in eval mode), once captured: what the export's speed check compares with."""
+        return self._original[0]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.graph_module is None:
@@ -87,7 +93,7 @@ class OptimizedModule(torch.nn.Module):
             self._runner = _never_slower_than_the_model(captured.original, gm, args, kwargs, options, report)
         report.meta["total_s"] = time.perf_counter() - start
         self._in_spec = pytree.tree_structure((args, kwargs))
-        self._pending = [None]
+        self._pending, self._original = [None], [captured.original]
 
     def _check_structure(self, args: tuple, kwargs: dict) -> None:
         spec = pytree.tree_structure((args, kwargs))
