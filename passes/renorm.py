@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from graphopt import ir
 
-from .fusion.batchnorm import FoldBatchNorm
+from .fusion.batchnorm import FoldBatchNormRule
+from .rules import Match
 
 aten = torch.ops.aten
 
@@ -113,9 +114,14 @@ def insert_norms(gm: fx.GraphModule, inputs: Sequence[tuple[tuple, dict]]) -> li
     return sites
 
 
+def _delete_attr(gm: fx.GraphModule, target: str) -> None:
+    owner, _, attr = target.rpartition(".")
+    delattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
 def fold_norms(gm: fx.GraphModule, sites: list[tuple[fx.Node, str]]) -> None:
     """Fold each TrainNorm (running statistics) into its convolution and remove it from the graph."""
-    fold = FoldBatchNorm()
+    fold = FoldBatchNormRule()
     for conv, name in sites:
         norm = gm.get_submodule(name)
         (call,) = [u for u in conv.users if u.op == "call_module" and u.target == name]
@@ -127,15 +133,25 @@ def fold_norms(gm: fx.GraphModule, sites: list[tuple[fx.Node, str]]) -> None:
         call.replace_all_uses_with(bn)
         gm.graph.erase_node(call)
         replaced = [a for a in conv.args[1:3] if isinstance(a, fx.Node)]
-        outcome = fold.rewrite(gm, bn)
-        if isinstance(outcome, str) or outcome is None:   # renorm_sites chose convs the fold accepts
+        outcome = fold.apply(gm, bn)
+        if not isinstance(outcome, Match):   # renorm_sites chose convs the fold accepts
             raise RuntimeError(f"finetune could not fold {name} back into {conv.name}: {outcome}")
+        old_names = [str(node.target) for node in replaced]
         ir.erase_unused(gm.graph, [*outcome.dead, *stats, *replaced])
         read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-        for node in replaced:
-            if str(node.target) not in read:
-                owner, _, attr = str(node.target).rpartition(".")
-                delattr(gm.get_submodule(owner) if owner else gm, attr)
+        for target in old_names:
+            if target not in read:
+                _delete_attr(gm, target)
+        folded = [a for a in conv.args[1:3] if isinstance(a, fx.Node) and a.op == "get_attr"]   # the fold rewrote conv in place
+        for node, target in zip(folded, old_names):   # the folded values keep the names the graph had
+            if target not in read and len(node.users) == 1:
+                value = ir.get_attr_value(gm, node)
+                _delete_attr(gm, str(node.target))
+                owner, _, attr = target.rpartition(".")
+                (gm.get_submodule(owner) if owner else gm).register_buffer(attr, value) \
+                    if not isinstance(value, torch.nn.Parameter) else \
+                    (gm.get_submodule(owner) if owner else gm).register_parameter(attr, value)
+                node.target = target
         delattr(gm, name)
     if sites:
         gm.recompile()
