@@ -96,7 +96,7 @@ def _table(rows: list[dict[str, Any]], best: int | None) -> str:
 
 
 def _pareto_plot(result: Any) -> str | None:
-    from .tune import pareto
+    from .tuner import pareto
     done = [r for r in result.trials if r["state"] == "complete" and r["latency_ratio"] is not None]
     if not done:
         return None

@@ -12,8 +12,10 @@ import graphopt
 from graphopt.cli import main as cli
 from tests.tune_models import agreement, mlp, quick
 
-#: A small space over the MLP: lossless, int8 (three schemes, float fallbacks) and float pruning.
-MLP_SPACE = {"prune_options.sensitivity": [False], "finetune.epochs": None}
+#: A narrow space over the MLP (lossless or int8, two schemes): trials are real optimize runs (~1-2 s each on
+#: 2 cores), and repeats of a config reuse its result, so the tests stay fast.
+MLP_SPACE = {"level": ["O1", "O2"], "quantize": ["int8-dynamic", "int8-weight-only"],
+             "float.fc1": None, "float.fc2": None, "float.out": None}
 
 
 def test_digits_tune_finds_a_config_within_budget_faster_than_o1():
@@ -89,11 +91,11 @@ def test_a_raising_trial_is_recorded_as_failed_and_the_search_goes_on():
     assert result.best is not None and result.best_trial != 1
 
 
-@settings(max_examples=4)
+@settings(max_examples=3)
 @given(budget=st.sampled_from([0.0, 0.4, 2.0, 10.0]), seed=st.integers(0, 3))
 def test_the_returned_model_respects_the_budget(budget, seed):
     model, example = mlp()
-    space = {**MLP_SPACE, "level": ["O1", "O2", "O3"]}
+    space = {**MLP_SPACE, "float.fc2": [False, True]}
     result = graphopt.tune(model, example, evaluate=agreement, accuracy_budget=budget, trials=3, seed=seed,
                            search_space=space, speed_check=quick(), progress=False)
     assert result.best is not None   # the O1 trial is lossless: always within budget
@@ -122,13 +124,14 @@ def test_bad_options_are_clear_errors():
 
 
 def test_cli_tune_on_onnxruntime_then_optimize_with_the_config(tmp_path, capsys):
-    models = "tests/tune_models.py"
+    (tmp_path / "models.py").write_text("from tests.tune_models import agreement, mlp\n")
+    models = str(tmp_path / "models.py")
     best, report = tmp_path / "best.json", tmp_path / "tune.html"
-    args = ["tune", f"{models}:mlp", "--eval", f"{models}:agreement", "--budget", "2", "--trials", "3",
+    args = ["tune", f"{models}:mlp", "--eval", f"{models}:agreement", "--budget", "2", "--trials", "2",
             "--target", "onnxruntime", "-o", str(best), "--report", str(report)]
     assert cli(args) == 0
     err = capsys.readouterr().err
-    assert err.count("trial ") >= 3 and "best so far" in err
+    assert err.count("best so far") == 2
     saved = json.loads(best.read_text())
     assert saved["target"] == "onnxruntime" and saved["optimize"]["level"] in ("O1", "O2", "O3")
     assert (tmp_path / "best.tune.db").exists()   # the study, beside the output

@@ -48,7 +48,7 @@ from . import recipe
 from .errors import InputError, OptionError
 from .speed import SpeedCheck, parse_speed_check
 from .tune_space import Sampler, default_space, merge
-from .tune_target import Target
+from .tune_target import TARGETS, Target
 
 OBJECTIVES = {"latency": "minimize", "size": "minimize", "fidelity": "maximize"}
 HEARTBEAT_S = 60
@@ -67,7 +67,14 @@ class TuneResult:
     accuracy_budget: float
     target: str
     best_trial: int | None = None
-    importance: dict[str, float] = field(default_factory=dict)
+    _importance: dict[str, float] | None = field(default=None, repr=False)
+
+    @property
+    def importance(self) -> dict[str, float]:
+        """Optuna's parameter importance for the latency ratio (computed on first use; {} with too few trials)."""
+        if self._importance is None:
+            self._importance = importance(self.study)
+        return self._importance
 
     @property
     def best_row(self) -> dict[str, Any] | None:
@@ -122,20 +129,22 @@ def tune(model: torch.nn.Module, example_inputs: tuple | None = None, *, evaluat
     train = list(train_data) if train_data is not None else None
     say = _printer(progress)
 
-    reference = _score(evaluate, model, "the original model")
-    runtime = Target(target, model, example_inputs, example_kwargs, checker)
+    if target not in TARGETS:
+        raise OptionError(f"target={target!r}: choose one of {', '.join(TARGETS)}")
     space = merge(default_space(model), search_space)
-    sampler = Sampler(space, has_calibration=bool(calibration), has_train=bool(train), backend=runtime.backend)
+    reference = _score(evaluate, model, "the original model")
     study = _study(storage, study_name, objectives, seed, trials, accuracy_budget, reference, target)
     if isinstance(space.get("level"), list) and len(space["level"]) > 1 and "O1" in space["level"] \
             and not study.trials:
         study.enqueue_trial({"level": "O1"}, skip_if_exists=True)
+    runtime = Target(target, model, example_inputs, example_kwargs, checker)
+    sampler = Sampler(space, has_calibration=bool(calibration), has_train=bool(train), backend=runtime.backend)
     state = _Run(model, example_inputs, example_kwargs, evaluate, accuracy_budget, reference, objectives, sampler,
                  runtime, calibration, train, say)
     try:
-        done = len(study.trials)
-        if done < trials:
-            say(f"study {study.study_name!r}: {done} trial(s) so far, running up to {trials}; original scores "
+        if len(study.trials) < trials or any(t.state.name == "WAITING" for t in study.trials):
+            finished = sum(t.state.is_finished() for t in study.trials)
+            say(f"study {study.study_name!r}: {finished} trial(s) so far, running up to {trials}; original scores "
                 f"{reference:.4g}, budget {accuracy_budget:g} (floor {reference - accuracy_budget:.4g}), "
                 f"target {target}")
             study.optimize(state.objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
@@ -251,6 +260,9 @@ class _Run:
             config, finetune = self.sampler.sample(trial)
             trial.set_user_attr("config", config)
             trial.set_user_attr("finetune", finetune)
+            earlier = _same_config(trial, config, finetune)
+            if earlier is not None:
+                return self._reuse(trial, earlier)
             module = self.build(config, finetune, self._epoch_hook(trial, finetune))
             score = _score(self.evaluate, module, f"trial {trial.number}")
             drop = self.reference - score
@@ -273,6 +285,18 @@ class _Run:
             self.best = (timing.ratio, trial.number, module)
         values = {"latency": timing.ratio, "size": float(timing.size_bytes), "fidelity": score}
         return tuple(values[o] for o in self.objectives)
+
+    def _reuse(self, trial: optuna.Trial, earlier: optuna.trial.FrozenTrial) -> tuple[float, ...]:
+        """A config measured before (the conditional space makes repeats likely, e.g. O1): its result, not a rerun."""
+        for key, value in earlier.user_attrs.items():
+            if key not in ("worker", "wall_s", "note"):
+                trial.set_user_attr(key, value)
+        note = f"same config as trial {earlier.number}: its result reused"
+        if earlier.state == optuna.trial.TrialState.PRUNED:
+            trial.set_user_attr("note", f"{note} ({earlier.user_attrs.get('note', 'pruned')})")
+            raise optuna.TrialPruned(trial.user_attrs["note"])
+        trial.set_user_attr("note", note)
+        return tuple(earlier.values)
 
     def _epoch_hook(self, trial: Any, finetune: dict[str, Any] | None) -> Callable[[int, Any], None] | None:
         if not finetune:
@@ -303,7 +327,8 @@ class _Run:
         head = f"trial {trial.number:>3}  {describe_config(attrs.get('config'), attrs.get('finetune')):<44}"
         if trial.state.name == "COMPLETE":
             line = (f"{head} score {attrs['score']:.4g} ({-attrs['drop']:+.3g})  latency {attrs['latency_ratio']:.3f}× "
-                    f"of original ({attrs['verdict']})  {attrs['size_bytes'] / 1024:.0f} KiB  kept")
+                    f"of original ({attrs['verdict']})  {attrs['size_bytes'] / 1024:.0f} KiB  kept"
+                    + (f" ({attrs['note']})" if attrs.get("note") else ""))
         elif trial.state.name == "PRUNED":
             line = f"{head} pruned: {attrs.get('note', '')}"
         else:
@@ -329,7 +354,15 @@ class _Run:
                                   f"over budget (it scored {best.user_attrs['score']:.4g} when measured): is "
                                   "evaluate deterministic?")
         return TuneResult(module, config, finetune, pareto(rows), rows, study, self.reference, self.budget,
-                          self.runtime.name, best.number if best is not None else None, importance(study))
+                          self.runtime.name, best.number if best is not None else None)
+
+
+def _same_config(trial: optuna.Trial, config: dict[str, Any], finetune: dict[str, Any] | None) -> Any:
+    """The first finished trial of the study with this config and fine-tune, or None."""
+    done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                          optuna.trial.TrialState.PRUNED))
+    return next((t for t in done if t.user_attrs.get("config") == config and t.user_attrs.get("finetune") == finetune
+                 and "reused" not in t.user_attrs.get("note", "")), None)
 
 
 def _best_trial(trials: list[Any]) -> Any:
@@ -359,13 +392,14 @@ def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def importance(study: Any) -> dict[str, float]:
-    """Optuna's parameter importance (fANOVA) for the latency ratio over completed trials; {} when too few."""
+    """Optuna's parameter importance (its default evaluator) for the latency ratio over completed trials;
+    {} when fewer than three trials completed or they share no parameter."""
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.params]
     if len(done) < 3:
         return {}
-    try:
-        return dict(optuna.importance.get_param_importances(
-            study, target=lambda t: t.user_attrs["latency_ratio"]))
-    except (RuntimeError, ValueError, ZeroDivisionError) as exc:   # a space with no parameter common to the trials
-        warnings.warn(f"graphopt.tune: no parameter importance ({exc})")
-        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "few trials in some regime": the report says how many trials there are
+        try:
+            return dict(optuna.importance.get_param_importances(study, target=lambda t: t.user_attrs["latency_ratio"]))
+        except (RuntimeError, ValueError, ZeroDivisionError):   # no parameter common to the completed trials
+            return {}
