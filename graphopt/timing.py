@@ -77,8 +77,10 @@ class Interleaved:
 
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 20, warmup: int = 2,
-                        max_seconds: float = 60.0) -> Interleaved:
-    """Time each of `fns` once per round, rotating the order, so drift on a busy machine hits all alike."""
+                        max_seconds: float = 60.0, clock: Callable[[], float] = time.perf_counter) -> Interleaved:
+    """Time each of `fns` once per round, rotating the order, so drift on a busy machine hits all alike.
+    `clock`: wall time by default; `time.process_time` measures the CPU time this process spent instead
+    (with one torch thread, other processes' load on the cores then barely reaches the samples)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -90,7 +92,7 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 20, 
             break
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     return Interleaved(samples)

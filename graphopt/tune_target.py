@@ -45,17 +45,23 @@ class Target:
         if name not in TARGETS:
             raise OptionError(f"target={name!r}: choose one of {', '.join(TARGETS)}")
         self.name, self.args, self.kwargs, self.speed_check = name, example_inputs, dict(example_kwargs or {}), speed_check
+        self.model = model
         self._directory = tempfile.TemporaryDirectory(prefix="graphopt-tune-")
         self._count = 0
-        if name == "onnxruntime":
-            self.original, self.original_bytes = self._onnx(model)
-        elif name == "inductor":
-            compiled = torch.compile(model)
-            self.original = lambda: compiled(*self.args, **self.kwargs)
-            self.original_bytes = _param_bytes(model)
-        else:
-            self.original = lambda: model(*self.args, **self.kwargs)
-            self.original_bytes = _param_bytes(model)
+        self._original: Callable[[], object] | None = None
+
+    def _baseline(self) -> Callable[[], object]:
+        """The original on the target, built on first use (a resumed, finished study needs none)."""
+        if self._original is None:
+            model = self.model
+            if self.name == "onnxruntime":
+                self._original = self._onnx(model)[0]
+            elif self.name == "inductor":
+                compiled = torch.compile(model)
+                self._original = lambda: compiled(*self.args, **self.kwargs)
+            else:
+                self._original = lambda: model(*self.args, **self.kwargs)
+        return self._original
 
     @property
     def backend(self) -> str | None:
@@ -67,7 +73,7 @@ class Target:
             run, size = self._onnx(module)
         else:
             run, size = (lambda: module(*self.args, **self.kwargs)), _param_bytes(module)
-        verdict: Verdict = self.speed_check.compare(self.original, run)
+        verdict: Verdict = self.speed_check.compare(self._baseline(), run)
         return Timing(verdict.ratio, verdict.low, verdict.high, verdict.after.median_ms, verdict.before.median_ms,
                       verdict.describe(), verdict.after.samples, size)
 

@@ -376,7 +376,8 @@ def _row(trial: Any) -> dict[str, Any]:
             "config": attrs.get("config"), "finetune": attrs.get("finetune"), "params": dict(trial.params),
             "score": attrs.get("score"), "drop": attrs.get("drop"), "latency_ratio": attrs.get("latency_ratio"),
             "latency_ms": attrs.get("latency_ms"), "original_ms": attrs.get("original_ms"),
-            "verdict": attrs.get("verdict"), "size_bytes": attrs.get("size_bytes"), "wall_s": attrs.get("wall_s"),
+            "verdict": attrs.get("verdict"), "rounds": attrs.get("rounds"), "size_bytes": attrs.get("size_bytes"),
+            "wall_s": attrs.get("wall_s"),
             "epoch_drops": attrs.get("epoch_drops"), "note": attrs.get("note")}
 
 
