@@ -182,10 +182,19 @@ def _storage(storage: str | os.PathLike | None) -> Any:
         path = Path(url).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{path}"
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S)
-    except Exception as exc:  # SQLAlchemy's errors: a missing driver, a refused connection, a bad URL
-        raise OptionError(f"storage {_hide_password(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    attempt = 0
+    while True:
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S)
+        except Exception as exc:  # SQLAlchemy's errors: a missing driver, a refused connection, a bad URL
+            attempt += 1
+            if "UniqueViolation" in str(exc) and attempt < 3:
+                # workers starting together on an empty database race to create Optuna's tables: the
+                # loser's CREATE fails on the winner's; the schema exists once the winner commits
+                time.sleep(attempt)
+                continue
+            raise OptionError(f"storage {_hide_password(url)}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0]}") from exc
 
 
 def _hide_password(url: str) -> str:
