@@ -1,5 +1,6 @@
-"""A tuned configuration made into a module: `graphopt.optimize(model, **config)`, then `graphopt.finetune`
-when the configuration fine-tunes. The one code path of `graphopt.tune`'s trials and of
+"""A tuned configuration made into a module: `graphopt.optimize(model, **config)`; when the configuration
+fine-tunes: optimize without int8 (pruning), `graphopt.finetune` from the original as teacher, then the
+config's int8 scheme at O2 on the tuned graph (int8 kernels have no gradient; the demo's order). The one code path of `graphopt.tune`'s trials and of
 `graphopt optimize --config best.json`, so a saved configuration rebuilds the module its trial measured.
 
 The file `graphopt tune` writes (and `--config` reads):
@@ -36,15 +37,22 @@ def build(model: Any, example_inputs: tuple, config: Mapping[str, Any], finetune
     if bad:
         raise OptionError(f"a tuned configuration cannot set {', '.join(bad)}: they are given at build time")
     options = {"measure_latency": False, **run_options, **config}
-    opt = optimize(model, example_inputs, example_kwargs=example_kwargs, calibration_data=calibration_data,
-                   progress=progress, **options)
+    common = {"example_kwargs": example_kwargs, "calibration_data": calibration_data, "progress": progress}
     if not finetune:
-        return opt
+        return optimize(model, example_inputs, **common, **options)
     if train_data is None:
         raise InputError("this configuration fine-tunes: give train_data (or --calibration on the command line, "
                          "used as inputs for distillation from the original)")
     from .finetune import finetune as run_finetune
-    return run_finetune(opt, train_data, teacher=model, progress=progress, on_epoch=on_epoch, **dict(finetune))
+    scheme = options.get("quantize")
+    float_options = {k: v for k, v in options.items() if k != "quantize_options"}
+    opt = optimize(model, example_inputs, **common, **{**float_options, "quantize": None})
+    tuned = run_finetune(opt, train_data, teacher=model, progress=progress, on_epoch=on_epoch, **dict(finetune))
+    if not scheme:
+        return tuned
+    # int8 after the fine-tune, as the demo does (int8 kernels have no gradient): O2 on the tuned graph
+    int8_options = {k: v for k, v in options.items() if k not in ("prune", "prune_options")}
+    return optimize(tuned, example_inputs, **common, **{**int8_options, "level": "O2"})
 
 
 def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
