@@ -165,3 +165,18 @@ def test_cli_tune_on_onnxruntime_then_optimize_with_the_config(tmp_path, capsys)
     got = session(onnx).run(None, {session(onnx).get_inputs()[0].name: example[0].numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
 
+
+
+def test_a_fine_tuned_int8_config_prunes_then_tunes_then_quantizes():
+    from graphopt import ir, recipe
+    model, example = mlp()
+    config = {"level": "O3", "prune": 0.3, "quantize": "int8-dynamic", "prune_options": {"sensitivity": False},
+              "speed_check": False}
+    seen = []
+    built = recipe.build(model, example, config, {"epochs": 2}, train_data=[example[0]] * 2,
+                         on_epoch=lambda epoch, module: seen.append(epoch))
+    assert seen == [1, 2]
+    targets = {str(n.target) for n in built.graph_module.graph.nodes if n.op == "call_function"}
+    assert any("graphopt.int8_linear" in t for t in targets), targets   # int8 after the fine-tune
+    assert ir.param_bytes(built.graph_module) < ir.param_bytes(model) / 2   # pruned and int8
+    assert agreement(built) > 50   # distilled from the original: a working classifier, not noise (10 classes)
