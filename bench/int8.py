@@ -261,8 +261,7 @@ def digits(quick: bool) -> tuple[list[dict], str]:
             rows.append({"model": name, "scheme": scheme + (" (rolled back)" if quant.rolled_back else ""),
                          "test_acc_%": acc, "drop_points": accuracy - acc, "int8_layers": where})
             print(rows[-1], flush=True)
-    notes = ("Convolutions stay float in the torch module (torch has no int8 convolution kernel on CPU); "
-             "they are marked for QDQ int8 in the ONNX export. Goal: drop ≤ 0.3 points. "
+    notes = ("Convolutions stay float (torch has no int8 convolution kernel on CPU). Goal: drop ≤ 0.3 points. "
              f"Test set: {len(y_test)} images (one image = {100 / len(y_test):.2f} points).")
     return rows, notes
 

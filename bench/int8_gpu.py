@@ -75,8 +75,11 @@ def engines(fp16: nn.Module, calibration: list[tuple[torch.Tensor, torch.Tensor]
     out = {"torch fp16 eager": (fp16, "fp16 cuBLAS")}
     configs = {
         "graphopt O1 fp16": dict(level="O1", quantize=None),
-        "graphopt int8-dynamic fp16": dict(level="O2", quantize="int8-dynamic"),
-        "graphopt int8-weight-only fp16": dict(level="O2", quantize="int8-weight-only"),
+        # The speed check times eager calls, where each Triton launch costs tens of microseconds of Python:
+        # it rolls the int8 rewrites back (measured 2026-11-30: int8-weight-only 3.87x slower eagerly).
+        # These rows measure the CUDA-graph replay the int8 modules are meant for, so the check is off.
+        "graphopt int8-dynamic fp16": dict(level="O2", quantize="int8-dynamic", speed_check=False),
+        "graphopt int8-weight-only fp16": dict(level="O2", quantize="int8-weight-only", speed_check=False),
     }
     for name, kwargs in configs.items():
         print(f"optimizing: {name}", flush=True)

@@ -146,7 +146,7 @@ def _other_shape(module: fx.GraphModule, args: tuple, kwargs: dict, notes: list[
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
     shapes = [tuple(v.shape) if isinstance(v := n.meta.get("val"), torch.Tensor) else () for n in placeholders]
     symbols = {sym for shape in shapes for d in shape if not isinstance(d, int) for sym in d.node.expr.free_symbols}
-    example = {sym: int(env.backed_var_to_val[sym]) for sym in symbols}
+    example = {sym: ir.shape_hint(env, sym) for sym in symbols}
     values = {sym: _second_value(value, env.var_to_range.get(sym)) or value for sym, value in example.items()}
     if values == example:
         return None

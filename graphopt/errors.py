@@ -36,3 +36,10 @@ class ExportError(GraphoptError):
 
 class UnsupportedError(GraphoptError, NotImplementedError):
     """A requested capability exists in the API but not (yet) for this model or option."""
+
+
+def first_line(exc: BaseException, limit: int = 400) -> str:
+    """The first non-blank line of `exc`'s message (its type's name when it has none), cut to `limit` characters:
+    what a report or an error message quotes of a library's exception."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]

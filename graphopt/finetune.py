@@ -25,16 +25,12 @@ Deterministic for a given `seed` and data order.
 
 Convolutions train with their BatchNorm back (`renorm`, default "auto": on
 for a captured graph, with or without `qat` (which fake-quantizes linear
-layers only); off for plain modules, which keep their own BatchNorm): at O1+ each BatchNorm is folded into its
-convolution, so without this the student trains with frozen normalization
-statistics that pruning made wrong. For the loop a normalization is put
-after every convolution not already followed by one, initialized to the
-identity (γ = σ, β = μ, running statistics = the conv output's mean and
-variance on up to 8 training batches); it trains with batch statistics like
-any BatchNorm and is folded back at the end (running statistics), so the
-returned graph has the same nodes as before:
-
-    y = γ·(conv(x, W, b) - μ_run)/√(σ²_run + ε) + β  ⇒  conv(x, a·W, a·(b - μ_run) + β),  a = γ/√(σ²_run + ε)
+layers only); off for plain modules, which keep their own BatchNorm): at O1+
+each BatchNorm is folded into its convolution, so without this the student
+trains with frozen normalization statistics that pruning made wrong. The graph
+surgery (a normalization after every convolution, initialized to the identity,
+folded back at the end by the fusion passes' BatchNorm fold) is in
+`passes/renorm.py`; the returned graph has the same nodes as before.
 
 Digits ResNet pruned to a quarter of its FLOPs, 3 epochs: 97.7% without,
 the unpruned model's accuracy or better with it (bench/results/pruning.md).
@@ -56,121 +52,9 @@ import torch.utils._pytree as pytree
 
 from . import qat as graphopt_qat
 from .errors import InputError, OptionError, UnsupportedError
+from .passes.renorm import RENORM_BATCHES, fold_norms, insert_norms
 
 DISTILL = ("auto", "kl", "mse")
-CONVS = (torch.ops.aten.conv1d, torch.ops.aten.conv2d, torch.ops.aten.conv3d)
-NORMS = (torch.ops.aten.batch_norm, torch.ops.aten._native_batch_norm_legit_no_training,
-         torch.ops.aten._native_batch_norm_legit, torch.ops.aten.native_batch_norm)
-RENORM_BATCHES = 8   # training batches that give the identity initialization of each normalization
-
-
-class TrainNorm(torch.nn.Module):
-    """BatchNorm over dim 1 of a conv output, for the fine-tune loop; `calibrating` records statistics."""
-
-    def __init__(self, channels: int, like: torch.Tensor, eps: float = 1e-5, momentum: float = 0.1) -> None:
-        super().__init__()
-        self.eps, self.momentum, self.calibrating = eps, momentum, False
-        self.weight = torch.nn.Parameter(like.new_ones(channels))
-        self.bias = torch.nn.Parameter(like.new_zeros(channels))
-        self.register_buffer("running_mean", like.new_zeros(channels))
-        self.register_buffer("running_var", like.new_ones(channels))
-        self.sums: list[Any] = [0, 0.0, 0.0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calibrating:
-            t = x.detach().double().movedim(1, 0).reshape(x.shape[1], -1)
-            self.sums = [self.sums[0] + t.shape[1], self.sums[1] + t.sum(1), self.sums[2] + t.pow(2).sum(1)]
-            return x
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
-                            self.momentum, self.eps)
-
-    def start(self) -> None:
-        """γ = σ, β = μ, running statistics = (μ, σ²): the identity in eval mode."""
-        count, s, s2 = self.sums
-        mean = s / count if count else torch.zeros_like(self.running_mean, dtype=torch.float64)
-        var = (s2 / count - mean.pow(2)).clamp_min(0) if count else torch.ones_like(mean)
-        with torch.no_grad():
-            self.running_mean.copy_(mean)
-            self.running_var.copy_(var)
-            self.weight.copy_((var + self.eps).sqrt())
-            self.bias.copy_(mean)
-        self.calibrating, self.sums = False, [0, 0.0, 0.0]
-
-
-def _attr(module: torch.nn.Module, target: str) -> torch.Tensor:
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _renorm_sites(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """Convolutions with their own weight and bias attributes, not followed by a normalization."""
-    from . import ir
-    sites = []
-    for node in gm.graph.nodes:
-        if not ir.is_op(node, *CONVS):
-            continue
-        tensors = [a for a in node.args[1:3] if a is not None]
-        if not all(isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1 for a in tensors):
-            continue
-        if any(ir.is_op(user, *NORMS) for user in node.users):
-            continue
-        sites.append(node)
-    return sites
-
-
-def insert_norms(gm: torch.fx.GraphModule, batches: list[Any]) -> list[tuple[torch.fx.Node, str]]:
-    """A TrainNorm after every renorm site, initialized to the identity on `batches`; returns (conv, name)."""
-    sites = []
-    for i, node in enumerate(_renorm_sites(gm)):
-        weight = _attr(gm, str(node.args[1].target))
-        name = f"_finetune_norm_{i}"
-        gm.add_module(name, TrainNorm(weight.shape[0], weight.detach()).train(gm.training))
-        with gm.graph.inserting_after(node):
-            norm = gm.graph.call_module(name, (node,))
-        node.replace_all_uses_with(norm, delete_user_cb=lambda user: user is not norm)
-        norm.meta["val"] = node.meta.get("val")
-        sites.append((node, name))
-    if not sites:
-        return sites
-    gm.recompile()
-    norms = [gm.get_submodule(name) for _, name in sites]
-    for norm in norms:
-        norm.calibrating = True
-    with torch.no_grad():
-        for item in batches[:RENORM_BATCHES]:
-            args, kwargs, _ = _split(item)
-            gm(*args, **kwargs)
-    for norm in norms:
-        norm.start()
-    return sites
-
-
-def fold_norms(gm: torch.fx.GraphModule, sites: list[tuple[torch.fx.Node, str]]) -> None:
-    """Fold each TrainNorm (running statistics) into its convolution and remove it from the graph."""
-    for conv, name in sites:
-        norm = gm.get_submodule(name)
-        (call,) = [u for u in conv.users if u.op == "call_module" and u.target == name]
-        weight = _attr(gm, str(conv.args[1].target))
-        bias_node = conv.args[2] if len(conv.args) > 2 else None
-        if bias_node is None:
-            bias_name = f"{name}_bias"
-            gm.register_parameter(bias_name, torch.nn.Parameter(weight.new_zeros(weight.shape[0])))
-            with gm.graph.inserting_before(conv):
-                bias_node = gm.graph.get_attr(bias_name)
-            bias_node.meta["val"] = _attr(gm, bias_name).detach()
-            conv.args = (*conv.args[:2], bias_node, *conv.args[3:]) if len(conv.args) > 2 else (*conv.args, bias_node)
-        bias = _attr(gm, str(bias_node.target))
-        with torch.no_grad():
-            a = norm.weight / (norm.running_var + norm.eps).sqrt()
-            weight.mul_(a.view((-1,) + (1,) * (weight.dim() - 1)))
-            bias.copy_((bias - norm.running_mean) * a + norm.bias)
-        call.replace_all_uses_with(conv)
-        gm.graph.erase_node(call)
-        delattr(gm, name)
-    if sites:
-        gm.recompile()
 
 
 def _split(item: Any) -> tuple[tuple, dict, torch.Tensor | None]:
@@ -258,7 +142,7 @@ def finetune(opt: Any, train_data: Iterable[Any], teacher: torch.nn.Module | Non
     if renorm is True and not isinstance(student, torch.fx.GraphModule):
         raise InputError("renorm=True needs a captured graph (an OptimizedModule or fx.GraphModule)")
     if renorm is True or (renorm == "auto" and isinstance(student, torch.fx.GraphModule)):
-        norm_sites = insert_norms(student, batches)
+        norm_sites = insert_norms(student, [_split(item)[:2] for item in batches[:RENORM_BATCHES]])
     params = [p for p in student.parameters() if p.is_floating_point()]
     if not params:
         raise InputError("the module has no floating-point parameters to fine-tune")

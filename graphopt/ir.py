@@ -11,7 +11,7 @@ rewiring, constants and metadata work the same way everywhere:
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -79,6 +79,17 @@ def dtype(node: object) -> torch.dtype | None:
 def has_static_shape(node: object) -> bool:
     s = shape(node)
     return s is not None and all(isinstance(d, int) for d in s)
+
+
+def shape_hint(env: Any, expr: Any, fallback: int = 1) -> int:
+    """The example's value of a shape expression, without adding a guard.
+
+    ShapeEnv.optimization_hint (torch >= 2.13; `size_hint` before it, deprecated there): the one place graphopt
+    reads a symbol's example value, instead of the environment's private `var_to_val` tables."""
+    if hasattr(env, "optimization_hint"):
+        return int(env.optimization_hint(expr, fallback=fallback))
+    hint = env.size_hint(expr, allow_none=True)
+    return fallback if hint is None else int(hint)
 
 
 def get_attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
@@ -204,6 +215,17 @@ def drop_unused_attributes(gm: fx.GraphModule) -> int:
             continue
         dropped += 1
     return dropped
+
+
+def copy_sharing_tensors(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of `gm`'s graph and module tree whose parameters and buffers are `gm`'s own tensors (no
+    weight copy). Safe for rewrites that make new tensors (add_constant) and never write into old ones."""
+    import copy
+    import warnings
+    memo: dict[int, object] = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
+        return copy.deepcopy(gm, memo)
 
 
 def lint(gm: fx.GraphModule) -> None:

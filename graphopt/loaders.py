@@ -276,8 +276,10 @@ def file_bytes(path: str | Path) -> int:
     if path.suffix.lower() == ".onnx":
         import onnx
         from onnx.external_data_helper import uses_external_data
+
+        from .onnx.files import all_tensors
         proto = onnx.load(str(path), load_external_data=False)
-        locations = {entry.value for t in onnx.external_data_helper._get_all_tensors(proto)
+        locations = {entry.value for t in all_tensors(proto)
                      if uses_external_data(t) for entry in t.external_data if entry.key == "location"}
         total += sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
     return total

@@ -4,7 +4,7 @@ Modelled on TVM's PassContext (level, enable/disable by name, instruments),
 torch.fx's pass infrastructure (a pass returns `PassResult`) and MLIR's pass
 manager (verify after every pass, write a reproducer when a pass crashes).
 
-A pass is an object with
+A pass subclasses `Pass`, which holds the contract and its defaults:
 
     name: str            unique name, used by enable=/disable= and the report
     level: int           1 = O1 lossless, 2 = O2 int8, 3 = O3 pruning
@@ -12,6 +12,9 @@ A pass is an object with
     fixed_point: bool    rerun until it reports no change (under a step cap)
     budget: Budget       error it may add (verify.LOSSLESS unless lossy)
     run(module) -> PassResult(module, modified, stats)
+
+Names are unique within one manager (it refuses a list holding a name twice);
+a pass that runs again later in a pipeline is `renamed` (`Pass.renamed`).
 
 The manager is IR-agnostic: an `IR` adapter says how to copy, finalize, count,
 run and dump a module, so the same manager drives FX graphs and ONNX graphs.
@@ -39,6 +42,7 @@ import torch.fx as fx
 from . import ir
 from .errors import InputError, OptionError
 from .report import PassRecord, Report
+from .rules import Reason, Reject
 from .speed import SpeedCheck, Verdict, timing_context
 from .timing import Timing, measure
 from .verify import LOSSLESS, Budget, compare_runs
@@ -53,39 +57,52 @@ class PassResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-class Pass(Protocol):
-    name: str
-    level: int
-    requires: tuple[str, ...]
-    fixed_point: bool
-    budget: Budget
+class Pass:
+    """Base of every pass: the contract's fields with their defaults (O1, lossless, one run)."""
+    name: str = "pass"
+    level: int = 1
+    requires: tuple[str, ...] = ()
+    fixed_point: bool = False
+    budget: Budget = LOSSLESS
 
-    def run(self, module: Any) -> PassResult: ...
+    def run(self, module: Any) -> PassResult:
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+    def renamed(self, suffix: str) -> "Pass":
+        """This pass under the name `name + suffix` (e.g. the pipeline's second canonicalization)."""
+        self.name = f"{self.name}{suffix}"
+        return self
 
 
 class RewriteLog:
     """Matches and rejections of one pass run; becomes `PassResult.stats`.
 
     Every candidate a pattern looks at either matches or is rejected with a
-    reason, so the report (and a developer) can say why a rewrite did not fire.
+    `Reject` (code and message), so the report (and a developer) can say why a
+    rewrite did not fire, and a test can assert the code.
     """
 
     def __init__(self) -> None:
         self.matches: dict[str, int] = {}
         self.rejections: list[str] = []
+        self.reasons: dict[Reason, int] = {}
 
     def matched(self, pattern: str, count: int = 1) -> None:
         self.matches[pattern] = self.matches.get(pattern, 0) + count
 
-    def rejected(self, pattern: str, node: object, reason: str) -> None:
-        self.rejections.append(f"{pattern} at {node}: {reason}")
+    def rejected(self, pattern: str, node: object, reason: Reject | str) -> None:
+        """Log a rejection; a plain string is recorded under `Reason.OTHER`."""
+        reason = reason if isinstance(reason, Reject) else Reject(Reason.OTHER, reason)
+        self.rejections.append(f"{pattern} at {node}: {reason.message}")
+        self.reasons[reason.code] = self.reasons.get(reason.code, 0) + 1
 
     @property
     def modified(self) -> bool:
         return bool(self.matches)
 
     def result(self, module: Any, **extra: Any) -> PassResult:
-        stats = {"matches": dict(self.matches), "rejected": list(self.rejections), **extra}
+        stats = {"matches": dict(self.matches), "rejected": list(self.rejections), "reasons": dict(self.reasons),
+                 **extra}
         return PassResult(module, self.modified, stats)
 
 
@@ -150,6 +167,10 @@ class PassManager:
 
     def __post_init__(self) -> None:
         known = {p.name for p in self.passes}
+        repeated = sorted({p.name for p in self.passes if sum(q.name == p.name for q in self.passes) > 1})
+        if repeated:
+            raise ValueError(f"pass names must be unique (report rows and enable=/disable= name them): "
+                             f"{', '.join(repeated)} listed more than once")
         for option, names in (("enable", self.enable), ("disable", self.disable)):
             unknown = sorted(set(names) - known)
             if unknown:
@@ -159,7 +180,7 @@ class PassManager:
                          if (p.level <= self.level or p.name in self.enable) and p.name not in self.disable]
         selected_names: list[str] = []
         for p in self.selected:
-            missing = [r for r in getattr(p, "requires", ()) if r not in selected_names]
+            missing = [r for r in p.requires if r not in selected_names]
             if missing:
                 raise OptionError(f"pass {p.name!r} requires {', '.join(missing)} to run before it, "
                                   f"but it is disabled or below the level")
@@ -180,7 +201,7 @@ class PassManager:
         for p in steps:
             if hasattr(steps, "set_postfix_str"):
                 steps.set_postfix_str(p.name)
-            for step in range(self.max_steps if getattr(p, "fixed_point", False) else 1):
+            for step in range(self.max_steps if p.fixed_point else 1):
                 current, current_outputs, record = self._run_one(p, current, current_outputs, inputs, reference)
                 if step:
                     record.name = f"{p.name} (step {step + 1})"
@@ -214,7 +235,7 @@ class PassManager:
                 chosen, why = candidate, name
                 break
         record = self._record("speed check", chosen, 0.0, reference, None, {})
-        record.rolled_back = True
+        record.rolled_back, record.code = True, Reason.RESULT_SLOWER
         slower = f"{verdict.ratio:.2f}× slower, 95 % CI {verdict.low:.2f}–{verdict.high:.2f}×"
         record.reason = f"the optimized graph was slower than the captured one ({slower}): returned {why} instead"
         record.speed = slower
@@ -256,7 +277,7 @@ class PassManager:
         except Exception as exc:  # a crashing pass is rolled back, never fatal
             where = self._write_reproducer(p, current, exc)
             record = self._record(p.name, current, time.perf_counter() - start, reference, current_outputs, {})
-            record.rolled_back = True
+            record.rolled_back, record.code = True, Reason.PASS_RAISED
             record.reason = f"pass raised {type(exc).__name__}: {exc}"
             record.reproducer = str(where)
             warnings.warn(f"graphopt: pass {p.name} raised and was rolled back; reproducer in {where}")
@@ -265,11 +286,12 @@ class PassManager:
         if not result.modified:
             return current, current_outputs, self._record(p.name, current, elapsed, reference,
                                                           current_outputs, result.stats)
-        budget = getattr(p, "budget", LOSSLESS)
+        budget = p.budget
         reason = budget.check(compare_runs(outputs, current_outputs)) if self.verify else None
         if reason:  # errors are those of the rejected graph; size and latency those kept
             record = self._record(p.name, current, elapsed, reference, outputs, result.stats)
             record.modified = record.rolled_back = True
+            record.code = Reason.BUDGET_EXCEEDED
             record.reason = f"{reason} (budget: {budget.describe()}); rolled back"
             return current, current_outputs, record
         verdict = self._compare(current, result.module) if self.speed_check is not None else None
@@ -277,7 +299,7 @@ class PassManager:
         if reason:
             record = self._record(p.name, current, elapsed, reference, outputs, result.stats)
             record.modified = record.rolled_back = True
-            record.reason, record.speed = reason, verdict.describe()
+            record.code, record.reason, record.speed = Reason.SLOWER, reason, verdict.describe()
             return current, current_outputs, record
         if budget == LOSSLESS and self._lossless is current:
             self._lossless = result.module

@@ -3,7 +3,9 @@
     canonicalize → fuse → prune (O3) → quantize (O2) → canonicalize
 
 Every candidate pass is listed (so enable=/disable= can name any of them);
-the pass manager then keeps those at or below the requested level.
+the pass manager then keeps those at or below the requested level. The
+closing canonicalization runs under its own names (`cse (final)`, …), so
+`report["cse"]` is the first one and `report["cse (final)"]` the last.
 """
 from __future__ import annotations
 
@@ -13,11 +15,15 @@ from .config import Options
 from .passes import canonicalize, fusion, pruning, quantize
 
 
+#: Suffix of the closing canonicalization passes' names.
+FINAL_SUFFIX = " (final)"
+
+
 def build_passes(options: Options) -> list[Any]:
     passes: list[Any] = [*canonicalize.passes(), *fusion.passes()]
     if options.prune is not None:
         passes += pruning.passes(options)
     if options.quantize is not None:
         passes += quantize.passes(options)
-    passes += canonicalize.passes()
+    passes += [p.renamed(FINAL_SUFFIX) for p in canonicalize.passes()]
     return passes

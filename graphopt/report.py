@@ -8,8 +8,12 @@ back and why, and the pass's own statistics (matches, rejections, layers).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from .report_format import format_bytes, format_error, format_latency, format_number, size_unit
 
 
 @dataclass
@@ -27,6 +31,7 @@ class PassRecord:
     modified: bool = False
     rolled_back: bool = False
     reason: str | None = None
+    code: str | None = None                 # graphopt.rules.Reason of a rollback (reason is its prose)
     reproducer: str | None = None
     speed: str | None = None                # speed check verdict against the graph before the pass
     stats: dict[str, Any] = field(default_factory=dict)
@@ -34,6 +39,11 @@ class PassRecord:
     @property
     def matches(self) -> dict[str, int]:
         return dict(self.stats.get("matches", {}))
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        """{rejection code: count} of the candidates this pass looked at and did not rewrite."""
+        return dict(self.stats.get("reasons", {}))
 
 
 @dataclass
@@ -95,8 +105,8 @@ class Report:
         for r in ([self.baseline] if self.baseline else []) + self.records:
             status = "rolled back" if r.rolled_back else ("changed" if r.modified else "-")
             rows.append([r.name, f"{r.wall_s * 1e3:.0f}", str(r.nodes), format_bytes(r.param_bytes, unit),
-                         format_latency(r), _num(r.max_abs_err, ".2e"), _num(r.max_rel_err, ".2e"),
-                         _num(r.min_cosine, ".5f"), status, _summary(r)])
+                         format_latency(r), format_number(r.max_abs_err, ".2e"), format_number(r.max_rel_err, ".2e"),
+                         format_number(r.min_cosine, ".5f"), status, _summary(r)])
         return rows
 
     HEADER = ["pass", "time ms", "nodes", "params", "latency ms", "max abs err", "max rel err", "min cosine",
@@ -146,43 +156,6 @@ class Report:
     __repr__ = __str__
 
 
-def _num(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
-
-
-def size_unit(n: float) -> str:
-    """The largest binary unit in which `n` bytes is at least 1."""
-    return next((u for u in ("GiB", "MiB", "KiB") if n >= UNITS[u]), "B")
-
-
-def format_bytes(n: float, unit: str | None = None) -> str:
-    """`n` bytes in `unit` (default: the unit that fits `n`)."""
-    unit = unit or size_unit(n)
-    return f"{n:.0f} B" if unit == "B" else f"{n / UNITS[unit]:.2f} {unit}"
-
-
-def format_latency(record: PassRecord) -> str:
-    """Median latency in ms, with its p10–p90 spread when measured: `12.3 (11.9–13.0)`."""
-    if record.latency_ms is None:
-        return "-"
-    if record.latency_p10_ms is None or record.latency_p90_ms is None:
-        return f"{record.latency_ms:.2f}"
-    return f"{record.latency_ms:.2f} ({record.latency_p10_ms:.2f}–{record.latency_p90_ms:.2f})"
-
-
-def format_error(record: PassRecord) -> str:
-    """The error against the original in a few characters: `cos 0.99912 rel 3.1e-03`, or `-`."""
-    parts = []
-    if record.min_cosine is not None:
-        parts.append(f"cos {record.min_cosine:.5f}")
-    if record.max_rel_err is not None:
-        parts.append(f"rel {record.max_rel_err:.1e}")
-    return " ".join(parts) or "-"
-
-
 def _summary(record: PassRecord) -> str:
     if record.rolled_back:
         return record.reason or ""
@@ -198,7 +171,6 @@ def _summary(record: PassRecord) -> str:
 def environment() -> dict[str, Any]:
     """Date, package versions and machine of this run, for a report's header."""
     import datetime
-    import os
     import platform
     from importlib import metadata
     versions = {"python": platform.python_version()}
@@ -222,3 +194,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def load_report(path: str | os.PathLike) -> Report:
+    """A `Report` from the JSON that `Report.to_json()` wrote (`--report` saves it beside the HTML)."""
+    from .errors import InputError   # errors is light; kept local so report stays the import floor
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a saved graphopt run: {exc}") from exc
+    if not isinstance(data, dict) or "passes" not in data:
+        raise InputError(f"{path}: not a saved graphopt run (no 'passes')")
+    fields = set(PassRecord.__dataclass_fields__)
+
+    def record(d: dict | None) -> PassRecord | None:
+        return PassRecord(**{k: v for k, v in d.items() if k in fields}) if d else None
+    return Report(records=[record(d) for d in data["passes"]], baseline=record(data.get("baseline")),
+                  final=record(data.get("final")), meta=data.get("meta") or {})

@@ -22,12 +22,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .report import PassRecord, Report, format_bytes, format_latency
+from .report_format import format_bytes, format_latency
+
+if TYPE_CHECKING:   # annotations only: report.py imports this module (Report.to_html)
+    from .report import PassRecord, Report
 
 #: Per-layer numbers the int8 passes record, in order of preference, and how to say them.
 LAYER_METRICS = {"sensitivity": "sensitivity (output error when this layer alone is int8)",
@@ -189,7 +191,7 @@ def _value(key: str, value: Any, unit: str) -> str:
 
 
 def _pass_table(report: Report) -> str:
-    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in Report.HEADER) + "</tr>"
+    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in report.HEADER) + "</tr>"
     records = ([report.baseline] if report.baseline else []) + report.records
     rows = []
     for record, cells in zip(records, report.rows()):
@@ -370,20 +372,3 @@ def _tradeoff_plot(report: Report) -> str | None:
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     return _png(fig)
-
-
-def load_report(path: str | os.PathLike) -> Report:
-    """A `Report` from the JSON that `Report.to_json()` wrote (`--report` saves it beside the HTML)."""
-    from .errors import InputError
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a saved graphopt run: {exc}") from exc
-    if not isinstance(data, dict) or "passes" not in data:
-        raise InputError(f"{path}: not a saved graphopt run (no 'passes')")
-    fields = set(PassRecord.__dataclass_fields__)
-
-    def record(d: dict | None) -> PassRecord | None:
-        return PassRecord(**{k: v for k, v in d.items() if k in fields}) if d else None
-    return Report(records=[record(d) for d in data["passes"]], baseline=record(data.get("baseline")),
-                  final=record(data.get("final")), meta=data.get("meta") or {})

@@ -3,6 +3,9 @@
 `measure(fn)` runs warm-up calls, then repeats until `repeats` samples or
 `max_seconds` have been spent, and returns the median with its spread. It is
 the one timer of the project: report latencies and bench tables agree.
+A call counts until the GPU has finished its work too (`_call_and_wait`):
+CUDA launches return before their kernels run, and timing the launches alone
+would rank a graph by its Python overhead.
 `measure_interleaved(fns)` times several callables in rotating round-robin (A/B tests:
 `graphopt compare`) and gives their latency ratio with a bootstrap confidence interval.
 """
@@ -12,6 +15,8 @@ import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,18 @@ class Timing:
         return (self.p90_s - self.p10_s) / self.median_s if self.median_s > 0 else 0.0
 
 
+def _call_and_wait(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds (of `clock`) from calling `fn` until it and the GPU work it queued are done."""
+    waits = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if waits:
+        torch.cuda.synchronize()
+    start = clock()
+    fn()
+    if waits:
+        torch.cuda.synchronize()
+    return clock() - start
+
+
 def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 20,
             max_seconds: float = 10.0) -> Timing:
     """Time `fn()`: `warmup` untimed calls, then up to `repeats` timed ones within `max_seconds`."""
@@ -39,9 +56,7 @@ def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 20,
     samples: list[float] = []
     budget_end = time.perf_counter() + max_seconds
     while len(samples) < repeats and (len(samples) < 3 or time.perf_counter() < budget_end):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
+        samples.append(_call_and_wait(fn))
     samples.sort()
     def quantile(q: float) -> float:
         return samples[min(len(samples) - 1, int(q * len(samples)))]
@@ -92,7 +107,5 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 20, 
             break
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            start = clock()
-            fns[name]()
-            samples[name].append(clock() - start)
+            samples[name].append(_call_and_wait(fns[name], clock))
     return Interleaved(samples)

@@ -139,6 +139,23 @@ def check_quantize_args(x: torch.Tensor, smooth: Optional[torch.Tensor], values:
     return m, k
 
 
+def check_layer_norm_args(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> tuple[int, int]:
+    """Validate the LayerNorm half of ``layer_norm_quantize`` (over the last dim of a 2-D x); return ``(M, K)``."""
+    check_matrix("x", x, FLOAT_DTYPES)
+    m, k = x.shape
+    if k == 0:
+        raise ValueError("x must have K >= 1 columns")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_vector(name, t, k, FLOAT_DTYPES)
+    check_same_device(x=x, weight=weight, bias=bias)
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    return m, k
+
+
 def check_w8a16_args(
     x: torch.Tensor,
     w_q: torch.Tensor,
@@ -173,3 +190,47 @@ def check_out(
     if tuple(out.shape) != tuple(shape) or not out.is_contiguous() or out.device != like.device:
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor on {like.device}, got {tuple(out.shape)}")
     return out
+
+
+#: Group sizes of ``w4a16_linear``: powers of two, so a K block of the Triton kernel lies in one group,
+#: and the sizes torch's CPU int4 GEMM accepts.
+W4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def check_w4a16_args(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor],
+    values: bool = True,
+) -> tuple[int, int, int]:
+    """Validate ``w4a16_linear`` arguments; return ``(M, N, K)``.
+
+    ``w_packed`` is uint8 [N, ceil(K / 2)] (two codes a byte), ``scales`` float32
+    and ``zeros`` uint8 [N, ceil(K / group_size)] (see ``int4pack.py``).
+    """
+    check_matrix("x", x, FLOAT_DTYPES)
+    check_matrix("w_packed", w_packed, (torch.uint8,))
+    m, k = x.shape
+    n = w_packed.shape[0]
+    if k == 0:
+        raise ValueError("x must have K >= 1 columns")
+    if w_packed.shape[1] != (k + 1) // 2:
+        raise ValueError(f"x is [M, K] = {tuple(x.shape)}, so w_packed must be [N, ceil(K / 2)] = "
+                         f"[N, {(k + 1) // 2}]; got {tuple(w_packed.shape)}")
+    if isinstance(group_size, bool) or group_size not in W4_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {W4_GROUP_SIZES}, got {group_size!r}")
+    groups = -(-k // group_size)
+    check_matrix("scales", scales, (torch.float32,))
+    check_matrix("zeros", zeros, (torch.uint8,))
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (n, groups):
+            raise ValueError(f"{name} must be [N, ceil(K / group_size)] = {(n, groups)}, got {tuple(t.shape)}")
+    if bias is not None:
+        check_vector("bias", bias, n, FLOAT_DTYPES)
+    check_same_device(x=x, w_packed=w_packed, scales=scales, zeros=zeros, bias=bias)
+    if values:
+        check_positive("scales", scales)
+    return m, n, k

@@ -36,6 +36,7 @@ entries and a wider search space (``INT8_LINEAR_SEARCH``, ``W8A16_SEARCH``);
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -80,6 +81,14 @@ W8A16_TABLE: tuple[tuple[Optional[int], BlockConfig], ...] = (
     (None, BlockConfig(128, 128, 64, num_warps=8, num_stages=3)),
 )
 
+# W4A16 (int4 weights, group-wise): not yet measured on a GPU. The <= 16 class is a GEMV shape
+# (one 16-row tile, wide K blocks, split-K for occupancy); its block_k is capped at the group size.
+W4A16_TABLE: tuple[tuple[Optional[int], BlockConfig], ...] = (
+    (16, BlockConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)),
+    (64, BlockConfig(64, 64, 64, num_warps=4, num_stages=4)),
+    (None, BlockConfig(128, 128, 64, num_warps=8, num_stages=3)),
+)
+
 # Autotune search space (besides the table's own entries). ``pick`` times the
 # ones whose block_m fits the shape class (block_m <= max(16, the class's
 # largest M); every one for the unbounded class).
@@ -111,6 +120,9 @@ W8A16_SEARCH: tuple[BlockConfig, ...] = (
     BlockConfig(128, 256, 64, num_warps=8, num_stages=3),
     BlockConfig(256, 128, 64, num_warps=8, num_stages=3),
 )
+
+#: W4A16 tiles: the W8A16 space (block_k is capped at the group size at launch).
+W4A16_SEARCH = W8A16_SEARCH
 
 MAX_SPLIT_K = 16
 MIN_K_BLOCKS_PER_SPLIT = 4
@@ -144,6 +156,12 @@ def compute_units(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: torch.device) -> str:
+    """The CUDA device's name, read once (the driver query costs tens of microseconds per launch)."""
+    return torch.cuda.get_device_name(device)
 
 
 def autotune_enabled(device: torch.device) -> bool:
@@ -243,8 +261,7 @@ def pick(
     from triton.testing import do_bench
 
     shape_class = next(i for i, (largest_m, _) in enumerate(table) if largest_m is None or m <= largest_m)
-    device_name = torch.cuda.get_device_name(device)
-    key = "|".join((kernel, device_name, triton.__version__, f"class{shape_class}", f"n{n}", f"k{k}", str(dtype)))
+    key = "|".join((kernel, device_name(device), triton.__version__, f"class{shape_class}", f"n{n}", f"k{k}", str(dtype)))
     largest_m = table[shape_class][0]
     fits = [config for config in [c for _, c in table] + list(search)
             if largest_m is None or config.block_m <= max(16, largest_m)]
@@ -253,3 +270,39 @@ def pick(
     # The tiles are tuned per class, but split-K belongs to this launch's M: a class's winner
     # (timed and cached with the split of the M it was tuned at) is re-split for this M.
     return finish(tuned)
+
+
+# Row kernels (quantize_per_token, layer_norm_quantize): a program holds ``block_m`` whole rows of
+# ``block_k`` = next_power_of_2(K) elements in registers. The heuristic gives each program about
+# ROW_TILE elements and one warp per 256 of them (2 to 8); the autotune times ROW_SEARCH_ROWS x
+# ROW_SEARCH_WARPS. Measured on an H200 (Triton 3.6, fp16, 2026-11-30, bench/results/quantize_gpu.md's
+# autotune log): one row per program won at K = 768, 3072 and 4096 for both kernels (M = 4096 and 8),
+# with 4 or 8 warps; eight rows per program (the former 8192-element tile) were 1.3-3.5x slower.
+ROW_TILE = 2048
+ROW_SEARCH_ROWS = (1, 2, 4, 8)
+ROW_SEARCH_WARPS = (2, 4, 8)
+ROW_MAX_ELEMENTS = 32768
+
+
+def quantize_config(
+    kernel: str, m: int, k: int, dtype: torch.dtype, device: torch.device, run: Callable[[BlockConfig], object]
+) -> BlockConfig:
+    """Rows per program and warps for a row kernel over ``[m, k]``: the heuristic, or autotuned if enabled.
+
+    The autotune key holds K and M's power-of-two bucket (the grid is M / rows programs).
+    """
+    block_k = triton.next_power_of_2(k)
+    rows = max(ROW_TILE // block_k, 1)
+    heuristic = BlockConfig(rows, 1, block_k, num_warps=min(max(rows * block_k // 256, 2), 8))
+    if not autotune_enabled(device):
+        return heuristic
+    from triton.testing import do_bench
+
+    candidates = list(dict.fromkeys([heuristic] + [
+        BlockConfig(r, 1, block_k, num_warps=w)
+        for r in ROW_SEARCH_ROWS if r * block_k <= ROW_MAX_ELEMENTS
+        for w in ROW_SEARCH_WARPS if w * 32 <= r * block_k
+    ]))
+    key = "|".join((kernel, device_name(device), triton.__version__,
+                    f"m{triton.next_power_of_2(m)}", f"k{k}", str(dtype)))
+    return autotune(key, candidates, run, lambda fn: do_bench(fn, warmup=10, rep=40, return_mode="median"))

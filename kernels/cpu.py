@@ -20,6 +20,11 @@ x_scale, times w_scale, plus bias, activation, cast); the fbgemm path applies
 w_scale inside its GEMM and x_scale with the bias in one more pass, a few
 float32 ulps apart.
 
+w4a16_linear runs torch's bfloat16 int4 kernel for decode-sized M on the CPU
+(``int4mm.py``: faster than a float32 GEMM there, with the error bound stated
+in that module), else float32 GEMMs on the weight dequantized in K-chunks of
+about ``K_CHUNK`` columns (whole groups), never the whole weight at once.
+
 quantize_per_token and w8a16_linear follow the formulas of their Triton
 kernels (see quantize.py and w8a16.py) in float32; w8a16_linear uses the same
 chunked GEMM (its float32 chunk sums are then accumulated in float64).
@@ -31,9 +36,13 @@ from typing import Optional
 
 import torch
 
-from . import fbgemm
+from . import fbgemm, int4mm
 from .activations import apply_activation
-from .checks import SCALE_FLOOR, check_int8_linear_args, check_quantize_args, check_w8a16_args
+from .checks import (
+    SCALE_FLOOR, check_int8_linear_args, check_layer_norm_args, check_quantize_args, check_w4a16_args,
+    check_w8a16_args,
+)
+from .int4pack import dequantize_int4
 
 K_CHUNK = 1024
 
@@ -98,6 +107,16 @@ def quantize_per_token(x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -
     return q, scale
 
 
+def layer_norm_quantize(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+    smooth: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, y_q, scale)``: torch's LayerNorm over the last dim, then ``quantize_per_token(y, smooth)``."""
+    check_layer_norm_args(x, weight, bias, eps)
+    y = torch.nn.functional.layer_norm(x, (x.shape[1],), weight, bias, eps)
+    return (y, *quantize_per_token(y, smooth))
+
+
 def w8a16_linear(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -105,6 +124,41 @@ def w8a16_linear(
     check_w8a16_args(x, w_q, w_scale, bias)
     y = matmul_int8_weight(x.float(), w_q)
     y.mul_(w_scale[None, :])
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x.dtype)
+
+
+def matmul_int4_weight(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       group_size: int) -> torch.Tensor:
+    """``a @ ((q − z) · s).T`` for float32 ``a``: the weight dequantized in float32 chunks of whole groups."""
+    k = a.shape[1]
+    chunk = max(group_size, K_CHUNK // group_size * group_size)
+    acc = None
+    for start in range(0, k, chunk):
+        stop = min(start + chunk, k)
+        groups = slice(start // group_size, -(-stop // group_size))
+        w = dequantize_int4(w_packed[:, start // 2:(stop + 1) // 2], scales[:, groups], zeros[:, groups],
+                            group_size, stop - start)
+        part = a[:, start:stop] @ w.T
+        acc = part if acc is None else acc.add_(part)
+    return acc
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``x @ ((q − z) · s).T + bias`` as ``x.dtype[M, N]`` (int4 weights in the format of ``int4pack.py``)."""
+    m, _, _ = check_w4a16_args(x, w_packed, scales, zeros, group_size, bias)
+    if x.device.type == "cpu" and m <= int4mm.FAST_ROWS and int4mm.available():
+        y = int4mm.matmul(x, w_packed, scales, zeros, group_size)
+    else:
+        y = matmul_int4_weight(x.float(), w_packed, scales, zeros, group_size)
     if bias is not None:
         y.add_(bias.float())
     return y.to(x.dtype)

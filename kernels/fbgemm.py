@@ -21,11 +21,8 @@ code outside [-64, 63]; the caller then runs the exact float path. The int8
 rewrite quantizes weights to 7 bits for CPU targets for this reason.
 
 Prepacking (reordering the weight into fbgemm's blocked layout) costs far
-more than one call, so each weight is packed once and the packed form is held
-as long as the weight tensor lives: a cache keyed by the identity and version
-counter of the weight and its scales (an in-place change repacks). The
-module's state is still just its int8 and float32 buffers, so ``state_dict``
-and ``torch.export`` see no opaque object.
+more than one call, so each weight is packed once (``prepack.PackCache``,
+keyed by the weight and its scales; an in-place change repacks).
 
 torch marks quantized-tensor creation as deprecated: this module is the only
 place that uses it, behind the op's CPU dispatch, so it can be replaced by
@@ -34,12 +31,12 @@ another library's u8 x s8 GEMM without touching the graphs.
 
 from __future__ import annotations
 
-import threading
 import warnings
-import weakref
 from typing import Any, Optional
 
 import torch
+
+from .prepack import PackCache
 
 WEIGHT_MIN, WEIGHT_MAX = -64, 63
 ACTIVATION_ZERO_POINT = 128
@@ -58,33 +55,6 @@ def fits_7_bits(w_q: torch.Tensor) -> bool:
     return WEIGHT_MIN <= int(low) and int(high) <= WEIGHT_MAX
 
 
-class _PrepackCache:
-    """Packed weights by the identity of their (int8 codes, scales) tensors; an entry dies with the codes."""
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, tuple[int, int], Optional[Any]]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, w_q: torch.Tensor, w_scale: torch.Tensor) -> Optional[Any]:
-        key, versions = (id(w_q), id(w_scale)), (w_q._version, w_scale._version)
-        with self._lock:
-            entry = self._entries.get(key)
-        if entry is not None and entry[0]() is w_q and entry[1]() is w_scale and entry[2] == versions:
-            return entry[3]
-        packed = _pack(w_q, w_scale) if fits_7_bits(w_q) else None
-        with self._lock:
-            if key not in self._entries:
-                weakref.finalize(w_q, self._entries.pop, key, None)
-            self._entries[key] = (weakref.ref(w_q), weakref.ref(w_scale), versions, packed)
-        return packed
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-_CACHE = _PrepackCache()
-
-
 def _pack(w_q: torch.Tensor, w_scale: torch.Tensor) -> Any:
     saved = torch.backends.quantized.engine
     try:
@@ -98,12 +68,19 @@ def _pack(w_q: torch.Tensor, w_scale: torch.Tensor) -> Any:
         torch.backends.quantized.engine = saved
 
 
+def _pack_if_exact(w_q: torch.Tensor, w_scale: torch.Tensor) -> Optional[Any]:
+    return _pack(w_q, w_scale) if fits_7_bits(w_q) else None
+
+
+_CACHE = PackCache(_pack_if_exact)
+
+
 def prepacked(w_q: torch.Tensor, w_scale: torch.Tensor) -> Optional[Any]:
     """fbgemm's packed form of a CPU int8 weight [N, K] with its scales [N], or None where the fast path
     cannot be exact."""
     if w_q.device.type != "cpu" or not available():
         return None
-    return _CACHE.get(w_q, w_scale)
+    return _CACHE.get((w_q, w_scale))
 
 
 def scaled_matmul(x_q: torch.Tensor, packed: Any) -> torch.Tensor:

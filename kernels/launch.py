@@ -96,3 +96,35 @@ class TritonKernel:
 def triton_kernel(fn: Callable[..., Any]) -> TritonKernel:
     """Decorator used in place of ``@triton.jit`` for the graphopt kernels."""
     return TritonKernel(fn)
+
+
+def dot_dtype(x: torch.Tensor) -> Any:
+    """The ``tl.dot`` operand type for activations ``x`` in the weight-only kernels.
+
+    float16 and (compiled) bfloat16 multiply natively; float32, and bfloat16 in
+    Triton 3.9's interpreter (which multiplies bfloat16 tiles as raw uint16 bit
+    patterns), multiply in float32. A bfloat16 x small-integer product has at
+    most 16 significant bits, exact in float32, so the values are the same.
+    """
+    import triton.language as tl
+
+    if x.dtype == torch.float16:
+        return tl.float16
+    if x.dtype == torch.bfloat16 and not interpreting(x.device):
+        return tl.bfloat16
+    return tl.float32
+
+
+def split_k_output(out: torch.Tensor, split_k: int) -> tuple[torch.Tensor, int]:
+    """Where a split-K launch writes: ``out`` itself for one slice, else a float32 [split_k, M, N]
+    workspace of partial sums (returned with its slice stride) for ``finish_split_k``."""
+    if split_k == 1:
+        return out, 0
+    target = torch.empty((split_k, *out.shape), dtype=torch.float32, device=out.device)
+    return target, target.stride(0)
+
+
+def finish_split_k(out: torch.Tensor, target: torch.Tensor) -> None:
+    """Sum the partial slices in a fixed order (deterministic, unlike atomics) into ``out``."""
+    if target is not out:
+        out.copy_(target.sum(dim=0))

@@ -3,6 +3,8 @@
     quantize_per_token(x, smooth=None) -> (x_q int8[M, K], scale float32[M])
     int8_linear(x_q, w_q, x_scale, w_scale, bias=None, activation="none", out_dtype=float32) -> out_dtype[M, N]
     w8a16_linear(x, w_q, w_scale, bias=None) -> x.dtype[M, N]
+    layer_norm_quantize(x, weight, bias, eps, smooth=None) -> (y x.dtype[M, K], y_q int8[M, K], scale float32[M])
+    w4a16_linear(x, w_packed, scales, zeros, group_size, bias=None) -> x.dtype[M, N]   (int4pack.py's format)
 
 Dispatch: CUDA tensors run the Triton kernels (``quantize_per_token`` falls
 back to the torch path for rows longer than ``quantize.MAX_ROW``); every other
@@ -20,9 +22,12 @@ from typing import Optional
 import torch
 
 from . import cpu
-from .checks import check_int8_linear_args, check_quantize_args, check_w8a16_args
+from .checks import (
+    check_int8_linear_args, check_layer_norm_args, check_quantize_args, check_w4a16_args, check_w8a16_args,
+)
 from .int8_linear import triton_int8_linear
-from .quantize import MAX_ROW, triton_quantize_per_token
+from .quantize import MAX_ROW, triton_layer_norm_quantize, triton_quantize_per_token
+from .w4a16 import triton_w4a16_linear
 from .w8a16 import triton_w8a16_linear
 
 
@@ -97,3 +102,61 @@ def _w8a16_linear_fake(
 ) -> torch.Tensor:
     m, n, _ = check_w8a16_args(x, w_q, w_scale, bias, values=False)
     return x.new_empty((m, n))
+
+
+@torch.library.custom_op("graphopt::w4a16_linear", mutates_args=())
+def w4a16_linear(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``x @ ((q − z) · s).T + bias`` as ``x.dtype``, with int4 codes q packed two a byte (group-wise s, z)."""
+    return cpu.w4a16_linear(x, w_packed, scales, zeros, group_size, bias)
+
+
+w4a16_linear.register_kernel("cuda")(triton_w4a16_linear)
+
+
+@w4a16_linear.register_fake
+def _w4a16_linear_fake(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    m, n, _ = check_w4a16_args(x, w_packed, scales, zeros, group_size, bias, values=False)
+    return x.new_empty((m, n))
+
+
+@torch.library.custom_op("graphopt::layer_norm_quantize", mutates_args=())
+def layer_norm_quantize(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+    smooth: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y = layer_norm(x)`` over the last dim and ``quantize_per_token(y, smooth)``: ``(y, y_q, scale)``."""
+    return cpu.layer_norm_quantize(x, weight, bias, eps, smooth)
+
+
+@layer_norm_quantize.register_kernel("cuda")
+def _layer_norm_quantize_cuda(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+    smooth: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.dim() == 2 and x.shape[1] > MAX_ROW:
+        return cpu.layer_norm_quantize(x, weight, bias, eps, smooth)
+    return triton_layer_norm_quantize(x, weight, bias, eps, smooth)
+
+
+@layer_norm_quantize.register_fake
+def _layer_norm_quantize_fake(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+    smooth: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m, k = check_layer_norm_args(x, weight, bias, eps)
+    check_quantize_args(x, smooth, values=False)
+    return x.new_empty((m, k)), x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)

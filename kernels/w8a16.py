@@ -37,7 +37,7 @@ import triton.language as tl
 
 from . import configs
 from .checks import check_out, check_w8a16_args
-from .launch import interpreting, triton_kernel
+from .launch import dot_dtype, finish_split_k, split_k_output, triton_kernel
 
 
 @triton_kernel
@@ -105,19 +105,10 @@ def triton_w8a16_linear(
     if m == 0 or n == 0:
         return out
     kernel = _w8a16_kernel.on(x.device)
-    if x.dtype == torch.float16:
-        dot_dtype = tl.float16
-    elif x.dtype == torch.bfloat16 and not interpreting(x.device):
-        dot_dtype = tl.bfloat16
-    else:
-        dot_dtype = tl.float32
+    dot = dot_dtype(x)
 
     def run(cfg: configs.BlockConfig) -> None:
-        if cfg.split_k == 1:
-            target, stride_split = out, 0
-        else:
-            target = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
-            stride_split = target.stride(0)
+        target, stride_split = split_k_output(out, cfg.split_k)
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
         kernel[grid](
             x, w_q, w_scale, bias, target,
@@ -129,13 +120,12 @@ def triton_w8a16_linear(
             BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k,
             SPLIT_K=cfg.split_k,
-            DOT_DTYPE=dot_dtype,
-            INPUT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
+            DOT_DTYPE=dot,
+            INPUT_PRECISION="ieee" if dot == tl.float32 else "tf32",
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-        if cfg.split_k > 1:
-            out.copy_(target.sum(dim=0))
+        finish_split_k(out, target)
 
     if config is None:
         config = configs.pick(

@@ -17,23 +17,23 @@ Each is exact (no arithmetic changes), so the budget is LOSSLESS.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.pass_manager import PassResult, RewriteLog
-from graphopt.verify import LOSSLESS
+from graphopt.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.rules import Reason, Reject
+
+from .fusion._match import arg
+from .rules import Bindings, Match, Op, Rule, RuleSet, Var
 
 aten = torch.ops.aten
 
 
-class CanonicalPass:
-    level = 1
-    requires: tuple[str, ...] = ()
-    fixed_point = False
-    budget = LOSSLESS
+class CanonicalPass(Pass):
+    """Canonicalization passes: O1, lossless (the `Pass` defaults)."""
 
 
 class DeadCodeElimination(CanonicalPass):
@@ -57,81 +57,86 @@ def _keeps_effects(node: fx.Node) -> bool:
     return node.is_impure() or node.op == "call_module"
 
 
-_IDENTITY_SCALARS = {
-    aten.mul: 1, aten.div: 1, aten.add: 0, aten.sub: 0, aten.pow: 1,
-}
-_COPIES = (aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy)
-_CASTS = (aten.to, aten._to_copy, aten.type_as)
-_RESHAPES = (aten.view, aten.reshape, aten._unsafe_view, aten.expand)
+class NoOp(Rule):
+    """op(x, …) ⇒ x: `pattern` binds x; `identity(node)` says whether the arguments make the op the
+    identity; `safe(node, x)` rejects a candidate whose value may still differ from x. Only nodes with
+    x's shape, dtype and device are candidates."""
+
+    def __init__(self, name: str, pattern: Op, identity: Callable[[fx.Node], bool] = lambda node: True,
+                 safe: Callable[[fx.Node, fx.Node], Reject | None] = lambda node, x: None) -> None:
+        self.name, self.pattern, self.identity, self.safe = name, pattern, identity, safe
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Bindings | None:
+        b = super().match(gm, node)
+        if b is None or not isinstance(b["x"], fx.Node) or not self.identity(node) \
+                or not _keeps_value_type(node, b["x"]):
+            return None   # e.g. a reshape that reshapes or a cast that casts: not a candidate
+        return b
+
+    def check(self, gm: fx.GraphModule, b: Bindings) -> Reject | None:
+        if ir.is_mutated(b["root"]) or ir.is_mutated(b["x"]):
+            return Reject(Reason.MUTATED, "a user mutates the value in place")
+        return self.safe(b["root"], b["x"])
+
+    def rewrite(self, gm: fx.GraphModule, b: Bindings) -> Match:
+        ir.replace_all_uses(b["root"], b["x"])
+        return Match(self.name, [b["root"]])
 
 
-class RemoveNoOps(CanonicalPass):
-    name = "remove_noops"
+class DropMetadataAssert(Rule):
+    """export's _assert_tensor_metadata: dtype/device checks only, and they pin values."""
+    name = "metadata assert"
+    pattern = Op(aten._assert_tensor_metadata)
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
-        log = RewriteLog()
-        for node in list(gm.graph.nodes):
-            if ir.is_op(node, aten._assert_tensor_metadata):
-                gm.graph.erase_node(node)  # export's dtype/device asserts: checks only, and they pin values
-                log.matched("metadata assert")
-                continue
-            if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
-                continue
-            source = node.args[0]
-            pattern = _noop_pattern(node)
-            if pattern is None or not _keeps_value_type(node, source):
-                continue  # e.g. a reshape that reshapes or a cast that casts: not a candidate
-            reason = _why_not_replaceable(node, source)
-            if reason:
-                log.rejected(pattern, node, reason)
-                continue
-            ir.replace_all_uses(node, source)
-            gm.graph.erase_node(node)
-            log.matched(pattern)
-        return log.result(gm)
+    def rewrite(self, gm: fx.GraphModule, b: Bindings) -> Match:
+        return Match(self.name, [b["root"]])
 
 
-def _noop_pattern(node: fx.Node) -> str | None:
-    """The name of the no-op pattern `node` is an instance of, if any."""
-    packet = ir.overload_packet(node.target)
-    if packet is aten.dropout:
-        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-        return "dropout (eval)" if (train is False or p == 0) else None
-    if packet in _IDENTITY_SCALARS:
+def _dropout_off(node: fx.Node) -> bool:
+    return arg(node, 2, "train", True) is False or arg(node, 1, "p", 0.5) == 0
+
+
+def _identity_scalar(value: int) -> Callable[[fx.Node], bool]:
+    def identity(node: fx.Node) -> bool:
         other = node.args[1] if len(node.args) > 1 else None
-        alpha = node.kwargs.get("alpha", 1)
-        if isinstance(other, (int, float)) and not isinstance(other, bool) \
-                and other == _IDENTITY_SCALARS[packet] and alpha == 1:
-            return f"{packet.__name__}(x, {other})"
-        return None
-    if packet is aten.mul and isinstance(node.args[0], (int, float)) and node.args[0] == 1:
-        return None  # scalar-first products do not occur in ATen graphs
-    if packet in _COPIES:
-        memory_format = node.kwargs.get("memory_format")
-        return f"{packet.__name__}" if memory_format in (None, torch.preserve_format) else None
-    if packet in _CASTS:
-        return "same-dtype cast"
-    if packet is aten.contiguous:
-        return "contiguous"
-    if packet in _RESHAPES:
-        return f"{packet.__name__} to same shape"
-    if packet is aten.slice:
-        return "full slice"
+        return isinstance(other, (int, float)) and not isinstance(other, bool) and other == value \
+            and node.kwargs.get("alpha", 1) == 1
+    return identity
+
+
+def _contiguous(node: fx.Node, x: fx.Node) -> Reject | None:
+    if not _surely_contiguous(ir.val(x)):
+        return Reject(Reason.UNSUPPORTED_FORM, "input may be non-contiguous; a later view needs the copy")
     return None
 
 
-def _why_not_replaceable(node: fx.Node, source: fx.Node) -> str | None:
-    """None if `node` always returns a value equal to `source`, else why not."""
-    inp = ir.val(source)
-    if ir.is_mutated(node) or ir.is_mutated(source):
-        return "a user mutates the value in place"
-    packet = ir.overload_packet(node.target)
-    if packet is aten.contiguous and not _surely_contiguous(inp):
-        return "input may be non-contiguous; a later view needs the copy"
-    if packet is aten.slice and not _is_full_slice(node, inp):
-        return "slice does not cover the whole dimension"
+def _full_slice(node: fx.Node, x: fx.Node) -> Reject | None:
+    if not _is_full_slice(node, ir.val(x)):
+        return Reject(Reason.SHAPE_MISMATCH, "slice does not cover the whole dimension")
     return None
+
+
+_X = Var("x")
+NOOP_RULES: list[Rule] = [
+    DropMetadataAssert(),
+    NoOp("dropout (eval)", Op(aten.dropout, _X), _dropout_off),
+    *(NoOp(f"{op.__name__}(x, {value})", Op(op, _X), _identity_scalar(value))
+      for op, value in ((aten.mul, 1), (aten.div, 1), (aten.add, 0), (aten.sub, 0), (aten.pow, 1))),
+    *(NoOp(op.__name__, Op(op, _X), lambda node: node.kwargs.get("memory_format") in (None, torch.preserve_format))
+      for op in (aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy)),
+    NoOp("same-dtype cast", Op((aten.to, aten._to_copy, aten.type_as), _X)),
+    NoOp("contiguous", Op(aten.contiguous, _X), safe=_contiguous),
+    *(NoOp(f"{op.__name__} to same shape", Op(op, _X)) for op in (aten.view, aten.reshape, aten._unsafe_view,
+                                                                  aten.expand)),
+    NoOp("full slice", Op(aten.slice, _X), safe=_full_slice),
+]
+
+
+class RemoveNoOps(RuleSet):
+    """The no-op removal pass: `NOOP_RULES` applied in one sweep."""
+
+    def __init__(self) -> None:
+        super().__init__("remove_noops", NOOP_RULES)
 
 
 def _keeps_value_type(node: fx.Node, source: fx.Node) -> bool:
@@ -179,12 +184,13 @@ class FoldConstants(CanonicalPass):
                 continue  # only fold the frontier: values that flow into run-time work
             value = self._evaluate(gm, node, constant, values)
             if not isinstance(value, torch.Tensor):
-                log.rejected("fold", node, f"result is {type(value).__name__}, not a tensor")
+                log.rejected("fold", node, Reject(Reason.NOT_A_TENSOR,
+                                                  f"result is {type(value).__name__}, not a tensor"))
                 continue
             growth = value.numel() * value.element_size() - _bytes_freed(gm, node, constant)
             if growth > self.max_growth_bytes:
-                log.rejected("fold", node, f"would grow the model by {growth} bytes "
-                                           f"(limit {self.max_growth_bytes})")
+                log.rejected("fold", node, Reject(Reason.SIZE_LIMIT, f"would grow the model by {growth} bytes "
+                                                                     f"(limit {self.max_growth_bytes})"))
                 continue
             folded = ir.add_constant(gm, f"folded_{node.name}", value, parameter=False)
             ir.replace_all_uses(node, folded)
@@ -286,6 +292,6 @@ def _hashable(value: Any) -> Any:
     return (type(value).__name__, value)
 
 
-def passes() -> list[CanonicalPass]:
+def passes() -> list[Pass]:
     """The canonicalization pipeline, in order."""
     return [DeadCodeElimination(), RemoveNoOps(), EliminateCommonSubexpressions(), FoldConstants()]

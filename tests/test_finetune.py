@@ -135,7 +135,7 @@ def test_fake_quant_matches_the_int8_kernels_and_passes_gradients():
 @given(case=cnn_cases(), steps=st.integers(1, 3))
 def test_train_norms_fold_back_exactly(case, steps):
     """Norms inserted after the folded convs start as the identity and fold back into the same graph."""
-    from graphopt.finetune import fold_norms, insert_norms
+    from graphopt.passes.renorm import fold_norms, insert_norms
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gm = graphopt.optimize(case.model, case.make_inputs(2, 0), level="O1", quantize=None,
@@ -145,7 +145,7 @@ def test_train_norms_fold_back_exactly(case, steps):
     with torch.no_grad():
         original = gm(*x)
     batches = [case.make_inputs(8, s) for s in range(1, 4)]
-    sites = insert_norms(gm, batches)
+    sites = insert_norms(gm, [(b, {}) for b in batches])
     with torch.no_grad():
         start = gm(*x)
     # eval-mode identity up to the ε under the square root and float32 rounding

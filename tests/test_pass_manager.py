@@ -12,8 +12,9 @@ from graphopt import ir
 from graphopt.capture import capture
 from graphopt.errors import OptionError
 from graphopt.inputs import verification_inputs
-from graphopt.pass_manager import FxIR, PassManager, PassResult, RewriteLog
+from graphopt.pass_manager import FxIR, Pass, PassManager, PassResult, RewriteLog
 from graphopt.verify import LOSSLESS, Budget, compare, run_on
+from graphopt.rules import Reason
 
 aten = torch.ops.aten
 
@@ -27,9 +28,9 @@ class TinyNet(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-class BreaksLinear:
+class BreaksLinear(Pass):
     """A deliberately wrong 'lossless' pass: drops every linear's bias."""
-    name, level, requires, fixed_point, budget = "breaks_linear", 1, (), False, LOSSLESS
+    name = "breaks_linear"
 
     def run(self, gm):
         log = RewriteLog()
@@ -39,16 +40,16 @@ class BreaksLinear:
         return log.result(gm)
 
 
-class Crashes:
-    name, level, requires, fixed_point, budget = "crashes", 1, (), False, LOSSLESS
+class Crashes(Pass):
+    name = "crashes"
 
     def run(self, gm):
         raise RuntimeError("boom inside the pass")
 
 
-class ScalesOutput:
+class ScalesOutput(Pass):
     """A 'lossy' pass that multiplies the output by (1 + eps): within a rel-err budget of 1e-2."""
-    name, level, requires, fixed_point = "scales_output", 2, (), False
+    name, level = "scales_output", 2
 
     def __init__(self, eps, budget):
         self.eps, self.budget = eps, budget
@@ -62,9 +63,9 @@ class ScalesOutput:
         return PassResult(gm, True, {})
 
 
-class CountsDown:
+class CountsDown(Pass):
     """Fixed-point pass: removes one relu per run."""
-    name, level, requires, fixed_point, budget = "counts_down", 1, (), True, LOSSLESS
+    name, fixed_point = "counts_down", True
 
     def run(self, gm):
         relus = ir.find_nodes(gm, aten.relu)
@@ -88,7 +89,7 @@ def test_wrong_lossless_pass_is_rolled_back_with_the_reason():
     gm, inputs, reference = _setup()
     out, report = PassManager([BreaksLinear()]).run(gm, inputs, reference)
     record = report["breaks_linear"]
-    assert record.rolled_back and "exceeds the budget" in record.reason
+    assert record.rolled_back and record.code == Reason.BUDGET_EXCEEDED, record.reason
     assert out is gm  # the graph before the pass is kept
     assert len(ir.find_nodes(out, aten.linear)) == 2 and all(len(n.args) == 3 for n in ir.find_nodes(out, aten.linear))
 
@@ -98,7 +99,7 @@ def test_crashing_pass_is_rolled_back_and_writes_a_reproducer(tmp_path):
     with pytest.warns(UserWarning, match="rolled back"):
         out, report = PassManager([Crashes()], reproducer_dir=tmp_path).run(gm, inputs, reference)
     record = report["crashes"]
-    assert record.rolled_back and "boom inside the pass" in record.reason
+    assert record.rolled_back and record.code == Reason.PASS_RAISED and "boom inside the pass" in record.reason
     repro = record.reproducer
     files = {p.name for p in (tmp_path / repro.split("/")[-1]).iterdir()}
     assert {"graph.py", "graph.txt", "passes.txt", "exception.txt"} <= files
@@ -108,9 +109,9 @@ def test_crashing_pass_is_rolled_back_and_writes_a_reproducer(tmp_path):
     assert repro in str(report)
 
 
-class BakesBatch:
+class BakesBatch(Pass):
     """A 'lossy' pass that reshapes the output to the example's literal shape, as int8 reshapes did."""
-    name, level, requires, fixed_point, budget = "bakes_batch", 2, (), False, Budget(min_cosine=0.99)
+    name, level, budget = "bakes_batch", 2, Budget(min_cosine=0.99)
 
     def __init__(self, shape):
         self.shape = shape
@@ -166,7 +167,7 @@ def test_lossy_pass_kept_within_budget_and_rolled_back_beyond():
     assert not report["scales_output"].rolled_back
     assert report["scales_output"].max_rel_err == pytest.approx(1e-3, rel=1e-3)
     _, report = PassManager([beyond], level=2).run(gm, inputs, reference)
-    assert report["scales_output"].rolled_back and "relative error" in report["scales_output"].reason
+    assert report["scales_output"].rolled_back and report["scales_output"].code == Reason.BUDGET_EXCEEDED
 
 
 def test_level_enable_disable_select_passes():

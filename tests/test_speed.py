@@ -10,10 +10,11 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.errors import OptionError
-from graphopt.pass_manager import PassManager, PassResult
+from graphopt.pass_manager import Pass, PassManager, PassResult
 from graphopt.speed import SpeedCheck, Verdict
 from graphopt.timing import Interleaved
 from graphopt.verify import Budget
+from graphopt.rules import Reason
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,8 @@ class Clock:
         return Interleaved(samples)
 
 
-class SetCost:
+class SetCost(Pass):
     """A pass that multiplies the module's cost by `factor` (lossless unless given a budget)."""
-    level, requires, fixed_point = 1, (), False
 
     def __init__(self, name: str, factor: float, budget: Budget | None = None, noise: float | None = None):
         self.name, self.factor, self.noise = name, factor, noise
@@ -115,7 +115,7 @@ def test_no_change_within_tolerance() -> None:
 def test_lossy_pass_must_buy_min_gain() -> None:
     lossy = Budget(min_cosine=0.5)
     _, report = manage([SetCost("int8", 0.97, budget=lossy)], SpeedCheck(timer=Clock.timer, min_gain=0.1))
-    assert report["int8"].rolled_back and "min_gain" in report["int8"].reason
+    assert report["int8"].rolled_back and report["int8"].code == Reason.SLOWER, report["int8"].reason
     _, report = manage([SetCost("int8", 0.8, budget=lossy)], SpeedCheck(timer=Clock.timer, min_gain=0.1))
     assert not report["int8"].rolled_back
 
@@ -128,7 +128,7 @@ def test_never_slower_than_the_captured_graph() -> None:
                          SpeedCheck(timer=Clock.timer, max_rounds=5), on_record=quiet)
     assert not report["int8"].rolled_back            # its own check could not tell
     fallback = report["speed check"]
-    assert fallback.rolled_back and "slower than the captured one" in fallback.reason
+    assert fallback.rolled_back and fallback.code == Reason.RESULT_SLOWER, fallback.reason
     assert out.cost == pytest.approx(0.9)
     assert "returned the fastest verified intermediate graph" in report.meta["speed"] \
         or "lossless passes alone" in report.meta["speed"]

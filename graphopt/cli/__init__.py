@@ -17,10 +17,11 @@ import sys
 from typing import Sequence
 
 from ..errors import GraphoptError
+from ..schemes import Scheme
 
 #: Exit statuses (also in `graphopt --help`).
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_FALLBACK = 0, 1, 2, 3
-SCHEMES = {"dynamic": "int8-dynamic", "static": "int8-static", "weight-only": "int8-weight-only"}
+SCHEMES = {s.short: s.value for s in Scheme}
 
 MODEL_HELP = """\
 MODEL is any of:
@@ -193,7 +194,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ..report_html import load_report, write_html
+    from ..report import load_report
+    from ..report_html import write_html
     report = load_report(args.run)
     print(report)
     if args.html:

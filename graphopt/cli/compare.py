@@ -20,7 +20,8 @@ from typing import Any, Callable
 from .. import datasets, loaders
 from ..errors import InputError, OptionError
 from ..outputs import check_writable, write_atomic
-from ..report import environment, format_bytes, size_unit
+from ..report import environment
+from ..report_format import format_bytes, size_unit
 from . import EXIT_OK
 from .progress import Console
 

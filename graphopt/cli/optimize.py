@@ -19,6 +19,7 @@ from .. import datasets, loaders, recipe
 from ..errors import OptionError
 from ..outputs import apply_umask, check_writable, write_atomic
 from ..report import Report, environment
+from ..schemes import Scheme
 from . import EXIT_FALLBACK, EXIT_OK, SCHEMES
 from .progress import Console
 
@@ -137,7 +138,7 @@ def outcome(report: Report, accuracy_budget: float | None, prune: float | None) 
     problems = []
     scheme = report.meta.get("quantize")
     if scheme:
-        problems += _not_applied(report, scheme, {scheme.replace("-", "_"), "onnx_" + scheme.replace("-", "_")})
+        problems += _not_applied(report, scheme, {Scheme(scheme).pass_name, Scheme(scheme).onnx_pass_name})
     if prune is not None:
         problems += _not_applied(report, f"pruning {prune:g}", {"structured_pruning"})
     final = report.final

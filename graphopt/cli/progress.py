@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 import time
 
-from ..report import PassRecord, format_bytes, format_error
+from ..report import PassRecord
+from ..report_format import format_bytes, format_error
 
 
 def pass_line(record: PassRecord) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import onnx
 from onnx.external_data_helper import uses_external_data
@@ -53,7 +53,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
     root = base.resolve()
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
+    for tensor in all_tensors(model):
         if not uses_external_data(tensor):
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
@@ -116,11 +116,19 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike,
 def _relocate_external_data(model_path: Path, old: str, new: str) -> None:
     """Point the saved model's external-data entries at the final data file name."""
     model = onnx.load(str(model_path), load_external_data=False)
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
+    for tensor in all_tensors(model):
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value == old:
                 entry.value = new
     onnx.save_model(model, str(model_path))
+
+
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of `model`: initializers and tensor attributes, in subgraphs too.
+
+    onnx has no public iterator for this; `onnx.external_data_helper._get_all_tensors` is the one its own
+    external-data functions use. This is the one place graphopt calls it (pinned by onnx>=1.16's API)."""
+    return onnx.external_data_helper._get_all_tensors(model)
 
 
 def _first_line(exc: Exception) -> str:

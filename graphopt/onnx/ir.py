@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import torch
 
-from graphopt.errors import UnsupportedError
+from graphopt.errors import UnsupportedError, first_line
 
 from .files import PROTOBUF_LIMIT
 
@@ -102,7 +102,7 @@ class OnnxModel:
             try:
                 self._session = session(self.to_proto())
             except Exception as exc:
-                raise UnsupportedError(f"ONNX Runtime cannot run this model: {_first_line(exc)}") from exc
+                raise UnsupportedError(f"ONNX Runtime cannot run this model: {first_line(exc)}") from exc
         return self._session
 
     def invalidate(self) -> None:
@@ -126,7 +126,15 @@ def _min_ir_version(model: onnx.ModelProto) -> int:
 
 
 class OnnxIR:
-    """The pass manager's IR protocol for `OnnxModel`s."""
+    """The pass manager's IR protocol for `OnnxModel`s.
+
+    `level`: ONNX Runtime's graph optimizations when running a module (default: all of them, through the
+    model's cached session). A check that compares two graphs to float32 rounding runs them at
+    ORT_ENABLE_BASIC, whose rewrites are exact (passes/onnx/skip_padding explains why).
+    """
+
+    def __init__(self, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> None:
+        self.level = level
 
     def copy(self, module: OnnxModel) -> OnnxModel:
         return module.copy()
@@ -146,7 +154,12 @@ class OnnxIR:
             _const_node_bytes(n) for n in module.graph.nodes if n.op == "Constant")
 
     def run(self, module: OnnxModel, inputs: Inputs) -> list[Any]:
-        return [module.run(kwargs) for _, kwargs in inputs]
+        if self.level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            return [module.run(kwargs) for _, kwargs in inputs]
+        sess = session(module.to_proto(), self.level)
+        names = [i.name for i in sess.get_inputs()]
+        return [tuple(torch.from_numpy(np.asarray(o)) for o in sess.run(None, {n: kwargs[n] for n in names}))
+                for _, kwargs in inputs]
 
     def dump(self, module: OnnxModel, directory: Path) -> None:
         onnx.save_model(module.to_proto(), str(directory / "graph.onnx"))
@@ -156,11 +169,6 @@ class OnnxIR:
 def _const_node_bytes(node: gs.Node) -> int:
     value = node.attrs.get("value")
     return value.values.nbytes if isinstance(value, gs.Constant) else 0
-
-
-def _first_line(exc: Exception) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:400]
 
 
 def random_inputs(model: OnnxModel, n: int, seed: int = 0, dims: dict[str, int] | None = None,

@@ -24,6 +24,7 @@ from graphopt.errors import OptionError, UnsupportedError
 from graphopt.pass_manager import PassManager
 from graphopt.passes import onnx as onnx_passes
 from graphopt.report import Report
+from graphopt.schemes import Scheme
 from graphopt.speed import parse_speed_check
 
 from .files import check_destination, load_model, save_model
@@ -60,7 +61,7 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, level: str | i
     dst = check_destination(src, dst, force)
     model = OnnxModel.from_proto(load_model(src))
     feeds = load_calibration(calibration_data) if calibration_data is not None else []
-    scheme = quantize.removeprefix("int8-") if quantize else None
+    scheme = Scheme(quantize).short if quantize else None
     passes = onnx_passes.passes(scheme, feeds)
     ir = OnnxIR()
     inputs = [((), feed) for feed in feeds[:VERIFY_CALIBRATION_FEEDS]]

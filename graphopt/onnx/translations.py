@@ -6,6 +6,9 @@
                                    ⇒  acc = MatMulInteger(x_q + 128, w_qᵀ + 128, 128, 128)   (uint8 × uint8)
                                       act(Cast(acc, float) · s_x[:, None] · s_w[None, :] + b)
     w8a16_linear(x, w_q, s_w, b)   ⇒  MatMul(x, DequantizeLinear(w_qᵀ, s_w, axis=1)) + b
+    layer_norm_quantize(x, w, b, eps, smooth)
+                                   ⇒  y = LayerNormalization(x, w or 1, b, axis=-1, epsilon=eps)
+                                      (y, quantize_per_token(y, smooth))
 
 QuantizeLinear divides by the scale and rounds half to even as the op's CPU
 path does, and |x / s| ≤ 127 by the choice of s, so its saturation is the
@@ -26,10 +29,10 @@ MatMul) 42–43 ms and int8 × int8 MatMulInteger 137 ms at the same error
 ORT's uint8 × uint8 kernel widens to 16 bits; its faster uint8 × int8 kernel
 (and DynamicQuantizeLinear, per tensor) sums pairs in saturating int16:
 0.5–0.58 relative error, rejected. Writing the quantization out (Div, Round, Clip,
-Add 128, Cast) or one QuantizeLinear straight to uint8 measured the same
-within the machine's noise, so quantize_per_token keeps its int8 output and
-int8_linear shifts it (3 elementwise ops on M × K, small next to the
-M × K × N product). Only the default ONNX domain is used.
+Add 128, Cast) measured the same within the machine's noise as one
+QuantizeLinear; int8_linear quantizes its input straight to uint8 where it
+comes from quantize_per_token (see `_codes_uint8`) and shifts int8-static's
+codes. Only the default ONNX domain is used.
 """
 from __future__ import annotations
 
@@ -59,7 +62,8 @@ def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
     ops = torch.ops.graphopt
     return {ops.quantize_per_token.default: quantize_per_token,
             ops.int8_linear.default: int8_linear_translation(gelu_op=opset >= GELU_OPSET),
-            ops.w8a16_linear.default: w8a16_linear}
+            ops.w8a16_linear.default: w8a16_linear,
+            ops.layer_norm_quantize.default: layer_norm_quantize}
 
 
 def _op() -> Any:
@@ -85,13 +89,30 @@ def int8_linear_translation(gelu_op: bool) -> Callable[..., Any]:
                     out_dtype: torch.dtype = torch.float32) -> Any:
         op = _op()
         zero = op.Constant(value=helper.make_tensor("zero_point", _UINT8, [], [128]))
-        acc = op.MatMulInteger(_to_uint8(op, x_q), _to_uint8(op, op.Transpose(w_q, perm=[1, 0])), zero, zero)
+        acc = op.MatMulInteger(_codes_uint8(op, x_q), _to_uint8(op, op.Transpose(w_q, perm=[1, 0])), zero, zero)
         y = op.Mul(op.Mul(op.Cast(acc, to=_FLOAT), op.Unsqueeze(x_scale, op.Constant(value_ints=[1]))), w_scale)
         if bias is not None:
             y = op.Add(y, op.Cast(bias, to=_FLOAT))
         y = _activation(op, y, activation, gelu_op)
         return op.Cast(y, to=_DTYPES[out_dtype]) if out_dtype != torch.float32 else y
     return int8_linear
+
+
+def _codes_uint8(op: Any, x_q: Any) -> Any:
+    """The activation codes as uint8: quantized straight to uint8 where x_q is quantize_per_token's
+    QuantizeLinear (zero point int8 0), else x_q shifted (int8-static computes its codes with ATen ops).
+
+    QuantizeLinear gives saturate(round(x / s) + z): with z = 0 into int8 the codes are
+    clip(round(x / s), −128, 127), and adding 128 gives clip(round(x / s) + 128, 0, 255), which is
+    QuantizeLinear into uint8 with zero point 128 — the same bytes in one op instead of four. The
+    int8 QuantizeLinear is then read by nothing and dropped with the dead nodes. (quantize_per_token's
+    own translation has to return int8: the exporter types its output from the torch op's.)"""
+    producer = x_q.producer() if hasattr(x_q, "producer") else None
+    if producer is None or producer.op_type != "QuantizeLinear" or len(producer.inputs) < 2:
+        return _to_uint8(op, x_q)
+    x, scale = producer.inputs[0], producer.inputs[1]
+    zero = op.Expand(op.Constant(value=helper.make_tensor("zero_u8", _UINT8, [], [128])), op.Shape(scale))
+    return op.QuantizeLinear(x, scale, zero, axis=0)
 
 
 def _to_uint8(op: Any, q: Any) -> Any:
@@ -106,6 +127,15 @@ def w8a16_linear(x: Any, w_q: Any, w_scale: Any, bias: Any = None) -> Any:
     if bias is not None:
         y = op.Add(y, op.Cast(bias, to=_FLOAT))
     return op.CastLike(y, x)
+
+
+def layer_norm_quantize(x: Any, weight: Any, bias: Any, eps: float, smooth: Any = None) -> tuple[Any, Any, Any]:
+    op = _op()
+    if weight is None:   # LayerNormalization's scale input is required
+        ones = op.ConstantOfShape(op.Shape(x, start=-1), value=helper.make_tensor("one", _FLOAT, [1], [1.0]))
+        weight = op.CastLike(ones, x)
+    y = op.LayerNormalization(x, weight, bias, axis=-1, epsilon=float(eps))
+    return (y, *quantize_per_token(y, smooth))
 
 
 def _activation(op: Any, y: Any, activation: str, gelu_op: bool) -> Any:

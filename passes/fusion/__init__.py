@@ -7,17 +7,16 @@ GEMM merge last (it needs the final weights).
 """
 from __future__ import annotations
 
-from typing import Any
-
-from .activation import RecognizeActivations
-from .algebraic import AlgebraicCleanup
-from .attention import RecognizeAttention
-from .batchnorm import FoldBatchNorm
-from .horizontal_gemm import MergeParallelGemms
-from .normalization import RecognizeNormalization
+from ..rules import RuleSet
+from . import activation, algebraic, attention, batchnorm, grouped_query, horizontal_gemm, normalization
 
 
-def passes() -> list[Any]:
-    """The fusion passes, in the order they run."""
-    return [RecognizeActivations(), RecognizeNormalization(), RecognizeAttention(), AlgebraicCleanup(),
-            FoldBatchNorm(), MergeParallelGemms()]
+def passes() -> list[RuleSet]:
+    """The fusion passes, in the order they run: each a `RuleSet` of one family's rules."""
+    return [RuleSet("recognize_activations", activation.RULES),
+            RuleSet("recognize_normalization", normalization.RULES),
+            RuleSet("recognize_attention", attention.RULES),
+            RuleSet("grouped_query_attention", grouped_query.RULES),           # after SDPA is recognized
+            RuleSet("algebraic_cleanup", algebraic.RULES, fixed_point=True),   # a new linear can take a scale
+            RuleSet("fold_batchnorm", batchnorm.RULES),                         # in the next sweep
+            RuleSet("merge_parallel_gemms", horizontal_gemm.RULES)]

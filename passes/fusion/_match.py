@@ -1,8 +1,5 @@
-"""Matching helpers shared by the fusion passes.
+"""Matching helpers shared by the fusion rules (`graphopt.passes.rules` applies them).
 
-- `FusionPass`: the common pass attributes (O1, lossless) and the loop that
-  offers every live node of the anchor ops to the pass's `rewrite`, which
-  returns None (not a candidate), a rejection reason, or a `Match`.
 - `arg`, `scalar`, `close`: reading ATen arguments and literal constants.
 - `polynomial`: a value written as sums and products of one variable
   (`0.5*x*(1 + …)`, `x + 0.044715*x**3`), flattened so that every spelling of
@@ -11,64 +8,21 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.pass_manager import PassResult, RewriteLog
-from graphopt.verify import LOSSLESS
+
+from ..rules import is_check
 
 aten = torch.ops.aten
 
 
-@dataclass
-class Match:
-    """A successful rewrite: `pattern` names it in the report; `dead` are the
-    replaced nodes, erased once nothing uses them."""
-    pattern: str
-    dead: list[fx.Node] = field(default_factory=list)
-
-
-class FusionPass:
-    """Base of the fusion passes: level O1, lossless, one sweep over the anchors."""
-    level = 1
-    requires: tuple[str, ...] = ()
-    fixed_point = False
-    budget = LOSSLESS
-    name = "fusion"
-    anchors: tuple[Any, ...] = ()
-    label = "candidate"   # pattern name used for rejections
-
-    def run(self, gm: fx.GraphModule) -> PassResult:
-        log = RewriteLog()
-        for node in list(gm.graph.nodes):
-            if getattr(node, "_erased", False) or not ir.is_op(node, *self.anchors):
-                continue
-            outcome = self.rewrite(gm, node)
-            if isinstance(outcome, str):
-                log.rejected(self.label, node, outcome)
-            elif isinstance(outcome, Match):
-                log.matched(outcome.pattern)
-                dead = [n for n in dict.fromkeys(outcome.dead) if not getattr(n, "_erased", False)]
-                checks = [u for n in dead for u in n.users if _is_check(u)]
-                ir.erase_unused(gm.graph, checks + dead)
-        return log.result(gm)
-
-    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> Match | str | None:
-        raise NotImplementedError
-
-
-def _is_check(node: fx.Node) -> bool:
-    """torch.export's metadata asserts: they read a value but compute nothing."""
-    return ir.is_op(node, aten._assert_tensor_metadata)
-
-
 def users(node: fx.Node) -> list[fx.Node]:
     """The nodes that compute with `node` (metadata asserts on it left out)."""
-    return [u for u in node.users if not _is_check(u)]
+    return [u for u in node.users if not is_check(u)]
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:

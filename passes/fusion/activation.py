@@ -20,8 +20,10 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.rules import Reason, Reject
 
-from ._match import FusionPass, Match, call, close, interior, poly_equal, polynomial, scalar
+from ..rules import Bindings, Match, Op, Rule, Var
+from ._match import call, close, interior, poly_equal, polynomial, scalar
 
 aten = torch.ops.aten
 
@@ -32,49 +34,61 @@ _ARGUMENTS = {   # inner function -> (its argument as a polynomial in x, gelu's 
 }
 
 
-class RecognizeActivations(FusionPass):
-    name = "recognize_activations"
-    anchors = (aten.erf, aten.tanh, aten.sigmoid)
-    label = "activation"
+class SiluRule(Rule):
+    """x · sigmoid(x) ⇒ silu(x): a fixed-shape peephole, written as a pattern."""
+    name = "activation"
+    pattern = Op(aten.mul, Var("a"), Var("b"))
+    anchors = (aten.sigmoid,)
 
-    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> Match | str | None:
-        if ir.is_op(node, aten.sigmoid):
-            return _silu(gm, node)
-        return _gelu(gm, node)
+    def match(self, gm: fx.GraphModule, sig: fx.Node) -> Bindings | Reject | None:
+        x = sig.args[0]
+        product = next(iter(sig.users), None)
+        found = self.pattern.match(product) if product is not None else None
+        if found is None or x not in (found["a"], found["b"]):
+            return None   # a plain sigmoid
+        if len(sig.users) != 1:
+            return Reject(Reason.OTHER_USERS, "sigmoid(x) has other users")
+        if {found["a"], found["b"]} != {x, sig}:
+            return Reject(Reason.NOT_THE_FORMULA, "product is not x · sigmoid(x)")
+        return {"x": x, "sig": sig, "product": product}
+
+    def rewrite(self, gm: fx.GraphModule, b: Bindings) -> Match:
+        silu = call(gm.graph, aten.silu.default, (b["x"],), before=b["product"])
+        ir.replace_all_uses(b["product"], silu)
+        return Match("silu", [b["product"], b["sig"]])
 
 
-def _silu(gm: fx.GraphModule, sig: fx.Node) -> Match | str | None:
-    x = sig.args[0]
-    product = next(iter(sig.users), None)
-    if product is None or not ir.is_op(product, aten.mul) or x not in product.args[:2]:
-        return None   # a plain sigmoid
-    if len(sig.users) != 1:
-        return "sigmoid(x) has other users"
-    if set(product.args[:2]) != {x, sig}:
-        return "product is not x · sigmoid(x)"
-    silu = call(gm.graph, aten.silu.default, (x,), before=product)
-    ir.replace_all_uses(product, silu)
-    return Match("silu", [product, sig])
+class GeluRule(Rule):
+    """0.5 · x · (1 + erf(x/√2)) and its tanh form ⇒ gelu: a canonical-form walker (every spelling)."""
+    name = "activation"
+    anchors = (aten.erf, aten.tanh)
+
+    def match(self, gm: fx.GraphModule, inner: fx.Node) -> Bindings | Reject | None:
+        want, approximate = _ARGUMENTS[ir.overload_packet(inner.target)]
+        plus_one = next(iter(inner.users), None)
+        if plus_one is None or not ir.is_op(plus_one, aten.add) or scalar(plus_one.args[1]) != 1.0:
+            return None   # erf/tanh used for something other than a GELU
+        if len(inner.users) != 1:
+            return Reject(Reason.OTHER_USERS, f"{inner.name} has other users")
+        root, x, absorbed = _half_x_times(plus_one)
+        if root is None:
+            return Reject(Reason.NOT_THE_FORMULA, "product around (1 + …) is not 0.5 · x · (1 + …)")
+        inner_absorbed: list[fx.Node] = []
+        if not poly_equal(polynomial(inner.args[0], x, inner, inner_absorbed), want):
+            return Reject(Reason.NOT_THE_FORMULA,
+                          f"argument of {ir.overload_packet(inner.target).__name__} is not the GELU formula in x")
+        return {"x": x, "root": root, "approximate": approximate,
+                "dead": [root, *absorbed, plus_one, inner, *inner_absorbed]}
+
+    def rewrite(self, gm: fx.GraphModule, b: Bindings) -> Match:
+        approximate = b["approximate"]
+        gelu = call(gm.graph, aten.gelu.default, (b["x"],),
+                    {"approximate": approximate} if approximate != "none" else {}, before=b["root"])
+        ir.replace_all_uses(b["root"], gelu)
+        return Match(f"gelu ({'erf' if approximate == 'none' else 'tanh'})", b["dead"])
 
 
-def _gelu(gm: fx.GraphModule, inner: fx.Node) -> Match | str | None:
-    want, approximate = _ARGUMENTS[ir.overload_packet(inner.target)]
-    plus_one = next(iter(inner.users), None)
-    if plus_one is None or not ir.is_op(plus_one, aten.add) or scalar(plus_one.args[1]) != 1.0:
-        return None   # erf/tanh used for something other than a GELU
-    if len(inner.users) != 1:
-        return f"{inner.name} has other users"
-    root, x, absorbed = _half_x_times(plus_one)
-    if root is None:
-        return "product around (1 + …) is not 0.5 · x · (1 + …)"
-    inner_absorbed: list[fx.Node] = []
-    if not poly_equal(polynomial(inner.args[0], x, inner, inner_absorbed), want):
-        return f"argument of {ir.overload_packet(inner.target).__name__} is not the GELU formula in x"
-    gelu = call(gm.graph, aten.gelu.default, (x,), {"approximate": approximate} if approximate != "none" else {},
-                before=root)
-    ir.replace_all_uses(root, gelu)
-    return Match(f"gelu ({'erf' if approximate == 'none' else 'tanh'})",
-                 [root, *absorbed, plus_one, inner, *inner_absorbed])
+RULES = [GeluRule(), SiluRule()]
 
 
 def _half_x_times(plus_one: fx.Node) -> tuple[fx.Node | None, fx.Node | None, list[fx.Node]]:

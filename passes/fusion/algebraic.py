@@ -22,8 +22,10 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.rules import Reason, Reject
 
-from ._match import FusionPass, Match, arg, call, constant_tensor, interior, permutation, scalar
+from ..rules import Bindings, Match, Op, Rule, Var
+from ._match import arg, call, constant_tensor, interior, permutation, scalar
 
 aten = torch.ops.aten
 
@@ -32,83 +34,88 @@ _RESHAPES = (aten.view, aten.reshape, aten._unsafe_view)
 _SCALES = (aten.mul, aten.div)
 
 
-class AlgebraicCleanup(FusionPass):
-    name = "algebraic_cleanup"
-    fixed_point = True   # a new linear can take a scale in the next sweep
-    anchors = (*_PERMUTES, *_RESHAPES, aten.matmul, aten.mm, aten.addmm, *_SCALES)
-    label = "algebraic"
+class PermuteChain(Rule):
+    name = "algebraic"
+    pattern = Op(_PERMUTES, Op(_PERMUTES, Var("source"), name="inner"))
 
-    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> Match | str | None:
-        if ir.is_op(node, *_PERMUTES):
-            return _permute_chain(gm, node)
-        if ir.is_op(node, *_RESHAPES):
-            return _reshape_chain(gm, node)
-        if ir.is_op(node, aten.matmul, aten.mm, aten.addmm):
-            return _matmul_to_linear(gm, node)
-        return _scale_into_linear(gm, node)
-
-
-def _permute_chain(gm: fx.GraphModule, node: fx.Node) -> Match | str | None:
-    inner = node.args[0]
-    if not isinstance(inner, fx.Node) or not ir.is_op(inner, *_PERMUTES):
+    def check(self, gm: fx.GraphModule, b: Bindings) -> Reject | None:
+        if ir.is_mutated(b["root"]) or ir.is_mutated(b["inner"]):
+            return Reject(Reason.MUTATED, "a permuted value is modified in place")
+        p, q = permutation(b["inner"]), permutation(b["root"])
+        if p is None or q is None:
+            return Reject(Reason.UNKNOWN_SHAPE, "rank unknown")
+        b["composed"] = [p[j] for j in q]
         return None
-    if ir.is_mutated(node) or ir.is_mutated(inner):
-        return "a permuted value is modified in place"
-    p, q = permutation(inner), permutation(node)
-    if p is None or q is None:
-        return "rank unknown"
-    composed = [p[j] for j in q]
-    source = inner.args[0]
-    if composed == list(range(len(composed))):
-        ir.replace_all_uses(node, source)
-        return Match("permute chain → identity", [node, inner])
-    new = call(gm.graph, aten.permute.default, (source, composed), before=node)
-    ir.replace_all_uses(node, new)
-    return Match("permute chain", [node, inner])
+
+    def rewrite(self, gm: fx.GraphModule, b: Bindings) -> Match:
+        node, composed, source = b["root"], b["composed"], b["source"]
+        if composed == list(range(len(composed))):
+            ir.replace_all_uses(node, source)
+            return Match("permute chain → identity", [node, b["inner"]])
+        new = call(gm.graph, aten.permute.default, (source, composed), before=node)
+        ir.replace_all_uses(node, new)
+        return Match("permute chain", [node, b["inner"]])
 
 
-def _reshape_chain(gm: fx.GraphModule, node: fx.Node) -> Match | str | None:
-    inner = node.args[0]
-    if not isinstance(inner, fx.Node) or not ir.is_op(inner, *_RESHAPES):
+class ReshapeChain(Rule):
+    name = "algebraic"
+    pattern = Op(_RESHAPES, Op(_RESHAPES, Var("source"), name="inner"), Var("shape"))
+
+    def check(self, gm: fx.GraphModule, b: Bindings) -> Reject | None:
+        if ir.is_mutated(b["root"]) or ir.is_mutated(b["inner"]):
+            return Reject(Reason.MUTATED, "a reshaped value is modified in place")
         return None
-    if ir.is_mutated(node) or ir.is_mutated(inner):
-        return "a reshaped value is modified in place"
-    new = call(gm.graph, aten.reshape.default, (inner.args[0], node.args[1]), before=node)
-    ir.replace_all_uses(node, new)
-    return Match("reshape chain", [node, inner])
+
+    def rewrite(self, gm: fx.GraphModule, b: Bindings) -> Match:
+        node = b["root"]
+        new = call(gm.graph, aten.reshape.default, (b["source"], b["shape"]), before=node)
+        ir.replace_all_uses(node, new)
+        return Match("reshape chain", [node, b["inner"]])
 
 
-def _matmul_to_linear(gm: fx.GraphModule, node: fx.Node) -> Match | str | None:
-    bias_node = None
-    if ir.is_op(node, aten.addmm):
-        if arg(node, 3, "beta", 1) != 1 or arg(node, 4, "alpha", 1) != 1:
-            return "addmm with beta/alpha ≠ 1"
-        bias_node, x, w_node = node.args[0], node.args[1], node.args[2]
-    else:
-        x, w_node = node.args[0], node.args[1]
-    weight = constant_tensor(gm, w_node)
-    if weight is None or weight.dim() != 2:
-        return None if weight is None else "the right operand is not a 2-D weight"
-    if ir.dtype(x) != weight.dtype:
-        return "input and weight dtypes differ"
-    out, dead = node, [node]
-    if bias_node is None:
-        add = next(iter(node.users)) if len(node.users) == 1 else None
-        if add is not None and ir.is_op(add, aten.add) and add.kwargs.get("alpha", 1) == 1:
-            other = add.args[1] if add.args[0] is node else add.args[0]
-            if _as_bias(gm, other, weight) is not None:
-                bias_node, out = other, add
-                dead.append(add)
-    bias = _as_bias(gm, bias_node, weight) if bias_node is not None else None
-    if bias_node is not None and bias is None:
-        return "bias is not a constant of the output features' shape"
-    w_t = ir.add_constant(gm, f"{w_node.name}_t", weight.t().contiguous())
-    b = None
-    if bias is not None:
-        b = bias_node if list(bias.shape) == [weight.shape[1]] else ir.add_constant(gm, f"{bias_node.name}_v", bias)
-    new = call(gm.graph, aten.linear.default, (x, w_t, b), before=out)
-    ir.replace_all_uses(out, new)
-    return Match("matmul + bias → linear" if b is not None else "matmul → linear", dead)
+class MatmulToLinear(Rule):
+    name = "algebraic"
+    anchors = (aten.matmul, aten.mm, aten.addmm)
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Bindings | Reject | None:
+        bias_node = None
+        if ir.is_op(node, aten.addmm):
+            if arg(node, 3, "beta", 1) != 1 or arg(node, 4, "alpha", 1) != 1:
+                return Reject(Reason.UNSUPPORTED_FORM, "addmm with beta/alpha ≠ 1")
+            bias_node, x, w_node = node.args[0], node.args[1], node.args[2]
+        else:
+            x, w_node = node.args[0], node.args[1]
+        weight = constant_tensor(gm, w_node)
+        if weight is None:
+            return None
+        if weight.dim() != 2:
+            return Reject(Reason.SHAPE_MISMATCH, "the right operand is not a 2-D weight")
+        if ir.dtype(x) != weight.dtype:
+            return Reject(Reason.DTYPE_MISMATCH, "input and weight dtypes differ")
+        out, dead = node, [node]
+        if bias_node is None:
+            add = next(iter(node.users)) if len(node.users) == 1 else None
+            if add is not None and ir.is_op(add, aten.add) and add.kwargs.get("alpha", 1) == 1:
+                other = add.args[1] if add.args[0] is node else add.args[0]
+                if _as_bias(gm, other, weight) is not None:
+                    bias_node, out = other, add
+                    dead.append(add)
+        bias = _as_bias(gm, bias_node, weight) if bias_node is not None else None
+        if bias_node is not None and bias is None:
+            return Reject(Reason.SHAPE_MISMATCH, "bias is not a constant of the output features' shape")
+        return {"x": x, "w_node": w_node, "weight": weight, "bias_node": bias_node, "bias": bias, "out": out,
+                "dead": dead}
+
+    def rewrite(self, gm: fx.GraphModule, b: Bindings) -> Match:
+        weight, bias, bias_node = b["weight"], b["bias"], b["bias_node"]
+        w_t = ir.add_constant(gm, f"{b['w_node'].name}_t", weight.t().contiguous())
+        new_bias = None
+        if bias is not None:
+            new_bias = bias_node if list(bias.shape) == [weight.shape[1]] \
+                else ir.add_constant(gm, f"{bias_node.name}_v", bias)
+        new = call(gm.graph, aten.linear.default, (b["x"], w_t, new_bias), before=b["out"])
+        ir.replace_all_uses(b["out"], new)
+        return Match("matmul + bias → linear" if new_bias is not None else "matmul → linear", b["dead"])
 
 
 def _as_bias(gm: fx.GraphModule, node: object, weight: torch.Tensor) -> torch.Tensor | None:
@@ -121,42 +128,52 @@ def _as_bias(gm: fx.GraphModule, node: object, weight: torch.Tensor) -> torch.Te
     return tensor.reshape(-1)
 
 
-def _scale_into_linear(gm: fx.GraphModule, node: fx.Node) -> Match | str | None:
-    c = scalar(node.args[1]) if len(node.args) > 1 else None
-    source = node.args[0]
-    if c is None or not isinstance(source, fx.Node):
-        return None
-    if ir.is_op(node, aten.div) and c == 0:
-        return "division by zero"
-    if ir.is_op(source, aten.linear):      # linear(x) · c
-        if not interior(source, node):
-            return "the linear output has other users"
-        params = _linear_params(gm, source)
-        if isinstance(params, str):
+class ScaleIntoLinear(Rule):
+    """linear(x) · c ⇒ linear with c·W, c·b;  linear(x · c) ⇒ linear with c·W."""
+    name = "algebraic"
+    anchors = _SCALES
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Bindings | Reject | None:
+        c = scalar(node.args[1]) if len(node.args) > 1 else None
+        source = node.args[0]
+        if c is None or not isinstance(source, fx.Node):
+            return None
+        if ir.is_op(node, aten.div) and c == 0:
+            return Reject(Reason.NOT_THE_FORMULA, "division by zero")
+        if ir.is_op(source, aten.linear):      # linear(x) · c
+            if not interior(source, node):
+                return Reject(Reason.OTHER_USERS, "the linear output has other users")
+            linear, side = source, "output"
+        else:
+            user = next(iter(node.users)) if len(node.users) == 1 else None
+            if user is None or not ir.is_op(user, aten.linear) or user.args[0] is not node:
+                return None
+            linear, side = user, "input"                # linear(x · c)
+        params = _linear_params(gm, linear)
+        if isinstance(params, Reject):
             return params
-        w, b = params
-        new_b = _scaled(node, b) if b is not None else None
-        _retarget(gm, source, _scaled(node, w), new_b)
-        ir.replace_all_uses(node, source)
-        return Match("scalar → linear (output)", [node])
-    user = next(iter(node.users)) if len(node.users) == 1 else None
-    if user is not None and ir.is_op(user, aten.linear) and user.args[0] is node:   # linear(x · c)
-        params = _linear_params(gm, user)
-        if isinstance(params, str):
-            return params
-        w, b = params
-        _retarget(gm, user, _scaled(node, w), b)
-        user.args = (source, *user.args[1:])
-        return Match("scalar → linear (input)", [node])
-    return None
+        return {"node": node, "source": source, "linear": linear, "side": side, "w": params[0], "b": params[1]}
+
+    def rewrite(self, gm: fx.GraphModule, b: Bindings) -> Match:
+        node, linear, w, bias = b["node"], b["linear"], b["w"], b["b"]
+        if b["side"] == "output":
+            _retarget(gm, linear, _scaled(node, w), _scaled(node, bias) if bias is not None else None)
+            ir.replace_all_uses(node, linear)
+        else:
+            _retarget(gm, linear, _scaled(node, w), bias)
+            linear.args = (b["source"], *linear.args[1:])
+        return Match(f"scalar → linear ({b['side']})", [node])
 
 
-def _linear_params(gm: fx.GraphModule, linear: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+RULES = [PermuteChain(), ReshapeChain(), MatmulToLinear(), ScaleIntoLinear()]
+
+
+def _linear_params(gm: fx.GraphModule, linear: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | Reject:
     w = constant_tensor(gm, linear.args[1])
     b_arg = arg(linear, 2, "bias")
     b = constant_tensor(gm, b_arg) if b_arg is not None else None
     if w is None or (b_arg is not None and b is None):
-        return "linear weight or bias is not a constant"
+        return Reject(Reason.NOT_CONSTANT, "linear weight or bias is not a constant")
     return w, b
 
 

@@ -25,55 +25,65 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.rules import Reason, Reject
 
-from ._match import FusionPass, Match, arg, call, interior, permutation, rank, same_shape, scalar, users
+from ..rules import Bindings, Match, Rule
+from ._match import arg, call, interior, permutation, rank, same_shape, scalar, users
 
 aten = torch.ops.aten
 
 _MATMULS = (aten.matmul, aten.bmm)
 
 
-class RecognizeAttention(FusionPass):
-    name = "recognize_attention"
+class AttentionRule(Rule):
+    """A canonical-form walker: every spelling of mask and scale under the softmax reads the same."""
+    name = "attention"
     anchors = (aten.softmax, aten._softmax)
-    label = "attention"
 
-    def rewrite(self, gm: fx.GraphModule, softmax: fx.Node) -> Match | str | None:
+    def match(self, gm: fx.GraphModule, softmax: fx.Node) -> Bindings | Reject | None:
         consumers = users(softmax)
         out = consumers[0] if consumers else None
         if out is None or not ir.is_op(out, *_MATMULS) or out.args[0] is not softmax:
             return None   # a softmax that does not weight values
         if len(consumers) != 1:
-            return "softmax output has other users"
+            return Reject(Reason.OTHER_USERS, "softmax output has other users")
         r = rank(softmax)
         if r is None or r < 3 or softmax.args[1] % r != r - 1:
-            return "softmax is not over the last dim of a batched score tensor"
+            return Reject(Reason.WRONG_AXIS, "softmax is not over the last dim of a batched score tensor")
         if _softmax_casts(softmax):
-            return "softmax changes the dtype"
+            return Reject(Reason.DTYPE_MISMATCH, "softmax changes the dtype")
         dead = [out, softmax]
         scores = _strip_mask_and_scale(softmax.args[0], softmax, dead)
-        if isinstance(scores, str):
+        if isinstance(scores, Reject):
             return scores
         product, mask, scale = scores
         if not ir.is_op(product, *_MATMULS):
-            return "scores are not a matmul"
+            return Reject(Reason.WRONG_PRODUCER, "scores are not a matmul")
         q, q_scale = _strip_scale(product.args[0], product, dead)
         kt, k_scale = _strip_scale(product.args[1], product, dead)
         if q_scale is None or k_scale is None:
-            return "q or k is scaled by a non-constant"
+            return Reject(Reason.NOT_CONSTANT, "q or k is scaled by a non-constant")
         v = out.args[1]
         reason = _check_operands(q, kt, v, mask)
         if reason:
             return reason
-        k = _untranspose(gm, kt, product, out, dead)
+        return {"q": q, "kt": kt, "v": v, "mask": mask, "scale": scale * q_scale * k_scale, "product": product,
+                "out": out, "dead": dead}
+
+    def rewrite(self, gm: fx.GraphModule, b: Bindings) -> Match:
+        q, v, mask, out, dead = b["q"], b["v"], b["mask"], b["out"], b["dead"]
+        k = _untranspose(gm, b["kt"], b["product"], out, dead)
         if mask is not None and mask[1]:
             mask_node = call(gm.graph, aten.logical_not.default, (mask[0],), before=out)
         else:
             mask_node = mask[0] if mask is not None else None
         sdpa = call(gm.graph, aten.scaled_dot_product_attention.default, (q, k, v, mask_node),
-                    {"scale": scale * q_scale * k_scale}, before=out)
+                    {"scale": b["scale"]}, before=out)
         ir.replace_all_uses(out, sdpa)
         return Match("scaled_dot_product_attention" + ("" if mask is None else " (masked)"), dead)
+
+
+RULES = [AttentionRule()]
 
 
 def _softmax_casts(softmax: fx.Node) -> bool:
@@ -88,25 +98,25 @@ def _strip_mask_and_scale(value: object, owner: fx.Node, dead: list[fx.Node]):
     mask, scale = None, 1.0
     while isinstance(value, fx.Node) and ir.is_op(value, aten.add, aten.mul, aten.div, aten.masked_fill, aten.where):
         if not interior(value, owner):
-            return f"{value.name} (between the scores and the softmax) has other users"
+            return Reject(Reason.OTHER_USERS, f"{value.name} (between the scores and the softmax) has other users")
         factor = _scalar_factor(value)
         if factor is not None:
             scale, inner = scale * factor, value.args[0]
         elif ir.is_op(value, aten.mul, aten.div):
-            return "scores are scaled by a tensor, not a constant"
+            return Reject(Reason.NOT_CONSTANT, "scores are scaled by a tensor, not a constant")
         else:
             if mask is not None:
-                return "more than one mask"
+                return Reject(Reason.UNSUPPORTED_FORM, "more than one mask")
             if scale != 1.0:
-                return "the mask is added before the scale (SDPA would not scale it)"
+                return Reject(Reason.NOT_THE_FORMULA, "the mask is added before the scale (SDPA would not scale it)")
             found = _mask(value)
-            if isinstance(found, str):
+            if isinstance(found, Reject):
                 return found
             mask, inner = found
         dead.append(value)
         owner, value = value, inner
     if not isinstance(value, fx.Node) or not interior(value, owner):
-        return "the scores matmul has other users"
+        return Reject(Reason.OTHER_USERS, "the scores matmul has other users")
     dead.append(value)
     return value, mask, scale
 
@@ -124,11 +134,11 @@ def _mask(node: fx.Node):
     if ir.is_op(node, aten.add):
         scores, mask = node.args[0], node.args[1]
         if not isinstance(mask, fx.Node) or not isinstance(scores, fx.Node) or node.kwargs.get("alpha", 1) != 1:
-            return "additive mask is not a tensor"
+            return Reject(Reason.UNSUPPORTED_FORM, "additive mask is not a tensor")
         if not same_shape(ir.shape(node), ir.shape(scores)):
-            return "the mask broadcasts the scores to a larger shape"
+            return Reject(Reason.SHAPE_MISMATCH, "the mask broadcasts the scores to a larger shape")
         if ir.dtype(mask) != ir.dtype(scores):
-            return f"additive mask dtype {ir.dtype(mask)} differs from the scores' {ir.dtype(scores)}"
+            return Reject(Reason.DTYPE_MISMATCH, f"additive mask dtype {ir.dtype(mask)} differs from the scores' {ir.dtype(scores)}")
         return (mask, False), scores
     if ir.is_op(node, aten.masked_fill):
         scores, mask, fill = node.args[0], node.args[1], node.args[2]
@@ -137,11 +147,11 @@ def _mask(node: fx.Node):
         negate = scalar(node.args[1]) is not None
         mask, scores, fill = node.args[0], node.args[2 if negate else 1], node.args[1 if negate else 2]
         if not same_shape(ir.shape(node), ir.shape(scores)):
-            return "the mask broadcasts the scores to a larger shape"
+            return Reject(Reason.SHAPE_MISMATCH, "the mask broadcasts the scores to a larger shape")
     if scalar(fill) != -math.inf:
-        return f"fill value {fill} is not -inf (SDPA's boolean mask means -inf)"
+        return Reject(Reason.NOT_THE_FORMULA, f"fill value {fill} is not -inf (SDPA's boolean mask means -inf)")
     if ir.dtype(mask) != torch.bool:
-        return "boolean mask is not a bool tensor"
+        return Reject(Reason.DTYPE_MISMATCH, "boolean mask is not a bool tensor")
     return (mask, negate), scores
 
 
@@ -157,20 +167,20 @@ def _strip_scale(value: object, owner: fx.Node, dead: list[fx.Node]) -> tuple[ob
     return value, scale
 
 
-def _check_operands(q: object, kt: object, v: object, mask: object) -> str | None:
+def _check_operands(q: object, kt: object, v: object, mask: object) -> Reject | None:
     shapes = [ir.shape(n) for n in (q, kt, v)]
     if any(s is None for s in shapes):
-        return "q, k or v has no shape metadata"
+        return Reject(Reason.UNKNOWN_SHAPE, "q, k or v has no shape metadata")
     qs, ks, vs = shapes
     if not len(qs) == len(ks) == len(vs) or len(qs) < 3:
-        return f"q, kᵀ, v ranks {len(qs)}, {len(ks)}, {len(vs)} do not fit SDPA"
+        return Reject(Reason.SHAPE_MISMATCH, f"q, kᵀ, v ranks {len(qs)}, {len(ks)}, {len(vs)} do not fit SDPA")
     if not (same_shape(qs[:-2], ks[:-2]) and same_shape(qs[:-2], vs[:-2])):
-        return "q, k and v batch/head dims differ (broadcasting matmul)"
+        return Reject(Reason.SHAPE_MISMATCH, "q, k and v batch/head dims differ (broadcasting matmul)")
     if str(ks[-1]) != str(vs[-2]):
-        return "k and v sequence lengths differ"
+        return Reject(Reason.SHAPE_MISMATCH, "k and v sequence lengths differ")
     dtypes = {ir.dtype(n) for n in (q, kt, v)}
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        return f"q, k, v dtypes {sorted(map(str, dtypes))} are not one float dtype"
+        return Reject(Reason.DTYPE_MISMATCH, f"q, k, v dtypes {sorted(map(str, dtypes))} are not one float dtype")
     return None
 
 

@@ -24,8 +24,10 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.rules import Reason, Reject
 
-from ._match import FusionPass, Match, arg, constant_tensor, rank
+from ..rules import Bindings, Match, Rule
+from ._match import arg, constant_tensor, rank
 
 aten = torch.ops.aten
 
@@ -33,41 +35,45 @@ _CONVS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.conv_transpose1d, aten.con
           aten.conv_transpose3d, aten.convolution)
 
 
-class FoldBatchNorm(FusionPass):
-    name = "fold_batchnorm"
+class FoldBatchNormRule(Rule):
+    name = "batchnorm fold"
     anchors = (aten.batch_norm,)
-    label = "batchnorm fold"
 
-    def rewrite(self, gm: fx.GraphModule, bn: fx.Node) -> Match | str | None:
+    def match(self, gm: fx.GraphModule, bn: fx.Node) -> Bindings | Reject:
         layer = bn.args[0]
         if not isinstance(layer, fx.Node) or not ir.is_op(layer, aten.linear, *_CONVS):
-            return "input is not a conv or linear"
+            return Reject(Reason.WRONG_PRODUCER, "input is not a conv or linear")
+        return {"bn": bn, "layer": layer}
+
+    def check(self, gm: fx.GraphModule, b: Bindings) -> Reject | None:
+        bn, layer = b["bn"], b["layer"]
         if arg(bn, 5, "training", False) is not False:
-            return "BatchNorm is in training mode"
+            return Reject(Reason.TRAINING_MODE, "BatchNorm is in training mode")
         if len(layer.users) != 1:
-            return f"{_kind(layer)} output has {len(layer.users)} users"
+            return Reject(Reason.OTHER_USERS, f"{_kind(layer)} output has {len(layer.users)} users")
         if ir.is_mutated(layer):
-            return f"{_kind(layer)} output is modified in place"
-        stats = [constant_tensor(gm, a) if a is not None else None for a in bn.args[1:5]]
-        gamma, beta, mean, var = stats
+            return Reject(Reason.MUTATED, f"{_kind(layer)} output is modified in place")
+        gamma, beta, mean, var = (constant_tensor(gm, a) if a is not None else None for a in bn.args[1:5])
         if mean is None or var is None:
-            return "running statistics are missing or not constant"
+            return Reject(Reason.NOT_CONSTANT, "running statistics are missing or not constant")
         if any(a is not None and s is None for a, s in zip(bn.args[1:3], (gamma, beta))):
-            return "BatchNorm affine parameters are not constant"
+            return Reject(Reason.NOT_CONSTANT, "BatchNorm affine parameters are not constant")
         weight = constant_tensor(gm, layer.args[1])
         bias_arg = arg(layer, 2, "bias")
         bias = constant_tensor(gm, bias_arg) if bias_arg is not None else None
         if weight is None or (bias_arg is not None and bias is None):
-            return f"{_kind(layer)} weight or bias is not constant"
+            return Reject(Reason.NOT_CONSTANT, f"{_kind(layer)} weight or bias is not constant")
         if ir.is_op(layer, aten.linear) and rank(layer) != 2:
-            return "BatchNorm1d on a 3-D linear output normalizes the sequence axis, not the features"
-        eps = float(arg(bn, 7, "eps", 1e-5))
-        scale = (gamma.double() if gamma is not None else 1.0) / torch.sqrt(var.double() + eps)
-        shift = (beta.double() if beta is not None else 0.0) - mean.double() * scale
+            return Reject(Reason.WRONG_AXIS,
+                          "BatchNorm1d on a 3-D linear output normalizes the sequence axis, not the features")
+        b.update(gamma=gamma, beta=beta, mean=mean, var=var, weight=weight, bias=bias)
+        return None
+
+    def rewrite(self, gm: fx.GraphModule, b: Bindings) -> Match:
+        bn, layer, weight = b["bn"], b["layer"], b["weight"]
         groups, transposed = _geometry(layer)
-        new_weight = _scale_out_channels(weight.double(), scale, groups, transposed).to(weight.dtype)
-        old_bias = bias.double() if bias is not None else torch.zeros_like(scale)
-        new_bias = (old_bias * scale + shift).to(weight.dtype)
+        new_weight, new_bias = fold_affine(weight, b["bias"], b["gamma"], b["beta"], b["mean"], b["var"],
+                                           float(arg(bn, 7, "eps", 1e-5)), groups, transposed)
         w_node = ir.add_constant(gm, f"{layer.name}_bn_weight", new_weight)
         b_node = ir.add_constant(gm, f"{layer.name}_bn_bias", new_bias)
         args = list(layer.args) + [None] * max(0, 3 - len(layer.args))
@@ -76,6 +82,23 @@ class FoldBatchNorm(FusionPass):
         layer.args, layer.kwargs = tuple(args), kwargs
         ir.replace_all_uses(bn, layer)
         return Match(f"batchnorm→{_kind(layer)}", [bn])
+
+
+RULES = [FoldBatchNormRule()]
+
+
+def fold_affine(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None,
+                beta: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor, eps: float,
+                groups: int = 1, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', b') of the module docstring's fold, computed in float64 and rounded once to W's dtype.
+
+    The FX graphs' one BatchNorm fold (conv, conv-transpose and linear); ONNX graphs take onnxscript's
+    fold of the same formula for Conv, ConvTranspose and Gemm (`graphopt.passes.onnx.onnxscript_rules`)."""
+    scale = (gamma.double() if gamma is not None else 1.0) / torch.sqrt(var.double() + eps)
+    shift = (beta.double() if beta is not None else 0.0) - mean.double() * scale
+    new_weight = _scale_out_channels(weight.double(), scale, groups, transposed).to(weight.dtype)
+    old_bias = bias.double() if bias is not None else torch.zeros_like(scale)
+    return new_weight, (old_bias * scale + shift).to(weight.dtype)
 
 
 def _kind(layer: fx.Node) -> str:

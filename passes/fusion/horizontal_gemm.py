@@ -22,34 +22,40 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.rules import Reason, Reject
 
-from ._match import FusionPass, Match, arg, call, constant_tensor
+from ..rules import Bindings, Match, Rule
+from ._match import arg, call, constant_tensor
 
 aten = torch.ops.aten
 
 _CONVS = (aten.conv1d, aten.conv2d, aten.conv3d)
 
 
-class MergeParallelGemms(FusionPass):
-    name = "merge_parallel_gemms"
+class MergeGemmsRule(Rule):
+    name = "gemm merge"
     anchors = (aten.linear, *_CONVS)
-    label = "gemm merge"
 
-    def rewrite(self, gm: fx.GraphModule, first: fx.Node) -> Match | str | None:
+    def match(self, gm: fx.GraphModule, first: fx.Node) -> Bindings | Reject | None:
         x = first.args[0]
         siblings = [n for n in x.users if n.op == "call_function" and n.target == first.target and n.args[0] is x
                     and n is not first] if isinstance(x, fx.Node) else []
         if not siblings:
             return None
         key = _key(gm, first)
-        if isinstance(key, str):
+        if isinstance(key, Reject):
             return key
         same = [s for s in siblings if _key(gm, s) == key]
         if any(_before(s, first) for s in same):
             return None   # handled when the first of the group was visited
         group = [first] + sorted(same, key=_position)
         if len(group) < 2:
-            return f"no sibling reading {x.name} has the same shape, dtype and geometry"
+            return Reject(Reason.NO_PARTNER, f"no sibling reading {x.name} has the same shape, dtype and geometry")
+        return {"x": x, "group": group}
+
+    def rewrite(self, gm: fx.GraphModule, b: Bindings) -> Match:
+        x, group = b["x"], b["group"]
+        first = group[0]
         weights = [constant_tensor(gm, n.args[1]) for n in group]
         biases = [_bias(gm, n, w) for n, w in zip(group, weights)]
         merged_w = ir.add_constant(gm, f"{first.name}_merged_weight", torch.cat(weights, 0))
@@ -70,6 +76,9 @@ class MergeParallelGemms(FusionPass):
         return Match(f"merged {len(group)}× {ir.overload_packet(first.target).__name__}", group)
 
 
+RULES = [MergeGemmsRule()]
+
+
 def _position(node: fx.Node) -> int:
     return next(i for i, n in enumerate(node.graph.nodes) if n is node)
 
@@ -83,18 +92,18 @@ def _before(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
-def _key(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | str:
+def _key(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | Reject:
     """What must agree for two GEMMs to merge, or why this one cannot."""
     weight = constant_tensor(gm, node.args[1])
     bias_arg = arg(node, 2, "bias")
     if weight is None or (bias_arg is not None and constant_tensor(gm, bias_arg) is None):
-        return "weight or bias is not a constant"
+        return Reject(Reason.NOT_CONSTANT, "weight or bias is not a constant")
     if node.kwargs:
-        return "keyword arguments"
+        return Reject(Reason.UNSUPPORTED_FORM, "keyword arguments")
     geometry = tuple(str(a) for a in node.args[3:])
     if not ir.is_op(node, aten.linear):
         if int(arg(node, 6, "groups", 1)) != 1:
-            return "grouped convolution"
+            return Reject(Reason.UNSUPPORTED_FORM, "grouped convolution")
     return (node.target, weight.dtype, tuple(weight.shape[1:]), geometry)
 
 

@@ -20,50 +20,56 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.rules import Reason, Reject
 
-from ._match import FusionPass, Match, arg, call, constant_tensor, interior, rank, scalar
+from ..rules import Bindings, Match, Rule
+from ._match import arg, call, constant_tensor, interior, rank, scalar
 
 aten = torch.ops.aten
 
 
-class RecognizeNormalization(FusionPass):
-    name = "recognize_normalization"
+class NormalizationRule(Rule):
+    """A canonical-form walker: LayerNorm / RMSNorm from var or mean(z²), rsqrt or 1/sqrt, with γ, β."""
+    name = "normalization"
     anchors = (aten.rsqrt, aten.sqrt)
-    label = "normalization"
 
-    def rewrite(self, gm: fx.GraphModule, root: fx.Node) -> Match | str | None:
+    def match(self, gm: fx.GraphModule, root: fx.Node) -> Bindings | Reject | None:
         normalize = next(iter(root.users), None)
         if normalize is None:
             return None
         inverse = ir.is_op(root, aten.rsqrt)
         if inverse and not ir.is_op(normalize, aten.mul) or not inverse and not _divides_by(normalize, root):
             if ir.is_op(normalize, aten.add) and not inverse:
-                return "eps is added outside the square root (x / (std + eps) is not a LayerNorm)"
+                return Reject(Reason.NOT_THE_FORMULA, "eps is added outside the square root (x / (std + eps) is not a LayerNorm)")
             return None
         if len(root.users) != 1:
-            return f"{root.name} has other users"
+            return Reject(Reason.OTHER_USERS, f"{root.name} has other users")
         z = normalize.args[1] if normalize.args[0] is root else normalize.args[0]
         dead = [normalize, root]
         eps, stat = _eps(root.args[0], root, dead)
-        if isinstance(stat, str):
+        if isinstance(stat, Reject):
             return stat
         reduced = _reduction(stat, z)
-        if isinstance(reduced, str):
+        if isinstance(reduced, Reject):
             return reduced
         dims, source_of_square = reduced
         dead.append(stat)
         if source_of_square is not None:
             dead.append(source_of_square)
         x = _centered_source(z, dims, stat)
-        if isinstance(x, str):
+        if isinstance(x, Reject):
             return x
         if x is None and ir.is_op(stat, aten.var):
-            return "variance of a tensor that is not the centred input"
+            return Reject(Reason.NOT_THE_FORMULA, "variance of a tensor that is not the centred input")
         if x is not None and set(z.users) - {normalize, source_of_square, stat}:
-            return "centred value x − mean(x) has other users"
+            return Reject(Reason.OTHER_USERS, "centred value x − mean(x) has other users")
         shape = list(ir.shape(z)[-len(dims):])
         if not all(isinstance(d, int) for d in shape):
-            return "normalized dims have symbolic sizes"
+            return Reject(Reason.UNKNOWN_SHAPE, "normalized dims have symbolic sizes")
+        return {"normalize": normalize, "z": z, "x": x, "eps": eps, "shape": shape, "dead": dead}
+
+    def rewrite(self, gm: fx.GraphModule, b: Bindings) -> Match:
+        normalize, z, x, eps, shape, dead = b["normalize"], b["z"], b["x"], b["eps"], b["shape"], b["dead"]
         out, gamma, beta = _affine(gm, normalize, shape, ir.dtype(z), with_bias=x is not None)
         if x is not None:
             dead += [z, z.args[1]]
@@ -76,41 +82,44 @@ class RecognizeNormalization(FusionPass):
         return Match(pattern, [out, *dead])
 
 
+RULES = [NormalizationRule()]
+
+
 def _divides_by(node: fx.Node, denominator: fx.Node) -> bool:
     return ir.is_op(node, aten.div) and node.args[1] is denominator
 
 
-def _eps(value: object, owner: fx.Node, dead: list[fx.Node]) -> tuple[float, fx.Node | str]:
+def _eps(value: object, owner: fx.Node, dead: list[fx.Node]) -> tuple[float, fx.Node | Reject]:
     """(ε, the statistic under the root) from `stat + ε` or `stat`."""
     if isinstance(value, fx.Node) and ir.is_op(value, aten.add):
         eps = scalar(value.args[1])
         if eps is None:
-            return 0.0, "eps is not a constant scalar"
+            return 0.0, Reject(Reason.NOT_CONSTANT, "eps is not a constant scalar")
         if not interior(value, owner):
-            return 0.0, "stat + eps has other users"
+            return 0.0, Reject(Reason.OTHER_USERS, "stat + eps has other users")
         dead.append(value)
         value = value.args[0]
         owner = dead[-1]
     else:
         eps = 0.0
     if not isinstance(value, fx.Node) or not interior(value, owner):
-        return eps, "the statistic under the square root has other users or is not computed"
+        return eps, Reject(Reason.OTHER_USERS, "the statistic under the square root has other users or is not computed")
     return eps, value
 
 
-def _trailing_dims(node: fx.Node, dims: object, keepdim: object) -> list[int] | str:
+def _trailing_dims(node: fx.Node, dims: object, keepdim: object) -> list[int] | Reject:
     r = rank(node)
     if r is None or not isinstance(dims, (list, tuple)) or not dims:
-        return "reduction dims unknown"
+        return Reject(Reason.UNKNOWN_SHAPE, "reduction dims unknown")
     if keepdim is not True:
-        return "reduction without keepdim"
+        return Reject(Reason.UNSUPPORTED_FORM, "reduction without keepdim")
     normalized = sorted(d % r for d in dims)
     if normalized != list(range(r - len(normalized), r)):
-        return f"reduction over dims {list(dims)} is not over the trailing dims"
+        return Reject(Reason.WRONG_AXIS, f"reduction over dims {list(dims)} is not over the trailing dims")
     return normalized
 
 
-def _reduction(stat: fx.Node, z: object) -> tuple[list[int], fx.Node | None] | str:
+def _reduction(stat: fx.Node, z: object) -> tuple[list[int], fx.Node | None] | Reject:
     """(dims, the z² node) for mean(z², D); (dims, None) for var(x, D, correction=0)."""
     if ir.is_op(stat, aten.var):
         if stat.target == aten.var.dim:
@@ -118,16 +127,16 @@ def _reduction(stat: fx.Node, z: object) -> tuple[list[int], fx.Node | None] | s
         else:
             biased, keepdim = stat.kwargs.get("correction", 1) == 0, stat.kwargs.get("keepdim", False)
         if not biased:
-            return "variance is unbiased (correction ≠ 0), LayerNorm uses the biased one"
+            return Reject(Reason.NOT_THE_FORMULA, "variance is unbiased (correction ≠ 0), LayerNorm uses the biased one")
         dims = _trailing_dims(stat, arg(stat, 1, "dim"), keepdim)
-        return dims if isinstance(dims, str) else (dims, None)
+        return dims if isinstance(dims, Reject) else (dims, None)
     if not ir.is_op(stat, aten.mean) or len(stat.args) < 2:
-        return "statistic is not mean(x², dims)"
+        return Reject(Reason.NOT_THE_FORMULA, "statistic is not mean(x², dims)")
     square = stat.args[0]
     if not isinstance(square, fx.Node) or not interior(square, stat) or not _is_square_of(square, z):
-        return "statistic is not the mean of the square of the normalized value"
+        return Reject(Reason.NOT_THE_FORMULA, "statistic is not the mean of the square of the normalized value")
     dims = _trailing_dims(square, stat.args[1], arg(stat, 2, "keepdim", False))
-    return dims if isinstance(dims, str) else (dims, square)
+    return dims if isinstance(dims, Reject) else (dims, square)
 
 
 def _is_square_of(node: fx.Node, z: object) -> bool:
@@ -136,7 +145,7 @@ def _is_square_of(node: fx.Node, z: object) -> bool:
     return ir.is_op(node, aten.mul) and node.args[0] is z and node.args[1] is z
 
 
-def _centered_source(z: object, dims: list[int], stat: fx.Node) -> fx.Node | None | str:
+def _centered_source(z: object, dims: list[int], stat: fx.Node) -> fx.Node | None | Reject:
     """x when z = x − mean(x, dims, keepdim) (LayerNorm), None when z is not centred (RMSNorm)."""
     if not isinstance(z, fx.Node) or not ir.is_op(z, aten.sub) or z.kwargs.get("alpha", 1) != 1:
         return None
@@ -144,11 +153,11 @@ def _centered_source(z: object, dims: list[int], stat: fx.Node) -> fx.Node | Non
     if not isinstance(mean, fx.Node) or not ir.is_op(mean, aten.mean) or mean.args[0] is not x:
         return None
     if _trailing_dims(x, mean.args[1], arg(mean, 2, "keepdim", False)) != dims:
-        return "the mean and the variance reduce over different dims"
+        return Reject(Reason.WRONG_AXIS, "the mean and the variance reduce over different dims")
     if ir.is_op(stat, aten.var) and stat.args[0] is not x:
-        return "variance of a different tensor than the centred one"
+        return Reject(Reason.NOT_THE_FORMULA, "variance of a different tensor than the centred one")
     if set(mean.users) != {z}:
-        return "mean(x) has other users"
+        return Reject(Reason.OTHER_USERS, "mean(x) has other users")
     return x
 
 

@@ -1,5 +1,9 @@
 """ONNX graph passes (onnx-graphsurgeon IR), run by graphopt's pass manager through `OnnxIR`.
 
+The standard peepholes are onnxscript's rules (`onnxscript_rules`); graphopt keeps
+its own where onnxscript has none: the size-guarded constant folding, skipping
+padding, the rotary caches, and the int8 rewrite.
+
     dead nodes → identity/dropout → constant folding → Conv+BN → MatMul+Add→Gemm
     → Transpose/Reshape collapse → skip padding → (O2) int8
 """
@@ -9,27 +13,25 @@ from typing import Any, Sequence
 
 from .base import OnnxPass
 from .constant_folding import ConstantFolding
-from .conv_bn import FoldConvBatchNorm
-from .dead_nodes import DeadNodeElimination
-from .gemm import MatMulAddToGemm
-from .identity import EliminateIdentity
+from .dropout import EliminateInferenceDropout
+from .onnxscript_rules import (DeadNodeElimination, OnnxscriptRules, collapse_transpose_reshape, eliminate_identity,
+                               fold_conv_batchnorm, matmul_add_to_gemm)
 from .quantize import QuantizeInt8
 from .rotary import RotaryCachesAtBatch
 from .skip_padding import SkipPadding
-from .transpose_reshape import CollapseTransposeReshape
-from .uint8_quantize import QuantizeToUint8
 
 
 def passes(int8: str | None = None, calibration: Sequence[dict] = ()) -> list[Any]:
     """Every ONNX pass in order; the int8 pass (level O2) when `int8` names a scheme. Skipping padding checks
     itself on the first calibration feed (or random look-alike inputs) with random padding masks; it runs
     before int8, so that per-tensor scales and calibrated ranges see real tokens only."""
-    selected: list[Any] = [DeadNodeElimination(), EliminateIdentity(), ConstantFolding(), FoldConvBatchNorm(),
-                           MatMulAddToGemm(), CollapseTransposeReshape()]
+    selected: list[Any] = [DeadNodeElimination(), EliminateInferenceDropout(), eliminate_identity(), ConstantFolding(), fold_conv_batchnorm(),
+                           matmul_add_to_gemm(), collapse_transpose_reshape()]
     selected.append(SkipPadding(calibration[:1]))
     if int8 is not None:
         selected.append(QuantizeInt8(int8, calibration))
     return selected
 
 
-__all__ = ["passes", "OnnxPass", "QuantizeInt8", "QuantizeToUint8", "RotaryCachesAtBatch", "SkipPadding", "ConstantFolding", "DeadNodeElimination"]
+__all__ = ["passes", "OnnxPass", "OnnxscriptRules", "QuantizeInt8", "RotaryCachesAtBatch", "SkipPadding",
+           "ConstantFolding", "DeadNodeElimination"]

@@ -16,16 +16,12 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from graphopt.onnx.ir import STANDARD_DOMAINS, OnnxModel
-from graphopt.pass_manager import PassResult, RewriteLog
-from graphopt.verify import LOSSLESS, Budget
+from graphopt.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.rules import Reason, Reject
 
 
-class OnnxPass:
+class OnnxPass(Pass):
     name = "onnx_pass"
-    level = 1
-    requires: tuple[str, ...] = ()
-    fixed_point = False
-    budget: Budget = LOSSLESS
     min_opset = 1
 
     def run(self, model: OnnxModel) -> PassResult:
@@ -33,7 +29,7 @@ class OnnxPass:
         if model.opset < self.min_opset:
             upgraded, reason = upgrade_opset(model, self.min_opset)
             if upgraded is None:
-                log.rejected("opset upgrade", f"opset {model.opset}", reason)
+                log.rejected("opset upgrade", f"opset {model.opset}", Reject(Reason.OPSET, reason))
                 return log.result(model, skipped=f"{self.name}: {reason}")
             model = upgraded
             log.matched(f"opset upgrade to {self.min_opset}")
@@ -68,39 +64,6 @@ def constant(tensor: Any) -> np.ndarray | None:
         value = tensor.inputs[0].attrs.get("value")
         return value.values if isinstance(value, gs.Constant) else None
     return None
-
-
-def only_consumer(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
-    """The single node reading `tensor`, if it has one and is not a graph output."""
-    if len(tensor.outputs) != 1 or tensor in graph.outputs:
-        return None
-    return tensor.outputs[0]
-
-
-def bypass(node: gs.Node, source: gs.Tensor, graph: gs.Graph) -> None:
-    """Make every reader of `node`'s (single) output read `source`; `node` becomes dead.
-
-    When the output is a graph output, the producer of `source` is made to
-    write the graph output tensor instead, so graph output names are kept.
-    """
-    out = node.outputs[0]
-    if out in graph.outputs and source.inputs and source not in graph.outputs and source not in graph.inputs:
-        producer = source.inputs[0]
-        producer.outputs[producer.outputs.index(source)] = out
-        for consumer in list(source.outputs):
-            replace_input(consumer, source, out)
-        node.outputs.clear()
-        node.inputs.clear()
-        return
-    if out in graph.outputs:
-        node.op, node.attrs = "Identity", {}
-        del node.inputs[1:]
-        node.inputs[0] = source
-        return
-    for consumer in list(out.outputs):
-        replace_input(consumer, out, source)
-    node.outputs.clear()
-    node.inputs.clear()
 
 
 def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:

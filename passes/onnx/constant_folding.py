@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.onnx.ir import OnnxModel
 from graphopt.pass_manager import RewriteLog
+from graphopt.rules import Reason, Reject
 
 from .base import OnnxPass, constant, is_standard
 
@@ -46,7 +47,7 @@ class ConstantFolding(OnnxPass):
 
         def exclude(node: gs.Node) -> bool:
             if not is_standard(node):
-                log.rejected("fold", node.name, f"custom domain {node.domain!r} is not evaluated")
+                log.rejected("fold", node.name, Reject(Reason.CUSTOM_DOMAIN, f"custom domain {node.domain!r} is not evaluated"))
                 return True
             key = node.outputs[0].name if node.outputs else node.name
             if key in admitted or key in refused:    # onnx-graphsurgeon asks about a node more than once
@@ -56,9 +57,10 @@ class ConstantFolding(OnnxPass):
                 return False
             spent = sum(admitted.values())
             if growth > 0 and spent + growth > self.max_growth_bytes:
-                log.rejected("fold", node.name, f"{node.op} would add {growth / 2**20:.2f} MiB of constants, "
-                                                f"{spent / 2**20:.2f} MiB of the pass's "
-                                                f"{self.max_growth_bytes / 2**20:.2f} MiB already spent")
+                log.rejected("fold", node.name, Reject(Reason.SIZE_LIMIT,
+                                                       f"{node.op} would add {growth / 2**20:.2f} MiB of constants, "
+                                                       f"{spent / 2**20:.2f} MiB of the pass's "
+                                                       f"{self.max_growth_bytes / 2**20:.2f} MiB already spent"))
                 refused.add(key)
                 return True
             admitted[key] = growth

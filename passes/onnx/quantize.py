@@ -35,11 +35,12 @@ from graphopt.errors import OptionError
 from graphopt.onnx.calibrate import tensor_ranges
 from graphopt.onnx.ir import OnnxModel
 from graphopt.pass_manager import RewriteLog
+from graphopt.rules import Reason, Reject
+from graphopt.schemes import SHORT_NAMES, Scheme
 from graphopt.verify import Budget
 
 from .base import OnnxPass, constant, is_standard, replace_input
 
-SCHEMES = ("dynamic", "static", "weight-only")
 TARGETS = ("MatMul", "Gemm", "Conv")
 CONV_REASON = {
     "dynamic": "ONNX Runtime runs ConvInteger ~40× slower than a float Conv on this CPU; int8-static quantizes convs",
@@ -53,14 +54,14 @@ class QuantizeInt8(OnnxPass):
     budget = Budget(min_cosine=0.98)
 
     def __init__(self, scheme: str = "dynamic", calibration: Sequence[dict] = ()) -> None:
-        if scheme not in SCHEMES:
-            raise OptionError(f"int8 scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+        if scheme not in SHORT_NAMES:
+            raise OptionError(f"int8 scheme {scheme!r}: choose one of {', '.join(SHORT_NAMES)}")
         if scheme == "static" and not calibration:
             raise OptionError("int8 static needs calibration data (calibration_data= / --calibration): "
                               "activation ranges are measured on it")
         self.scheme = scheme
         self.calibration = list(calibration)
-        self.name = f"onnx_int8_{scheme.replace('-', '_')}"
+        self.name = Scheme.parse(scheme).onnx_pass_name
 
     def rewrite(self, model: OnnxModel, log: RewriteLog) -> dict:
         graph = model.graph
@@ -68,8 +69,8 @@ class QuantizeInt8(OnnxPass):
         for node in list(graph.nodes):
             if node.op not in TARGETS:
                 continue
-            reason = CONV_REASON.get(self.scheme) if node.op == "Conv" else None
-            reason = reason or _why_not(node)
+            slow = CONV_REASON.get(self.scheme) if node.op == "Conv" else None
+            reason = Reject(Reason.SLOWER, slow) if slow else _why_not(node)
             if reason:
                 log.rejected(node.op, node.name, reason)
             else:
@@ -93,28 +94,28 @@ class QuantizeInt8(OnnxPass):
         return {"layers": layers}
 
 
-def _why_not(node: gs.Node) -> str | None:
+def _why_not(node: gs.Node) -> Reject | None:
     if not is_standard(node):
-        return f"custom domain {node.domain!r}"
+        return Reject(Reason.CUSTOM_DOMAIN, f"custom domain {node.domain!r}")
     if len(node.inputs) < 2 or constant(node.inputs[1]) is None:
-        return "weight is not a constant (activation × activation product)"
+        return Reject(Reason.NOT_CONSTANT, "weight is not a constant (activation × activation product)")
     weight = constant(node.inputs[1])
     if weight.dtype != np.float32:
-        return f"weight dtype {weight.dtype} is not float32"
+        return Reject(Reason.DTYPE_MISMATCH, f"weight dtype {weight.dtype} is not float32")
     if node.op == "MatMul" and weight.ndim != 2:
-        return f"weight has rank {weight.ndim}, not 2"
+        return Reject(Reason.SHAPE_MISMATCH, f"weight has rank {weight.ndim}, not 2")
     if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0
                               or node.attrs.get("beta", 1.0) != 1.0):
-        return "Gemm with transA or alpha/beta ≠ 1"
+        return Reject(Reason.UNSUPPORTED_FORM, "Gemm with transA or alpha/beta ≠ 1")
     if len(node.inputs) > 2 and node.inputs[2].name:
         bias = constant(node.inputs[2])
         if bias is None:
-            return "bias is not a constant"
+            return Reject(Reason.NOT_CONSTANT, "bias is not a constant")
         channels = weight.shape[0] if node.op == "Conv" or node.attrs.get("transB", 0) else weight.shape[-1]
         if bias.size != channels:
-            return f"bias of shape {bias.shape} is not one value per output channel"
+            return Reject(Reason.SHAPE_MISMATCH, f"bias of shape {bias.shape} is not one value per output channel")
     if node.inputs[0].dtype is not None and np.dtype(node.inputs[0].dtype) != np.float32:
-        return f"activation dtype {node.inputs[0].dtype} is not float32"
+        return Reject(Reason.DTYPE_MISMATCH, f"activation dtype {node.inputs[0].dtype} is not float32")
     return None
 
 

@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.onnx.ir import OnnxModel
 from graphopt.pass_manager import RewriteLog
+from graphopt.rules import Reason, Reject
 
 from .base import OnnxPass, is_standard
 
@@ -33,10 +34,11 @@ class RotaryCachesAtBatch(OnnxPass):
         for node in [n for n in graph.nodes if n.op == "RotaryEmbedding" and is_standard(n)]:
             x, cos, sin = node.inputs[:3]
             if len(node.inputs) > 3 and not node.inputs[3].is_empty():
-                log.rejected("rotary caches", node.name, "position_ids given: the caches are 2-D tables")
+                log.rejected("rotary caches", node.name,
+                             Reject(Reason.UNSUPPORTED_FORM, "position_ids given: the caches are 2-D tables"))
                 continue
             if _same_batch(x, cos) and _same_batch(x, sin):
-                log.rejected("rotary caches", node.name, "the caches already have x's batch")
+                log.rejected("rotary caches", node.name, Reject(Reason.ALREADY_DONE, "the caches already have x's batch"))
                 continue
             batch = _shape_slice(graph, node.name, x, 0, 1)
             for index, cache in ((1, cos), (2, sin)):

@@ -59,7 +59,8 @@ import torch.utils._pytree as pytree
 
 from graphopt import ir
 from graphopt.errors import OptionError
-from graphopt.pass_manager import PassResult, RewriteLog
+from graphopt.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.rules import Reason, Reject
 from graphopt.verify import Budget
 
 from . import allocate, importance, recalibrate as calibration, slice as slicing
@@ -111,12 +112,10 @@ def validate(prune: Any, prune_options: Mapping[str, Any]) -> dict[str, Any]:
     return opts
 
 
-class StructuredPruning:
+class StructuredPruning(Pass):
     """Slice channels, neurons and heads out of the graph (see the package docstring)."""
     name = "structured_pruning"
     level = 3
-    requires: tuple[str, ...] = ()
-    fixed_point = False
     budget = Budget()   # lossy by design: unbounded, the report records the error
 
     def __init__(self, prune: float | Mapping[str, float], options: Mapping[str, Any] | None = None,
@@ -139,7 +138,8 @@ class StructuredPruning:
         groups = analysis.prunable()
         for group in analysis.groups.values():
             if not group.prunable:
-                log.rejected("channel group", group.name, "; ".join(group.blocked) or "a single unit")
+                log.rejected("channel group", group.name,
+                             Reject(Reason.NOT_ELIGIBLE, "; ".join(group.blocked) or "a single unit"))
         if not groups:
             warnings.warn("graphopt: structured pruning found no prunable channel group; the model is unchanged "
                           f"(boundaries: {'; '.join(analysis.boundaries[:5]) or 'none'})")

@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from graphopt import ir
 
-from .groups import Analysis, Group, Seg
+from .model import Analysis, Group, Seg
 
 aten = torch.ops.aten
 
@@ -60,8 +60,8 @@ def _sizer(gm: fx.GraphModule) -> Callable[[fx.Node], list[int]]:
         if isinstance(d, int):
             return d
         expr, env = d.node.expr, d.node.shape_env
-        examples = getattr(env, "backed_var_to_val", None) or env.var_to_val
-        value = expr.subs({symbol: 1 if symbol in batch else examples.get(symbol, 1) for symbol in expr.free_symbols})
+        value = expr.subs({symbol: 1 if symbol in batch else ir.shape_hint(env, symbol)
+                           for symbol in expr.free_symbols})
         return max(int(value), 1)
 
     return lambda node: [size(d) for d in (ir.shape(node) or ())]

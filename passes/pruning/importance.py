@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from graphopt import ir
 from graphopt.errors import OptionError
 
-from .groups import Analysis, Group, Member
+from .model import Analysis, Group, Member
 
 aten = torch.ops.aten
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "activation")

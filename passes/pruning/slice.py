@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from graphopt import ir
 
-from .groups import Analysis, Seg, _dims_of
+from .model import Analysis, Seg, dims_of
 
 aten = torch.ops.aten
 Pruned = Mapping[str, Sequence[int]]   # group name -> pruned unit indices
@@ -98,7 +98,7 @@ def _rewrite_constants(node: fx.Node, analysis: Analysis, pruned: Pruned) -> Non
     if ir.is_op(node, aten.slice):   # static, step 1 (groups.py): drop the removed units before and inside
         x = node.args[0]
         at = node.args[1] % len(ir.shape(x))
-        segs, size = _dims_of(analysis.ann.get(x)).get(at, ()), ir.shape(x)[at]
+        segs, size = dims_of(analysis.ann.get(x)).get(at, ()), ir.shape(x)[at]
         start = (node.args[2] if len(node.args) > 2 else None) or 0
         start = min(max(start + size if start < 0 else start, 0), size)
         start -= removed_count([s for s in segs if s.end <= start], pruned)

@@ -3,6 +3,8 @@
     quantize            "int8-dynamic"      W8A8, activations quantized per token at run time
                         "int8-static"       W8A8, one activation scale per layer from calibration
                         "int8-weight-only"  W8A16: int8 weights, float activations
+                        "int4-weight-only"  W4A16: group-wise int4 weights (int4.py), float activations;
+                                            the output head (lm_head) int8 per channel, embeddings int8 rows
     calibration_data    an iterable of batches (read once, at most `max_calibration_batches`):
                         a tensor (the model's one positional input), a tuple/list of positional
                         inputs, a dict of keyword inputs, or an (inputs, labels) pair as a
@@ -28,6 +30,12 @@
                         min_in_features      layers with in_features ≤ this stay float (default 16)
                         exclude              fnmatch patterns of layer names that stay float
                         max_calibration_batches  (default 32)
+                        group_size           int4: columns per scale and zero point, 32 | 64 | 128 (default 128)
+                        awq                  int4: activation-aware scale search on calibration_data
+                                             (default: True when calibration_data is given)
+                        head                 int4: the output head (last linear before an output, e.g.
+                                             lm_head): "int8" weight-only per channel (default) | "float"
+                                             | "int4"
 """
 from __future__ import annotations
 
@@ -38,14 +46,21 @@ from typing import Any, Callable, Iterable
 import torch
 
 from graphopt.errors import InputError, OptionError
+from graphopt.schemes import NAMES
 
 from .observers import OBSERVERS, WEIGHT_OBSERVERS, default_weight_bits
 
-SCHEMES = ("int8-dynamic", "int8-static", "int8-weight-only")
+SCHEMES = NAMES
+WEIGHT_ONLY = ("int8-weight-only", "int4-weight-only")
+GROUP_SIZES = (32, 64, 128)
+HEAD_POLICIES = ("int8", "float", "int4")
 DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85)
 #: Cosine the int8 pass must keep when no accuracy_budget is given: per-token / per-channel int8 on
 #: sane models stays above 0.999; a wrong scale, channel or epilogue falls far below 0.99.
 DEFAULT_MIN_COSINE = 0.99
+#: The same for int4 weights: RTN noise is ~0.1 of a weight's rms (one layer's output SQNR ~19 dB,
+#: cosine ~0.993), which compounds over a decoder's layers; a wrong code, nibble or group gives far below 0.9.
+DEFAULT_MIN_COSINE_INT4 = 0.95
 
 
 @dataclass(frozen=True)
@@ -81,10 +96,13 @@ class QuantConfig:
     max_calibration_batches: int = 32
     progress: bool = True
     speed: Any = None            # graphopt.speed.SpeedCheck: layers whose int8 form is slower here stay float
+    group_size: int = 128
+    awq: bool = False
+    head: str = "int8"
 
     @property
     def w8a8(self) -> bool:
-        return self.scheme != "int8-weight-only"
+        return self.scheme not in WEIGHT_ONLY
 
     def weight_bits_for(self, device: torch.device) -> int:
         """The `weight_bits` knob, else `observers.default_weight_bits` for the weight's device."""
@@ -92,7 +110,8 @@ class QuantConfig:
 
 
 KNOBS = ("observer", "percentile", "averaging_constant", "weight_observer", "weight_bits", "smoothquant", "alpha",
-         "alpha_grid", "min_in_features", "exclude", "max_calibration_batches")
+         "alpha_grid", "min_in_features", "exclude", "max_calibration_batches", "group_size", "awq", "head")
+INT4_KNOBS = ("group_size", "awq", "head")
 
 
 def parse(options: Any) -> QuantConfig:
@@ -113,7 +132,14 @@ def parse(options: Any) -> QuantConfig:
     has_data = bool(config.batches)
     smooth = knobs.get("smoothquant")
     if smooth and not config.w8a8:
-        raise OptionError("smoothquant applies to W8A8 schemes (int8-dynamic, int8-static), not int8-weight-only")
+        raise OptionError(f"smoothquant applies to W8A8 schemes (int8-dynamic, int8-static), not {scheme}")
+    int4_only = sorted(set(knobs) & set(INT4_KNOBS))
+    if int4_only and scheme != "int4-weight-only":
+        raise OptionError(f"quantize_options {', '.join(int4_only)} apply to quantize='int4-weight-only', not {scheme}")
+    if knobs.get("awq") and not has_data:
+        raise OptionError("awq=True needs calibration_data= (it weighs weight columns by their activations)")
+    if scheme == "int4-weight-only" and "awq" not in knobs:
+        config.awq = has_data
     if smooth and not has_data:
         raise OptionError("smoothquant=True needs calibration_data= (it measures activation ranges)")
     config.smoothquant = config.w8a8 and has_data if smooth is None else bool(smooth)
@@ -158,6 +184,13 @@ def _set_knobs(config: QuantConfig, knobs: dict[str, Any]) -> None:
             check(name, isinstance(value, int) and not isinstance(value, bool)
                   and value >= (0 if name == "min_in_features" else 1), "a non-negative integer"
                   if name == "min_in_features" else "a positive integer")
+    if "group_size" in knobs:
+        check("group_size", knobs["group_size"] in GROUP_SIZES and not isinstance(knobs["group_size"], bool),
+              f"one of {', '.join(map(str, GROUP_SIZES))}")
+    if "awq" in knobs:
+        check("awq", isinstance(knobs["awq"], bool), "True or False")
+    if "head" in knobs:
+        check("head", knobs["head"] in HEAD_POLICIES, f"one of {', '.join(HEAD_POLICIES)}")
     if "exclude" in knobs:
         patterns = knobs["exclude"]
         if isinstance(patterns, str):

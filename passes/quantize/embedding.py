@@ -28,7 +28,8 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.pass_manager import PassResult, RewriteLog
+from graphopt.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.rules import Reason, Reject
 from graphopt.verify import Budget
 
 from .calibrate import layer_name
@@ -41,11 +42,9 @@ aten = torch.ops.aten
 MIN_ELEMENTS = 2**16
 
 
-class QuantizeEmbeddings:
+class QuantizeEmbeddings(Pass):
     name = "int8_embeddings"
     level = 2
-    requires: tuple[str, ...] = ()
-    fixed_point = False
     budget = Budget(min_cosine=0.999)    # per-row int8 of a lookup: a cosine far above the linears' own
 
     def __init__(self, config: QuantConfig) -> None:
@@ -65,7 +64,7 @@ class QuantizeEmbeddings:
                                    "shape": "×".join(map(str, table.shape)) if isinstance(table, torch.Tensor) else "?"}
             if reason:
                 row.update(scheme="float", runs="torch float", reason=reason)
-                log.rejected("embedding", node, reason)
+                log.rejected("embedding", node, Reject(Reason.NOT_ELIGIBLE, reason))
             else:
                 _rewrite(gm, node, table)
                 row.update(scheme="int8 rows", runs="torch gather of int8 rows × row scale")

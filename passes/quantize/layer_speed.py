@@ -6,6 +6,7 @@ by the speed check (graphopt/speed.py):
 
     W8A8 (dynamic and static)   quantize_per_token(x) → int8_linear(x_q, W_q, s_x, s_W, b)
     weight-only                 w8a16_linear(x, W_q, s_W, b)
+    int4 weight-only            w4a16_linear(x, P, s, z, group_size, b)   (the output head is timed so too)
 
 (static scales quantize with a multiply, round and clamp instead of a per-row reduction; the dynamic
 form is the dearer of the two, so a layer that pays dynamically pays statically.) A signature whose
@@ -20,12 +21,17 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+except ImportError:   # torch < 2.13 (e.g. the GPU machines' 2.11) names it hint_int
+    from torch.fx.experimental.symbolic_shapes import hint_int as optimization_hint
 
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.*)
 from graphopt import ir
 from graphopt.speed import SpeedCheck
 
+from .int4 import quantize_int4
 from .observers import quantize_weight
 from .sites import Site
 
@@ -33,7 +39,7 @@ ops = torch.ops.graphopt
 
 
 def slower_layers(gm: torch.fx.GraphModule, sites: list[Site], scheme: str, bits_of: Callable[[torch.Tensor], int],
-                  check: SpeedCheck) -> dict[str, str]:
+                  check: SpeedCheck, group_size: int = 128) -> dict[str, str]:
     """{linear node name: why it stays float} for the sites whose int8 form is measurably slower here."""
     verdicts: dict[tuple, str | None] = {}
     slower: dict[str, str] = {}
@@ -44,7 +50,7 @@ def slower_layers(gm: torch.fx.GraphModule, sites: list[Site], scheme: str, bits
             continue
         key = (rows, *weight.shape, site.bias is not None, weight.dtype, scheme)
         if key not in verdicts:
-            verdicts[key] = _time(rows, weight, site.bias is not None, scheme, bits_of(weight), check)
+            verdicts[key] = _time(rows, weight, site.bias is not None, scheme, bits_of(weight), check, group_size)
         if verdicts[key] is not None:
             slower[site.node.name] = verdicts[key]
     return slower
@@ -61,14 +67,20 @@ def _rows(site: Site) -> int | None:
         return None
 
 
-def _time(rows: int, weight: torch.Tensor, has_bias: bool, scheme: str, bits: int, check: SpeedCheck) -> str | None:
+def _time(rows: int, weight: torch.Tensor, has_bias: bool, scheme: str, bits: int, check: SpeedCheck,
+          group_size: int) -> str | None:
     n, k = weight.shape
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, k, generator=generator).to(weight.dtype)
     w = weight.detach().clone()
     b = torch.randn(n, generator=generator).to(weight.dtype) if has_bias else None
     w_q, w_scale = quantize_weight(w, bits=bits)
-    if scheme == "int8-weight-only":
+    if scheme == "int4-weight-only":
+        packed, scales, zeros = quantize_int4(w, group_size)
+
+        def int8() -> object:
+            return ops.w4a16_linear(x, packed, scales, zeros, group_size, b)
+    elif scheme == "int8-weight-only":
         def int8() -> object:
             return ops.w8a16_linear(x, w_q, w_scale, b)
     else:

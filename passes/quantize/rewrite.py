@@ -5,6 +5,9 @@
         int8-static:        x_q = clamp(round(x₂ · (1 / (s·smooth))), ±127);  s_x = expand(s, [M])
         W8A8:               y₂ = int8_linear(x_q, W_q, s_x, s_W, b, act)      act ∈ relu, gelu, gelu_tanh, silu
         int8-weight-only:   y₂ = w8a16_linear(x₂, W_q, s_W, b)                 (act stays a separate node)
+        int4-weight-only:   y₂ = w4a16_linear(x₂ · (1/c), P, s, z, group_size, b)   group-wise int4 of W·c
+                            (int4.py: RTN, c = 1 or the activation-aware factor; the output head
+                            takes the int8-weight-only form by default, quantize_options["head"])
                             y  = reshape(y₂, [*x.shape[:-1], N])
 
 with W_q = clamp(round(W / s_W[:, None]), ±q) per output channel (s_W[n] =
@@ -20,9 +23,11 @@ M is read from the graph with `sym_size`, so a dynamic batch stays dynamic.
 The int8 weight and its scales are buffers (int8 bytes: the module shrinks
 ~4×) and survive `state_dict()`. Layers that cannot or should not run int8
 stay float with their reason in the report (with a speed check, also a layer
-whose int8 form is measurably slower on this target: layer_speed.py); convolutions stay float in torch
-(there is no int8 convolution kernel for CPU in torch) and are marked
-(`node.meta["graphopt_int8"]`) for QDQ quantization in the ONNX export.
+whose int8 form is measurably slower on this target: layer_speed.py); convolutions stay float,
+in torch (no int8 convolution kernel for CPU) and in the ONNX export (ONNX
+Runtime ran ConvInteger ~40× and DequantizeLinear → Conv ~18× slower than a
+float Conv on this CPU: `graphopt.passes.onnx.quantize.CONV_REASON`);
+`optimize_onnx`'s int8-static quantizes them with calibrated QDQ.
 """
 from __future__ import annotations
 
@@ -36,25 +41,27 @@ import torch.fx as fx
 
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.*)
 from graphopt import ir
-from graphopt.pass_manager import PassResult, RewriteLog
+from graphopt.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.rules import Reason, Reject
+from graphopt.schemes import Scheme
 from graphopt.verify import Budget
 
 from . import fallback, layer_speed
 from .calibrate import as_inputs, calibrate, layer_name, run_batches
-from .config import DEFAULT_MIN_COSINE, QuantConfig
+from .config import DEFAULT_MIN_COSINE, DEFAULT_MIN_COSINE_INT4, QuantConfig
+from .int4 import Int4Plan, awq_scale, collect_rows, output_head, quantize_int4, quantized_bytes
 from .observers import QMAX, WEIGHT_QMAX, make_observer, quantize_weight
-from .sites import Site, find_convolutions, find_sites
+from .sites import Site, find_sites
 
 aten = torch.ops.aten
 ACTIVATIONS = {aten.relu: "relu", aten.silu: "silu"}   # gelu: by its `approximate` argument
-CONV_REASON = "no int8 convolution kernel in torch on CPU: float in torch, marked for QDQ int8 in the ONNX export"
 
 
 def budget_for(config: QuantConfig) -> Budget:
     """The error the pass may add, checked by the pass manager on its verification inputs."""
     fidelity = config.fidelity
     if fidelity is None:
-        return Budget(min_cosine=DEFAULT_MIN_COSINE)
+        return Budget(min_cosine=DEFAULT_MIN_COSINE_INT4 if config.scheme == "int4-weight-only" else DEFAULT_MIN_COSINE)
     if fidelity.kind == "cosine":
         return Budget(min_cosine=fidelity.threshold)
     if fidelity.kind == "sqnr":   # noise orthogonal to the signal: cos = 1 / sqrt(1 + 10^(−SQNR/10))
@@ -62,14 +69,12 @@ def budget_for(config: QuantConfig) -> Budget:
     return Budget()                # the user's metric is enforced by the fallback, on the user's data
 
 
-class QuantizeLinears:
+class QuantizeLinears(Pass):
     level = 2
-    requires: tuple[str, ...] = ()
-    fixed_point = False
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
-        self.name = config.scheme.replace("-", "_")          # int8_dynamic | int8_static | int8_weight_only
+        self.name = Scheme(config.scheme).pass_name          # int8_dynamic | int8_static | int8_weight_only
         self.budget = budget_for(config)
 
     def run(self, gm: fx.GraphModule) -> PassResult:
@@ -79,6 +84,9 @@ class QuantizeLinears:
         eligible = [s.node.name for s in sites if s.reason is None]
         batches = [as_inputs(gm, b) for b in config.batches]
         scales = self._calibrate(gm, sites, batches) if config.scheme == "int8-static" else {}
+        if config.scheme == "int4-weight-only":
+            scales = self._plan_int4(gm, sites, batches)
+            eligible = [name for name in eligible if name in scales]
         selection = None
         if config.fidelity is not None and eligible:
             float_gm = copy.deepcopy(gm)
@@ -89,7 +97,8 @@ class QuantizeLinears:
         else:
             chosen = set(eligible)
         slower = layer_speed.slower_layers(gm, [s for s in sites if s.node.name in chosen], config.scheme,
-                                           lambda w: weight_bits(config, w), config.speed) if config.speed else {}
+                                           lambda w: weight_bits(config, w), config.speed,
+                                           config.group_size) if config.speed else {}
         chosen -= set(slower)
         bytes_before = bytes_after = 0
         layers = []
@@ -102,20 +111,28 @@ class QuantizeLinears:
                 n, k = site.weight(gm).shape
                 if _on_int8_grid(site.weight(gm), WEIGHT_QMAX[weight_bits(config, site.weight(gm))]):
                     row["note"] = "weight already quantized (on a per-channel int8 grid): requantized exactly"
-                row.update(scheme=config.scheme, runs=rewrite_site(gm, site, config, scales.get(site.node.name)))
-                bytes_after += n * k + 4 * n          # int8 weight + float32 per-channel scale
+                plan = scales.get(site.node.name)
+                form = plan.form if isinstance(plan, Int4Plan) else "int8"
+                row.update(scheme="int4-weight-only" if form == "int4" else
+                           "int8-weight-only" if not config.w8a8 else config.scheme,
+                           runs=rewrite_site(gm, site, config, plan))
+                if isinstance(plan, Int4Plan) and form == "int8":
+                    row["note"] = "output head: int8 per channel (quantize_options['head'])"
+                bytes_after += quantized_bytes(form, n, k, config.group_size)
                 log.matched(f"{row['op']} → int8")
             else:
-                reason = site.reason or slower.get(site.node.name) or \
-                    "fell back to float: most sensitive layer, the accuracy budget needs it"
-                row.update(scheme="float", runs="torch float", reason=reason)
+                reason = Reject(Reason.NOT_ELIGIBLE, site.reason) if site.reason else \
+                    Reject(Reason.SLOWER, slower[site.node.name]) if site.node.name in slower else \
+                    Reject(Reason.NOT_ELIGIBLE, "output head kept float (quantize_options['head'])") \
+                    if config.scheme == "int4-weight-only" and site.node.name not in scales else \
+                    Reject(Reason.ACCURACY, "fell back to float: most sensitive layer, the accuracy budget needs it")
+                row.update(scheme="float", runs="torch float", reason=reason.message)
                 bytes_after += float_bytes
                 log.rejected(row["op"], site.node, reason)
             if selection is not None and site.node.name in selection.sensitivity:
                 row.update(sensitivity=selection.sensitivity[site.node.name],
                            error_share=selection.share[site.node.name])
             layers.append(row)
-        layers += self._mark_convolutions(gm, batches)
         ir.drop_unused_attributes(gm)
         stats: dict[str, Any] = {"layers": layers, "scheme": config.scheme,
                                  "weight_bytes": {"before": bytes_before, "after": bytes_after}}
@@ -137,22 +154,26 @@ class QuantizeLinears:
         calibrate(gm, batches, watch, config.progress, desc="int8 calibration")
         return {name: observer.scale() for name, observer in observers.items()}
 
-    def _mark_convolutions(self, gm: fx.GraphModule, batches: list) -> list[dict[str, Any]]:
-        convs = find_convolutions(gm)
-        scales = {}
-        if convs and self.config.scheme == "int8-static":
-            observers = {c.name: make_observer(self.config.observer, self.config.percentile,
-                                               self.config.averaging_constant) for c in convs}
-            calibrate(gm, batches, {c.args[0].name: [observers[c.name].observe] for c in convs},
-                      self.config.progress, desc="int8 calibration (convolutions)")
-            scales = {name: float(o.scale()) for name, o in observers.items()}
-        rows = []
-        for conv in convs:
-            conv.meta["graphopt_int8"] = {"scheme": self.config.scheme, "x_scale": scales.get(conv.name)}
-            rows.append({"layer": layer_name(gm, conv), "op": ir.overload_packet(conv.target).__name__,
-                         "scheme": "float in torch", "runs": "torch float; ONNX export: QDQ int8",
-                         "reason": CONV_REASON})
-        return rows
+    def _plan_int4(self, gm: fx.GraphModule, sites: list[Site], batches: list) -> dict[str, Int4Plan]:
+        """Each eligible linear's int4 plan: the output head by its policy (left out when kept float), the
+        others int4, with the activation-aware factor when `awq` is on."""
+        config = self.config
+        eligible = [s for s in sites if s.reason is None]
+        head = output_head(gm, sites)
+        rows = collect_rows(gm, eligible, batches, config.progress) if config.awq else {}
+        plans = {}
+        for site in eligible:
+            if site.node.name == head and config.head != "int4":
+                if config.head == "int8":
+                    plans[site.node.name] = Int4Plan("int8")
+                continue
+            x_rows = rows.get(site.x.name)
+            if x_rows is None:
+                plans[site.node.name] = Int4Plan("int4")
+                continue
+            c, alpha, _, _ = awq_scale(site.weight(gm), x_rows, config.group_size)
+            plans[site.node.name] = Int4Plan("int4", None if alpha == 0 else c, alpha)
+        return plans
 
 
 def quantized_copy(gm: fx.GraphModule, names: Sequence[str], config: QuantConfig,
@@ -171,6 +192,8 @@ def quantized_copy(gm: fx.GraphModule, names: Sequence[str], config: QuantConfig
 
 def rewrite_site(gm: fx.GraphModule, site: Site, config: QuantConfig, x_scale: torch.Tensor | None) -> str:
     """Replace one linear (and a fusable activation after it) by the int8 ops; says what runs."""
+    if isinstance(x_scale, Int4Plan) and x_scale.form == "int4":
+        return _rewrite_int4(gm, site, config.group_size, x_scale)
     graph, node = gm.graph, site.node
     x, smooth = _unsmoothed_input(gm, site) if config.w8a8 else (site.x, None)
     weight = site.weight(gm)
@@ -186,7 +209,7 @@ def rewrite_site(gm: fx.GraphModule, site: Site, config: QuantConfig, x_scale: t
     with graph.inserting_before(node):
         x_shape = ir.shape(x)
         x2 = x if len(x_shape) == 2 else graph.call_function(aten.reshape.default, (x, [-1, k]))
-        if config.scheme == "int8-weight-only":
+        if not config.w8a8:
             y2 = graph.call_function(torch.ops.graphopt.w8a16_linear.default, (x2, wq_node, ws_node, bias))
             runs = "graphopt::w8a16_linear"
         else:
@@ -204,6 +227,31 @@ def rewrite_site(gm: fx.GraphModule, site: Site, config: QuantConfig, x_scale: t
     ir.replace_all_uses(last, y)
     ir.erase_unused(graph, [n_ for n_ in (act_node, node, site.x if smooth is not None else None) if n_ is not None])
     return runs
+
+
+def _rewrite_int4(gm: fx.GraphModule, site: Site, group_size: int, plan: Int4Plan) -> str:
+    """linear(x, W, b) ⇒ w4a16_linear(x₂ · (1/c), int4(W · c), b), reshaped back; says what runs."""
+    graph, node = gm.graph, site.node
+    weight = site.weight(gm).float()
+    c = plan.channel_scale
+    packed, scales, zeros = quantize_int4(weight if c is None else weight * c[None, :], group_size)
+    n, k = weight.shape
+    nodes = [ir.add_constant(gm, f"{site.name}_w_int4", packed, parameter=False),
+             ir.add_constant(gm, f"{site.name}_w_scales", scales, parameter=False),
+             ir.add_constant(gm, f"{site.name}_w_zeros", zeros, parameter=False)]
+    x = site.x
+    with graph.inserting_before(node):
+        x_shape = ir.shape(x)
+        x2 = x if len(x_shape) == 2 else graph.call_function(aten.reshape.default, (x, [-1, k]))
+        if c is not None:
+            inverse = ir.add_constant(gm, f"{site.name}_awq_inv_scale", (1.0 / c).to(ir.dtype(x)), parameter=False)
+            x2 = graph.call_function(aten.mul.Tensor, (x2, inverse))
+        y2 = graph.call_function(torch.ops.graphopt.w4a16_linear.default, (x2, *nodes, group_size, site.bias))
+        y = y2 if len(x_shape) == 2 else graph.call_function(
+            aten.reshape.default, (y2, [*_dims(graph, x, x_shape[:-1]), n]))
+    ir.replace_all_uses(node, y)
+    ir.erase_unused(graph, [node])
+    return f"graphopt::w4a16_linear g{group_size}" + ("" if c is None else f" (activation-aware α={plan.alpha:g})")
 
 
 def weight_bits(config: QuantConfig, weight: torch.Tensor) -> int:

@@ -2,9 +2,8 @@
 
 A site is `aten.linear(x, W[N, K], b)` or `aten.matmul(x, W[K, N])` (and
 `aten.mm`) with a constant weight; its weight is always seen in the [N, K]
-layout (out_features × in_features). Convolutions are listed too: torch has
-no int8 convolution kernel on CPU, so they stay float in the torch module and
-are marked for QDQ quantization in the ONNX export.
+layout (out_features × in_features). Convolutions are not sites: they stay
+float (see `rewrite`).
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ from .calibrate import layer_name
 
 aten = torch.ops.aten
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CONVOLUTIONS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
 
 
 @dataclass
@@ -77,10 +75,6 @@ def find_sites(gm: fx.GraphModule, min_in_features: int = 16, exclude: tuple[str
         site.reason = _reason(gm, site, min_in_features, exclude)
         sites.append(site)
     return sites
-
-
-def find_convolutions(gm: fx.GraphModule) -> list[fx.Node]:
-    return ir.find_nodes(gm, *CONVOLUTIONS)
 
 
 def _reason(gm: fx.GraphModule, site: Site, min_in_features: int, exclude: tuple[str, ...]) -> str | None:

@@ -27,8 +27,8 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.pass_manager import PassResult, RewriteLog
-from graphopt.verify import LOSSLESS
+from graphopt.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.rules import Reason, Reject
 
 from .calibrate import as_inputs, calibrate
 from .config import QuantConfig
@@ -97,12 +97,9 @@ def simulated_error(fit: torch.Tensor, held: torch.Tensor, weights: list[torch.T
     return total
 
 
-class SmoothQuant:
+class SmoothQuant(Pass):
     name = "smoothquant"
     level = 2
-    requires: tuple[str, ...] = ()
-    fixed_point = False
-    budget = LOSSLESS
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
@@ -124,7 +121,8 @@ class SmoothQuant:
             alpha, s, gain = self._choose(stats[x], weights)
             names = [site.name for site in group]
             if s is None:
-                log.rejected("smoothquant", x, f"no α lowers the simulated int8 error on held-out calibration rows of {', '.join(names)}")
+                log.rejected("smoothquant", x, Reject(Reason.NO_GAIN, "no α lowers the simulated int8 error on "
+                                                                      f"held-out calibration rows of {', '.join(names)}"))
                 continue
             target = _apply(gm, x, group, s.to(ir.dtype(x)))
             log.matched(f"smooth → {target}")

@@ -43,8 +43,12 @@ def int8_args(m: int = 5, n: int = 6, k: int = 33, seed: int = 0):
         (ops.int8_linear.default, int8_args(), {}),
         (ops.int8_linear.default, (*int8_args(), torch.randn(6)), {"activation": "gelu", "out_dtype": torch.bfloat16}),
         (ops.w8a16_linear.default, (torch.randn(3, 33).half(), *int8_args()[1::2], torch.randn(6).half()), {}),
+        (ops.layer_norm_quantize.default, (randn((5, 33), generator(0)), torch.rand(33), torch.randn(33), 1e-5), {}),
+        (ops.layer_norm_quantize.default,
+         (randn((5, 33), generator(1)).half(), None, None, 1e-6, torch.rand(33) + 0.5), {}),
     ],
-    ids=["quantize", "quantize-smooth", "int8_linear", "int8_linear-epilogue", "w8a16"],
+    ids=["quantize", "quantize-smooth", "int8_linear", "int8_linear-epilogue", "w8a16", "layer_norm_quantize",
+         "layer_norm_quantize-smooth"],
 )
 def test_opcheck(op, args, kwargs) -> None:
     """Schema, fake kernel, and AOT dispatch (static and dynamic shapes) agree with the real kernel."""

@@ -72,6 +72,13 @@ def test_int8_export_uses_standard_ops_and_8_bit_initializers(tmp_path, scheme):
     assert {n.domain for n in proto.graph.node} == {""}
     op_type, weight_type = PRODUCT[scheme]
     assert sum(n.op_type == op_type for n in proto.graph.node) == 2
+    if scheme == "int8-dynamic":   # activations quantized straight to uint8: one QuantizeLinear, no shift
+        producers = {o: n for n in proto.graph.node for o in n.output}
+        for matmul in (n for n in proto.graph.node if n.op_type == "MatMulInteger"):
+            assert producers[matmul.input[0]].op_type == "QuantizeLinear"
+    export_passes = {row["name"]: row for row in opt.report.meta["export_passes"]}
+    assert not any(row["rolled_back"] for row in export_passes.values()), export_passes
+    assert "onnx_constant_folding" in export_passes and "onnx_dead_nodes" in export_passes
     weights = sum(int(np.prod(i.dims)) for i in proto.graph.initializer if i.data_type == weight_type and i.dims)
     assert weights == 64 * 256 + 256 * 32
     float_path = graphopt.export_onnx(model, inputs, tmp_path / "float.onnx")
@@ -168,10 +175,11 @@ def test_int8_export_budget_widens_with_the_modules_own_error_and_still_catches_
     assert budget.min_cosine == pytest.approx(min(floor.min_cosine, 2 * final.min_cosine ** 2 - 1))
     graphopt.export_onnx(opt, inputs, tmp_path / "ok.onnx")
 
-    def off_by_one_weight(op, q):            # a translation bug: weights shifted by 127 instead of 128
+    def off_by_one_weight(op, q):            # a translation bug: codes shifted by 127 instead of 128
         return op.Cast(op.Add(op.Cast(q, to=6), op.Constant(value=onnx.helper.make_tensor(
             "shift", onnx.TensorProto.INT32, [], [127]))), to=2)
     monkeypatch.setattr(translations, "_to_uint8", off_by_one_weight)
+    monkeypatch.setattr(translations, "_codes_uint8", off_by_one_weight)    # and on the activations
     with pytest.raises(graphopt.VerificationError, match="differs from the torch module"):
         graphopt.export_onnx(opt, inputs, tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()

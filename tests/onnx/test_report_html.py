@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt.report_html import load_report
+from graphopt.report import load_report
 
 from .helpers import save
 

@@ -30,6 +30,11 @@ def rejections(opt, pass_name: str) -> list[str]:
             for reason in r.stats.get("rejected", [])]
 
 
+def reasons(opt, pass_name: str) -> set[str]:
+    """The rejection codes (graphopt.rules.Reason) of the passes whose name starts with `pass_name`."""
+    return {code for r in opt.report.records if r.name.startswith(pass_name) for code in r.reasons}
+
+
 def count(opt, prefix: str) -> int:
     """Total matches of the patterns whose name starts with `prefix`."""
     return sum(v for k, v in opt.report.matches().items() if k.startswith(prefix))

@@ -16,7 +16,7 @@ from graphopt.errors import OptionError
 from graphopt.passes.pruning import StructuredPruning, allocate, analyze
 from graphopt.passes.pruning import recalibrate as calibration
 from graphopt.passes.pruning import slice as slicing
-from graphopt.passes.pruning.groups import Group
+from graphopt.passes.pruning.model import Group
 from tests.strategies import cnn_cases
 
 from .test_pruning import random_plan

@@ -1,59 +1,7 @@
-"""graphopt with torch.compile: graphopt's graph rewrites, then inductor's code generation.
-
-graphopt rewrites what inductor cannot (BN folding across layers, GEMM merges,
-structured pruning, int8 with accuracy control, SmoothQuant); inductor then
-generates fused kernels for what is left. Two routes lead there:
-
-1. `graphopt.optimize(model, example_inputs, backend="inductor")`: the
-   optimized GraphModule runs through `torch.compile(gm, backend="inductor")`
-   (`InductorRunner`). Compilation happens on the first call. The
-   `graphopt::*` custom ops have fake kernels, so dynamo traces them into one
-   graph and inductor calls them as extern kernels (no graph break). When
-   capture kept the batch dimension symbolic, dimension 0 of every tensor
-   input is marked `maybe_mark_dynamic` on the first call, so other batch
-   sizes reuse the compiled code instead of recompiling per size.
-
-2. `torch.compile(model, backend="graphopt", options={"level": "O2", ...})`
-   (`GraphoptBackend`, registered under the name "graphopt" when graphopt is
-   imported). Dynamo hands the backend each captured subgraph (torch-level
-   ops; parameters and buffers are placeholders). Lowering to ATen is done by
-   the same capture as route 1, on the first call, with real inputs:
-
-   - parameter and buffer placeholders become buffers of a new GraphModule
-     (frozen at the first call, like inductor's `freezing=True`); a symbolic
-     size placeholder becomes `aten.sym_size(input, dim)` of the user input
-     whose dimension it is;
-   - that module goes through `graphopt.optimize(..., backend="inductor")`:
-     torch.export (non-strict) to ATen, the pass pipeline with verification on
-     the first call's inputs, then route 1.
-
-   Models with graph breaks work: each subgraph is optimized on its own and
-   `GraphoptBackend.reports` (for the string name: `graphopt.compile.reports()`)
-   holds one report per subgraph. A subgraph graphopt cannot take (a size that
-   is not dimension 0 of an input, a non-tensor input, an export failure) is
-   compiled by inductor alone and its report says why.
-
-Options under the dynamo backend (what cannot work as in `graphopt.optimize`):
-
-- verify: compares with the subgraph as dynamo captured it, on the first
-  call's inputs and random look-alikes (there are no example inputs before).
-- calibration_data (and so "int8-static", SmoothQuant and accuracy_budget,
-  which need it): refused with an OptionError. Calibration batches are inputs
-  of the model, but a subgraph's inputs are whatever dynamo cut at a graph
-  break; use route 1, `graphopt.optimize(model, calibration_data=...,
-  backend="inductor")`.
-- example_kwargs: not an option (dynamo supplies the inputs).
-- backend: "inductor" (default) or "eager" (graphopt's passes, no inductor).
-- Parameters are read at the first call: retraining after it needs
-  `torch._dynamo.reset()`. The backend serves inference: it runs under
-  `torch.no_grad()` and its outputs carry no autograd history.
-- Recompiles: dynamo itself recompiles a frame once when a batch size
-  changes (automatic dynamic shapes) and calls the backend again; the new
-  subgraph is optimized again, and later batch sizes reuse it.
-"""
+"""Route 2 of graphopt with torch.compile: `GraphoptBackend`, a dynamo backend that lowers each subgraph
+dynamo hands it to ATen and runs graphopt's passes on it (see __init__.py for the options and limits)."""
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -61,51 +9,20 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
-from torch._dynamo.backends.registry import register_backend
 
-from .config import parse_options
-from .errors import GraphoptError, OptionError
-from .pipeline import build_passes
-from .report import Report
+from ..api import OptimizedModule
+from ..config import parse_options
+from ..errors import GraphoptError, OptionError
+from ..pipeline import build_passes
+from ..report import Report
+from .runner import InductorRunner
+
 
 UNSUPPORTED_UNDER_BACKEND = {
     "calibration_data": "calibration batches are model inputs, but a dynamo subgraph's inputs are whatever "
                         "dynamo cut at a graph break",
     "example_kwargs": "dynamo supplies the inputs",
 }
-
-
-class InductorRunner:
-    """`gm` compiled by `torch.compile(backend="inductor")` on the first call.
-
-    A plain object, not a Module (the graph stays registered once, as the owner's
-    `graph_module`). A deep copy (e.g. `graphopt.finetune`'s) compiles the copied graph
-    afresh instead of sharing the original's compiled code and weights.
-    """
-
-    def __init__(self, gm: fx.GraphModule, dynamic_batch: bool) -> None:
-        self.gm, self.dynamic_batch = gm, dynamic_batch
-        self.compiled = torch.compile(gm, backend="inductor")
-        self.calls = 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.calls == 0 and self.dynamic_batch:
-            args, kwargs = pytree.tree_map(_dynamic_batch_view, (args, kwargs))
-        self.calls += 1
-        return self.compiled(*args, **kwargs)
-
-    def __deepcopy__(self, memo: dict) -> "InductorRunner":
-        return InductorRunner(copy.deepcopy(self.gm, memo), self.dynamic_batch)
-
-
-def _dynamic_batch_view(leaf: Any) -> Any:
-    """An alias of a tensor input with dimension 0 marked dynamic (the caller's tensor is not touched)."""
-    if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
-        return leaf
-    alias = leaf.view_as(leaf)
-    torch._dynamo.maybe_mark_dynamic(alias, 0)
-    return alias
 
 
 @dataclass
@@ -167,7 +84,6 @@ class GraphoptBackend:
         if isinstance(plan, str):
             record.skipped = plan
             return _inductor_alone(gm, example_inputs, self._options.backend)
-        from .api import OptimizedModule   # api imports this module
         record.module = OptimizedModule(_freeze(gm, plan), self._options)
         return self._runner(record, plan, gm)
 
@@ -283,29 +199,3 @@ def _inductor_alone(gm: fx.GraphModule, example_inputs: Sequence[Any], backend: 
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
     return compile_fx(gm, list(example_inputs))
-
-
-#: Subgraphs compiled through the registered name "graphopt", oldest first (see `reports`).
-_REGISTERED: list[Subgraph] = []
-
-
-@register_backend(name="graphopt")
-def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
-                     options: Mapping[str, Any] | None = None) -> Callable[..., Any]:
-    """`torch.compile(model, backend="graphopt", options={...})`: see the module docstring."""
-    return GraphoptBackend(options, _REGISTERED)(gm, example_inputs)
-
-
-def subgraphs() -> list[Subgraph]:
-    """Every subgraph the registered "graphopt" backend compiled in this process, oldest first."""
-    return list(_REGISTERED)
-
-
-def reports() -> list[Report]:
-    """The reports of the subgraphs the registered "graphopt" backend optimized, oldest first."""
-    return [s.report for s in _REGISTERED if s.report is not None]
-
-
-def clear() -> None:
-    """Forget the subgraphs of the registered backend (e.g. after `torch._dynamo.reset()`)."""
-    _REGISTERED.clear()

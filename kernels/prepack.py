@@ -1,0 +1,43 @@
+"""A cache of weights repacked for a CPU library's kernel, held as long as the weight tensors live.
+
+Repacking (reordering a weight into a kernel's blocked layout) costs far more
+than one call, so each weight is packed once. Entries are keyed by the
+identity and version counter of the source tensors (an in-place change
+repacks) plus any hashable parameters, and an entry dies with its first
+source tensor. The module's state stays its plain int8/uint8 and float32
+buffers, so ``state_dict`` and ``torch.export`` see no opaque object.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Callable, Hashable
+
+import torch
+
+
+class PackCache:
+    """``get(*tensors, *params)`` returns ``pack(*tensors, *params)``, computed once per live source."""
+
+    def __init__(self, pack: Callable[..., Any]) -> None:
+        self._pack = pack
+        self._entries: dict[tuple, tuple[tuple[weakref.ref, ...], tuple[int, ...], Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, tensors: tuple[torch.Tensor, ...], *params: Hashable) -> Any:
+        key = (*map(id, tensors), *params)
+        versions = tuple(t._version for t in tensors)
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and all(r() is t for r, t in zip(entry[0], tensors)) and entry[1] == versions:
+            return entry[2]
+        packed = self._pack(*tensors, *params)
+        with self._lock:
+            if key not in self._entries:
+                weakref.finalize(tensors[0], self._entries.pop, key, None)
+            self._entries[key] = (tuple(weakref.ref(t) for t in tensors), versions, packed)
+        return packed
+
+    def __len__(self) -> int:
+        return len(self._entries)
