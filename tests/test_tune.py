@@ -180,3 +180,11 @@ def test_a_fine_tuned_int8_config_prunes_then_tunes_then_quantizes():
     assert any("graphopt.int8_linear" in t for t in targets), targets   # int8 after the fine-tune
     assert ir.param_bytes(built.graph_module) < ir.param_bytes(model) / 2   # pruned and int8
     assert agreement(built) > 50   # distilled from the original: a working classifier, not noise (10 classes)
+
+
+def test_optuna_is_imported_only_by_tune():
+    import subprocess
+    import sys
+    code = ("import sys, graphopt, graphopt.cli, graphopt.cli.optimize; graphopt.optimize; "
+            "assert 'optuna' not in sys.modules; graphopt.tune; assert 'optuna' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
