@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +97,12 @@ def finetune(opt: Any, train_data: Iterable[Any], teacher: torch.nn.Module | Non
              qat: bool = False, *, lr: float = 1e-3, weight_decay: float = 0.0, temperature: float = 2.0,
              alpha: float = 0.5, distill: str = "auto", seed: int = 0, progress: bool = True,
              quantize_options: Mapping[str, Any] | None = None, renorm: bool | str = "auto",
-             speed_check: Any = True) -> Any:
+             speed_check: Any = True, on_epoch: Callable[[int, Any], None] | None = None) -> Any:
     """Distil `teacher` into a copy of `opt` on `train_data`; returns the tuned copy (see module docstring).
+
+    on_epoch(epoch, module) is called after each epoch (1-based) with the student in eval mode (its
+    training-time normalizations evaluate with their running statistics, as the folded graph will);
+    an exception it raises (e.g. optuna.TrialPruned from graphopt.tune) stops the fine-tune and propagates.
 
     qat=True returns the tuned model converted to int8-dynamic (an O2 OptimizedModule, with
     `quantize_options` for the int8 pass and `speed_check` as graphopt.optimize's: int8 that is slower
@@ -157,7 +161,7 @@ def finetune(opt: Any, train_data: Iterable[Any], teacher: torch.nn.Module | Non
     bar = tqdm(total=total, desc="graphopt finetune", unit="batch", disable=None if progress else True)
     student.train()
     try:
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
             for item in batches:
                 args, kwargs, labels = _split(item)
                 target = None
@@ -171,6 +175,11 @@ def finetune(opt: Any, train_data: Iterable[Any], teacher: torch.nn.Module | Non
                 schedule.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+            if on_epoch is not None:
+                student.eval()
+                with torch.no_grad():
+                    on_epoch(epoch, tuned)
+                student.train()
     finally:
         bar.close()
         student.eval()

@@ -216,9 +216,16 @@ def _pt2(spec: str, path: Path) -> LoadedModel:
 # --- factories ---------------------------------------------------------------------------------------
 
 def _factory(spec: str) -> LoadedModel:
+    if not spec.rpartition(":")[0] or not spec.rpartition(":")[2]:
+        raise InputError(f"MODEL {spec}: module:factory needs both parts; MODEL is {MODEL_FORMS}")
+    return _from_factory(spec, load_callable(spec)())
+
+
+def load_callable(spec: str) -> Any:
+    """The callable named by `package.module:name` or `path/to/file.py:name` (a factory, an evaluate function)."""
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
-        raise InputError(f"MODEL {spec}: module:factory needs both parts; MODEL is {MODEL_FORMS}")
+        raise InputError(f"{spec!r}: give module:function or file.py:function")
     if target.endswith(".py"):
         module = _import_file(Path(target), spec)
     else:
@@ -228,10 +235,10 @@ def _factory(spec: str) -> LoadedModel:
             module = importlib.import_module(target)
         except ImportError as exc:
             raise InputError(f"cannot load {spec!r}: {exc}") from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
+    value = getattr(module, attr, None)
+    if not callable(value):
         raise InputError(f"cannot load {spec!r}: {target} has no callable {attr!r}")
-    return _from_factory(spec, factory())
+    return value
 
 
 def _import_file(path: Path, spec: str) -> Any:

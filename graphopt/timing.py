@@ -36,16 +36,16 @@ class Timing:
         return (self.p90_s - self.p10_s) / self.median_s if self.median_s > 0 else 0.0
 
 
-def _call_and_wait(fn: Callable[[], object]) -> float:
-    """Seconds from calling `fn` until it and the GPU work it queued are done."""
+def _call_and_wait(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds (of `clock`) from calling `fn` until it and the GPU work it queued are done."""
     waits = torch.cuda.is_available() and torch.cuda.is_initialized()
     if waits:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     fn()
     if waits:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 20,
@@ -92,8 +92,10 @@ class Interleaved:
 
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 20, warmup: int = 2,
-                        max_seconds: float = 60.0) -> Interleaved:
-    """Time each of `fns` once per round, rotating the order, so drift on a busy machine hits all alike."""
+                        max_seconds: float = 60.0, clock: Callable[[], float] = time.perf_counter) -> Interleaved:
+    """Time each of `fns` once per round, rotating the order, so drift on a busy machine hits all alike.
+    `clock`: wall time by default; `time.process_time` measures the CPU time this process spent instead
+    (with one torch thread, other processes' load on the cores then barely reaches the samples)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -105,5 +107,5 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 20, 
             break
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            samples[name].append(_call_and_wait(fns[name]))
+            samples[name].append(_call_and_wait(fns[name], clock))
     return Interleaved(samples)

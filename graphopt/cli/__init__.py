@@ -2,6 +2,7 @@
 
     graphopt optimize MODEL -o OUT.onnx [--int8 dynamic|static|weight-only] [--prune R] [--report r.html] …
     graphopt compare A B [--calibration DATA] [--labels y.npy] [--report compare.html]
+    graphopt tune MODEL --eval module:function --budget B [--trials N] [--target T] [--storage URL] …
     graphopt demo [--out DIR] [--prune R] [--epochs N] [--level O1|O2|O3]
     graphopt report RUN.json [--html report.html]
 
@@ -118,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--accuracy-budget", type=float, default=None, metavar="TOL",
                      help="the outputs' cosine to the original stays ≥ 1 − TOL (0.01: ≥ 0.99); int8 layers fall "
                           "back to float until it holds (needs --calibration)")
+    opt.add_argument("--config", default=None, metavar="JSON",
+                     help="the configuration graphopt tune wrote (best.json): optimize (and fine-tune on "
+                          "--calibration) exactly as its best trial did")
     opt.add_argument("--allow-fallback", action="store_true",
                      help=f"exit 0 even when a requested scheme was rolled back (else exit {EXIT_FALLBACK})")
     _model_options(opt)
@@ -146,6 +150,31 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--report", default=None, metavar="HTML", help="write an HTML comparison with plots")
     cmp.add_argument("--json", action="store_true", help="print the comparison as JSON on stdout")
     cmp.set_defaults(handler=_run("compare"))
+
+    tun = commands.add_parser("tune", help="search the optimization config under an accuracy budget",
+                               formatter_class=raw, epilog=MODEL_HELP,
+                               description="Search levels, int8 schemes, float fallbacks, SmoothQuant α, "
+                                           "pruning and fine-tune length (Optuna) for the fastest model whose "
+                                           "--eval score drops by at most --budget; every trial is optimized, "
+                                           "scored and timed against the original on --target.")
+    tun.add_argument("model", metavar="MODEL", help="the model (forms below)")
+    tun.add_argument("--eval", required=True, metavar="MODULE:FUNCTION",
+                     help="evaluate(module) -> float, higher is better (module.py:function also works)")
+    tun.add_argument("--budget", type=float, required=True, help="largest allowed drop of the --eval score")
+    tun.add_argument("--trials", type=int, default=40, help="the study's total trials (default 40)")
+    tun.add_argument("--timeout", type=float, default=None, help="stop this run after this many seconds")
+    tun.add_argument("--target", choices=["torch", "inductor", "onnxruntime"], default="torch",
+                     help="where the model will run; trials are timed there against the original")
+    tun.add_argument("--objectives", default="latency", help="comma-separated: latency, size, fidelity")
+    tun.add_argument("--storage", default=None, metavar="URL", help="an SQLAlchemy URL (postgresql://…) to share "
+                      "the study across machines (default: SQLite beside -o)")
+    tun.add_argument("--study", default=None, help="study name (default: from the model, target and budget)")
+    tun.add_argument("--seed", type=int, default=0)
+    tun.add_argument("-o", "--output", default="best.json", help="where to write the best config (default best.json)")
+    tun.add_argument("--report", default=None, metavar="HTML", help="the HTML report (default: beside -o)")
+    tun.add_argument("--quiet", action="store_true", help="no per-trial lines")
+    _model_options(tun)
+    tun.set_defaults(handler=_run("tune"))
 
     demo = commands.add_parser("demo", help="the whole pipeline on a built-in model, explained as it runs",
                                add_help=False)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import datasets, loaders
+from .. import datasets, loaders, recipe
 from ..errors import OptionError
 from ..outputs import apply_umask, check_writable, write_atomic
 from ..report import Report, environment
@@ -75,6 +75,8 @@ def _optimize_torch(args: argparse.Namespace, loaded: loaders.LoadedModel, quant
     module, example_args, example_kwargs = loaded.torch_module(example_args, example_kwargs)
     console.stage(f"example inputs: {_describe_inputs(example_args, example_kwargs)}"
                   + (f"; {len(batches)} calibration batch(es) from {args.calibration}" if batches else ""))
+    if args.config:
+        return _optimize_config(args, module, example_args, example_kwargs, batches, console)
     console.stage(f"capturing with torch.export and optimizing at {args.level or 'the level the options imply'}")
     opt = graphopt.optimize(module, example_args, example_kwargs=example_kwargs, level=args.level,
                             quantize=quantize or "auto", prune=args.prune, calibration_data=batches,
@@ -87,10 +89,32 @@ def _optimize_torch(args: argparse.Namespace, loaded: loaders.LoadedModel, quant
     return opt.report
 
 
+def _optimize_config(args: argparse.Namespace, module: Any, example_args: tuple, example_kwargs: dict,
+                     batches: list | None, console: Console) -> Report:
+    """The configuration `graphopt tune` chose (recipe.build: optimize, then finetune where it fine-tuned)."""
+    import graphopt
+    clashing = [flag for flag, value in (("--level", args.level), ("--int8", args.int8), ("--prune", args.prune),
+                                         ("--accuracy-budget", args.accuracy_budget)) if value is not None]
+    if clashing:
+        raise OptionError(f"--config sets the options itself: drop {', '.join(clashing)}")
+    config, finetune = recipe.load(args.config)
+    console.stage(f"optimizing with the configuration in {args.config}"
+                  + (f", then fine-tuning {finetune.get('epochs')} epoch(s) on --calibration" if finetune else ""))
+    opt = recipe.build(module, example_args, config, finetune, example_kwargs=example_kwargs,
+                       calibration_data=batches, train_data=batches, progress=not console.quiet,
+                       on_record=console.record, measure_latency=not args.no_speed_check)
+    console.stage(f"exporting to ONNX: {args.output}")
+    _silence_exporter_registry()
+    graphopt.export_onnx(opt, example_args, args.output, example_kwargs=example_kwargs)
+    return opt.report
+
+
 def _optimize_onnx(args: argparse.Namespace, loaded: loaders.LoadedModel, quantize: str | None,
                    shapes: dict, console: Console) -> Report:
     if args.prune is not None:
         raise OptionError("--prune needs a torch model; ONNX files are not pruned")
+    if args.config:
+        raise OptionError("--config holds a configuration graphopt tune chose for a torch model, not for ONNX")
     from ..onnx import optimize_onnx
     feeds = datasets.onnx_feeds(loaded, args.calibration, shapes, args.batch_size)
     if feeds:
