@@ -72,7 +72,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
         with torch.no_grad():
             work(*args, **kwargs)
     except Exception as exc:
-        raise InputError(f"the model fails on the example inputs: {_quote(exc)}") from exc
+        raise InputError(f"the model fails on the example inputs: {_first_line(exc)}") from exc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -80,11 +80,11 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
         except Exception as first:  # torch raises many types; all become CaptureError
             batch_only = _dynamic_dims(work, args, kwargs, False)
             if batch_only == with_sequence:     # no sequence dimension was marked: nothing else to try
-                raise CaptureError(_quote(first), _hint(first)) from first
+                raise CaptureError(_first_line(first), _hint(first)) from first
             try:                                # the sequence dimension may be what fails: the batch alone
                 exported = torch.export.export(work, args, kwargs, dynamic_shapes=batch_only, strict=False)
             except Exception as exc:
-                raise CaptureError(_quote(exc), _hint(exc)) from exc
+                raise CaptureError(_first_line(exc), _hint(exc)) from exc
     unlifted = exported.module()
     module = fx.GraphModule(unlifted, unlifted.graph)   # a plain GraphModule: train()/eval() work
     module.meta.update(getattr(unlifted, "meta", {}))
@@ -159,7 +159,7 @@ def _other_shape(module: fx.GraphModule, args: tuple, kwargs: dict, notes: list[
             module(*other[0], **other[1])
     except Exception as exc:   # a constraint export kept as a run-time check (e.g. an even length)
         notes.append(f"verification runs at the example's shapes only: the graph rejects a second size "
-                     f"({_quote(exc)})")
+                     f"({_first_line(exc)})")
         return None
     resized = sorted({str(tuple(a.shape)) for a, b in zip(pytree.tree_leaves(other), pytree.tree_leaves((args, kwargs)))
                       if isinstance(a, torch.Tensor) and a.shape != b.shape})
@@ -184,7 +184,7 @@ def _has_symbolic_batch(module: fx.GraphModule) -> bool:
     return False
 
 
-def _quote(exc: Exception) -> str:
+def _first_line(exc: Exception) -> str:
     """What an error message quotes of torch's exception: its type and first three lines (torch.export
     spreads one message over several)."""
     return f"{type(exc).__name__}: {first_line(exc, 600, lines=3)}"
