@@ -43,13 +43,19 @@ class OptimizedModule(torch.nn.Module):
             speed_check=options.speed_check, on_record=options.on_record)
         self.graph_module: fx.GraphModule | None = None
         self.report = Report()
-        self._pending = [model]   # a list, so the original is not registered as a submodule
+        self._pending = [model]   # lists, so the original is not registered as a submodule
+        self._original: list[torch.nn.Module | None] = [None]
         self._in_spec: pytree.TreeSpec | None = None
         self._runner: Any = None   # the torch.compile'd graph when options.backend == "inductor"
 
     @property
     def captured(self) -> bool:
         return self.graph_module is not None
+
+    @property
+    def original(self) -> torch.nn.Module | None:
+        """The model as given (in eval mode), once captured: what the export's speed check compares with."""
+        return self._original[0]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.graph_module is None:
@@ -87,7 +93,7 @@ class OptimizedModule(torch.nn.Module):
             self._runner = _never_slower_than_the_model(captured.original, gm, args, kwargs, options, report)
         report.meta["total_s"] = time.perf_counter() - start
         self._in_spec = pytree.tree_structure((args, kwargs))
-        self._pending = [None]
+        self._pending, self._original = [None], [captured.original]
 
     def _check_structure(self, args: tuple, kwargs: dict) -> None:
         spec = pytree.tree_structure((args, kwargs))
@@ -140,7 +146,8 @@ def optimize(model: torch.nn.Module, example_inputs: tuple | None = None, *,
     Further options: enable=/disable= (pass names), accuracy_budget=,
     backend=, reproducer_dir=, verify_samples=, measure_latency=, progress=, seed=,
     speed_check= (True: default; False: off; a dict of graphopt.speed.SpeedCheck fields, e.g.
-    {"min_gain": 0.05}), on_record= (called with each pass's PassRecord as it finishes).
+    {"min_gain": 0.05}), on_record= (called with each pass's PassRecord as it finishes),
+    generation=True with max_cache_len= (a causal LM for .generate(): see graphopt.llm).
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"graphopt.optimize takes a torch.nn.Module, got {type(model).__name__}")
@@ -154,6 +161,9 @@ def optimize(model: torch.nn.Module, example_inputs: tuple | None = None, *,
         raise InputError(f"example_kwargs must be a dict, got {type(example_kwargs).__name__}")
     parsed = parse_options(level=level, quantize=quantize, prune=prune,
                            calibration_data=calibration_data, verify=verify, **options)
+    if parsed.generation:   # a causal LM for generate(): graphopt/llm
+        from .llm import optimize_for_generation
+        return optimize_for_generation(model, example_inputs, example_kwargs, parsed)
     opt = OptimizedModule(model, parsed)
     if example_inputs is not None or example_kwargs is not None:
         opt._optimize(tuple(example_inputs or ()), dict(example_kwargs or {}))

@@ -42,6 +42,8 @@ class Options:
     seed: int = 0
     quantize_options: dict[str, Any] = field(default_factory=dict)  # validated by passes/quantize
     prune_options: dict[str, Any] = field(default_factory=dict)     # validated by passes/pruning
+    generation: bool = False                 # capture a causal LM's decoder step for generate() (graphopt.llm)
+    max_cache_len: int | None = None         # the static KV cache's length in tokens (generation only)
 
     @property
     def level_name(self) -> str:
@@ -82,6 +84,7 @@ def parse_options(level: str | int | None = None, quantize: str | None = AUTO,
         rest["speed_check"] = parse_speed_check(rest["speed_check"], measure_latency)
     else:   # default: on, unless the caller turned timing off
         rest["speed_check"] = SpeedCheck() if measure_latency else None
+    _check_generation(rest.get("generation", False), rest.get("max_cache_len"))
     if rest.get("on_record") is not None and not callable(rest["on_record"]):
         raise OptionError(f"on_record={rest['on_record']!r} must be a callable taking a PassRecord")
     if isinstance(rest.get("calibration_data"), Iterator):   # a generator is read once: keep its batches
@@ -95,6 +98,17 @@ def parse_level(level: str | int) -> int:
     if isinstance(level, str) and level.upper() in LEVELS:
         return LEVELS[level.upper()]
     raise OptionError(f"level={level!r}: choose one of O0 (capture only), O1 (lossless), O2 (+ int8), O3 (+ pruning)")
+
+
+def _check_generation(generation: Any, max_cache_len: Any) -> None:
+    if not isinstance(generation, bool):
+        raise OptionError(f"generation={generation!r} must be True or False")
+    if max_cache_len is None:
+        return
+    if not generation:
+        raise OptionError("max_cache_len= applies to generation=True only")
+    if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+        raise OptionError(f"max_cache_len={max_cache_len!r} must be a positive int (tokens)")
 
 
 def _check_prune(prune: Any) -> None:

@@ -222,6 +222,17 @@ def drop_unused_attributes(gm: fx.GraphModule) -> int:
     return dropped
 
 
+def copy_sharing_tensors(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of `gm`'s graph and module tree whose parameters and buffers are `gm`'s own tensors (no
+    weight copy). Safe for rewrites that make new tensors (add_constant) and never write into old ones."""
+    import copy
+    import warnings
+    memo: dict[int, object] = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
+        return copy.deepcopy(gm, memo)
+
+
 def lint(gm: fx.GraphModule) -> None:
     """Check the graph is well formed and regenerate its code."""
     gm.graph.lint()

@@ -42,6 +42,7 @@ from torch.export import Dim
 from graphopt.errors import ExportError, InputError, VerificationError, first_line
 from graphopt.verify import LOSSLESS, Budget, compare
 
+from .export_speed import export_speed_check, faster_file
 from .files import check_destination, save_model
 from .ir import OnnxModel, session
 
@@ -76,7 +77,8 @@ TOLERANCES = {
 def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.PathLike,
                 example_kwargs: Mapping[str, Any] | None = None,
                 dynamic_axes: str | Mapping[str, Mapping[int, str]] | None = "auto",
-                opset: int | None = None, tolerance: Budget | None = None, skip_padding: bool = True) -> Path:
+                opset: int | None = None, tolerance: Budget | None = None, skip_padding: bool = True,
+                speed_check: Any = None) -> Path:
     """Export `opt` (an `OptimizedModule` or any `nn.Module`) to `path`; returns the path.
 
     opset: the ONNX opset (default: `default_opset(scheme)`: 23 for int8 graphs, 20 for float ones).
@@ -86,6 +88,9 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
     tolerance: overrides the scheme's export tolerance (`TOLERANCES`).
     skip_padding: run row-wise work on real tokens only where the outputs ignore padded ones
         (`graphopt.passes.onnx.skip_padding`; exact, checked on random padding masks).
+    speed_check: True, False, a dict of `graphopt.speed.SpeedCheck` fields (default: the optimized module's
+        own option). Each cleanup pass is timed in ONNX Runtime and rolled back if measurably slower, and
+        an int8 file is never measurably slower than the float export of the same model (export_speed.py).
     """
     if isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
@@ -96,16 +101,34 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         raise InputError(f"export_onnx takes the module graphopt.optimize returned (or any torch.nn.Module), "
                          f"got {type(opt).__name__}")
     kwargs = dict(example_kwargs or {})
+    if hasattr(opt, "decoder_inputs"):   # a generation module (graphopt.llm): the decoder step with its KV cache
+        example_inputs, kwargs = opt.decoder_inputs(example_inputs, kwargs), {}
+        skip_padding = False             # its attention_mask spans the cache: no padded rows to skip
     path = check_destination(None, path)
     module, scheme = _exportable(opt, example_inputs, kwargs)
+    check = export_speed_check(opt, speed_check)
+    report = getattr(opt, "report", None)
     with torch.no_grad():
         reference = opt(*example_inputs, **kwargs)
-    proto = _torch_export(module, example_inputs, kwargs, _dynamic_shapes(module, example_inputs, kwargs, dynamic_axes),
-                          opset or default_opset(scheme))
-    _name_dynamic_axes(proto, example_inputs, kwargs, dynamic_axes)
+
+    def build(source: torch.nn.Module, scheme_: str | None, timed: bool) -> onnx.ModelProto:
+        built = _torch_export(source, example_inputs, kwargs,
+                              _dynamic_shapes(source, example_inputs, kwargs, dynamic_axes),
+                              opset or default_opset(scheme_))
+        _name_dynamic_axes(built, example_inputs, kwargs, dynamic_axes)
+        return _cleanup(built, _feeds(built, example_inputs, kwargs), skip_padding, report if timed else None,
+                        check if timed else None)
+
+    proto = build(module, scheme, True)
     feeds = _feeds(proto, example_inputs, kwargs)
-    proto = _cleanup(proto, feeds, skip_padding, getattr(opt, "report", None))
     budget = tolerance or _budget(opt, scheme)
+    original = _original(opt)
+    if check is not None and scheme is not None and original is not None:
+        float_proto = faster_file(proto, lambda: build(original, None, False), feeds, check, report)
+        if float_proto is not None:
+            proto, budget = float_proto, tolerance or TOLERANCES[None]
+            with torch.no_grad():
+                reference = original(*example_inputs, **kwargs)
 
     def check(written: Path) -> None:
         try:
@@ -116,6 +139,11 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         _check_outputs(_runtime_session(written, proto), feeds, reference, budget, proto)
 
     return save_model(proto, path, check=check)
+
+
+def _original(opt: torch.nn.Module) -> torch.nn.Module | None:
+    """The model an OptimizedModule was made from (None for a plain module or a lazy one not yet run)."""
+    return getattr(opt, "original", None)
 
 
 def _exportable(opt: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.nn.Module, str | None]:
@@ -299,10 +327,14 @@ def _name_dynamic_axes(proto: onnx.ModelProto, args: tuple, kwargs: dict,
 
 
 def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding: bool,
-             report: Any = None) -> onnx.ModelProto:
-    """The export's graph passes, run by the pass manager (each verified on the example feeds, rolled back
-    if it changes the outputs, recorded): rotary caches at the batch (opset 23), constant folding under the
-    size guard, padding skipped (exact, checked on random masks), dead nodes and unused initializers.
+             report: Any = None, speed_check: Any = None) -> onnx.ModelProto:
+    """The export's graph passes, run by the pass manager: first what makes the file runnable at all (rotary
+    caches at the batch, opset 23: ONNX Runtime refuses the exporter's form, so that graph has no outputs to
+    verify against; the export's final comparison with the torch module checks it), then the cleanups, each
+    verified on the example feeds against the runnable graph, rolled back if it changes the outputs, and
+    recorded: constant folding under the size guard, padding skipped (exact, checked on random masks), dead
+    nodes and unused initializers. With `speed_check`, each cleanup is also timed in ONNX Runtime and rolled
+    back if it makes the file measurably slower.
 
     The records go to `report.meta["export_passes"]` when a report is given (the optimized module's)."""
     from graphopt.pass_manager import PassManager
@@ -310,16 +342,22 @@ def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding:
 
     from .ir import OnnxIR
     model = OnnxModel.from_proto(proto)
-    passes: list[Any] = [RotaryCachesAtBatch()] if model.opset >= RotaryCachesAtBatch.min_opset else []
-    passes += [ConstantFolding(), *([SkipPadding([feeds])] if skip_padding else []), DeadNodeElimination()]
-    ir = OnnxIR()
-    inputs = [((), feeds)]
-    manager = PassManager(passes, ir, level=1, measure_latency=False, progress=False)
-    optimized, records = manager.run(model, inputs, ir.run(model, inputs))
+    ir, inputs = OnnxIR(), [((), feeds)]
+    records = []
+    if model.opset >= RotaryCachesAtBatch.min_opset:
+        fixes = PassManager([RotaryCachesAtBatch()], ir, level=1, verify=False, measure_latency=False,
+                            progress=False)
+        model, fixed = fixes.run(model, inputs, None)
+        records += fixed.records
+    passes = [ConstantFolding(), *([SkipPadding([feeds])] if skip_padding else []), DeadNodeElimination()]
+    manager = PassManager(passes, ir, level=1, measure_latency=speed_check is not None, progress=False,
+                          speed_check=speed_check)
+    optimized, cleaned = manager.run(model, inputs, ir.run(model, inputs))
+    records += cleaned.records
     if report is not None and hasattr(report, "meta"):
         report.meta["export_passes"] = [{"name": r.name, "modified": r.modified, "rolled_back": r.rolled_back,
                                          "code": r.code, "reason": r.reason, "matches": r.matches,
-                                         "nodes": r.nodes} for r in records.records]
+                                         "nodes": r.nodes} for r in records]
     optimized.graph.toposort()
     return optimized.to_proto()
 

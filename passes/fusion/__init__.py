@@ -8,7 +8,7 @@ GEMM merge last (it needs the final weights).
 from __future__ import annotations
 
 from ..rules import RuleSet
-from . import activation, algebraic, attention, batchnorm, horizontal_gemm, normalization
+from . import activation, algebraic, attention, batchnorm, grouped_query, horizontal_gemm, normalization
 
 
 def passes() -> list[RuleSet]:
@@ -16,6 +16,7 @@ def passes() -> list[RuleSet]:
     return [RuleSet("recognize_activations", activation.RULES),
             RuleSet("recognize_normalization", normalization.RULES),
             RuleSet("recognize_attention", attention.RULES),
+            RuleSet("grouped_query_attention", grouped_query.RULES),           # after SDPA is recognized
             RuleSet("algebraic_cleanup", algebraic.RULES, fixed_point=True),   # a new linear can take a scale
             RuleSet("fold_batchnorm", batchnorm.RULES),                         # in the next sweep
             RuleSet("merge_parallel_gemms", horizontal_gemm.RULES)]

@@ -1,0 +1,130 @@
+"""`graphopt.optimize(lm, example_kwargs={"input_ids": ids}, generation=True, max_cache_len=N, ...)`.
+
+The decoder step (graphopt.llm.decoder) is captured once (graphopt.llm.capture) and run through the pass
+manager, verified on a decode step, the example's prefill and a decode step at another batch size (one
+graph serves both, so one report covers both). Latency and the speed check time one decode step. After the
+passes the report gets a "generation" entry (graphopt.llm.metrics): greedy-token agreement with the model
+over N steps, the next-token logits' error, and perplexity on calibration text before and after.
+
+Memory: the model's weights are never copied. The IR adapter below copies a graph for each pass but shares
+its tensors (passes make new tensors, they never write into old ones), so peak memory stays near the model
+plus what a pass adds (e.g. its int8 weights).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+
+from graphopt import ir
+from graphopt.config import Options
+from graphopt.errors import InputError, OptionError
+from graphopt.pass_manager import FxIR, PassManager
+from graphopt.pipeline import build_passes
+from graphopt.report import Report
+from graphopt.verify import run_on
+
+from .capture import capture_decoder, verification_inputs
+from .generate import CacheSpec, check_prompt, generate, prefill_inputs, sampling_settings
+from .metrics import token_metrics
+
+#: Greedy steps the token check runs (capped by the cache).
+TOKEN_CHECK_STEPS = 16
+
+
+class SharedTensorsFxIR(FxIR):
+    """FxIR whose per-pass copy shares the parameters and buffers (the graph and modules are copied)."""
+
+    def copy(self, module: fx.GraphModule) -> fx.GraphModule:
+        return ir.copy_sharing_tensors(module)
+
+
+class GenerationModule(torch.nn.Module):
+    """A causal LM optimized for generation: `.generate(...)` like Hugging Face's; calling it runs one
+    decoder step (input_ids, position_ids, cache_position, attention_mask, past) -> (logits, present)."""
+
+    def __init__(self, graph_module: fx.GraphModule, spec: CacheSpec, report: Report, options: Options,
+                 generation_config: Any) -> None:
+        super().__init__()
+        self.graph_module, self.spec, self.report, self.options = graph_module, spec, report, options
+        self.generation_config = generation_config
+
+    captured = True
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.spec.length
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph_module(*args, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
+                 attention_mask: torch.Tensor | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prompt and new tokens [B, S + n], as `model.generate(...)` returns them (see graphopt.llm.generate).
+        Unset sampling settings come from the model's generation_config, then Hugging Face's defaults."""
+        settings = sampling_settings(self.generation_config, do_sample=do_sample, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        return generate(self.graph_module, self.spec, input_ids, max_new_tokens, attention_mask, generator,
+                        **settings)
+
+    def decoder_inputs(self, args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+        """The decoder-step inputs of a prompt given as `input_ids=` (and `attention_mask=`): what
+        `export_onnx` exports the step on."""
+        kwargs = dict(kwargs)
+        ids = kwargs.pop("input_ids", args[0] if args else None)
+        mask = kwargs.pop("attention_mask", args[1] if len(args) > 1 else None)
+        if kwargs or len(args) > 2:
+            raise InputError(f"a generation module takes input_ids and attention_mask, not "
+                             f"{', '.join(sorted(kwargs)) or 'more positional inputs'}")
+        check_prompt(ids, mask, self.spec.length)
+        return prefill_inputs(ids, mask, self.spec)
+
+
+def optimize_for_generation(model: torch.nn.Module, example_inputs: tuple | None,
+                            example_kwargs: Mapping[str, Any] | None, options: Options) -> GenerationModule:
+    """Capture `model` for generation and run the passes; see the module docstring."""
+    if options.max_cache_len is None:
+        raise OptionError("generation=True needs max_cache_len= (the static KV cache's length in tokens)")
+    if options.prune is not None:
+        raise OptionError("prune= does not work with generation=True yet: LLM pruning (KV groups, MLP channels) "
+                          "is a separate step")
+    if options.backend == "inductor":
+        raise OptionError("backend='inductor' does not work with generation=True")
+    kwargs = dict(example_kwargs or {})
+    args = tuple(example_inputs or ())
+    ids = kwargs.pop("input_ids", args[0] if args else None)
+    mask = kwargs.pop("attention_mask", args[1] if len(args) > 1 else None)
+    if ids is None:
+        raise OptionError("generation=True needs example_kwargs={'input_ids': ids} (a prompt to capture on)")
+    if kwargs:
+        raise OptionError(f"generation=True takes input_ids and attention_mask as examples, not {sorted(kwargs)}")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        raise InputError("example input_ids must be an integer tensor [batch, sequence]")
+    if ids.shape[1] > options.max_cache_len:
+        raise OptionError(f"max_cache_len={options.max_cache_len} is shorter than the example prompt "
+                          f"({ids.shape[1]} tokens)")
+    start = time.perf_counter()
+    captured = capture_decoder(model, ids, mask, options.max_cache_len)
+    inputs = verification_inputs(captured, options.seed)
+    reference = run_on(captured.step, inputs) if options.verify else []
+    manager = PassManager(build_passes(options), SharedTensorsFxIR(), level=options.level, enable=options.enable,
+                          disable=options.disable, verify=options.verify, reproducer_dir=options.reproducer_dir,
+                          measure_latency=options.measure_latency, progress=options.progress,
+                          speed_check=options.speed_check, on_record=options.on_record)
+    report = Report(meta={
+        "level": options.level_name, "quantize": options.quantize, "prune": None, "verify": options.verify,
+        "dynamic_batch": True, "passes": [p.name for p in manager.selected],
+        "notes": [f"generation: one decoder-step graph for prefill and decode, static KV cache of "
+                  f"{options.max_cache_len} tokens; latency and the speed check time one decode step"]})
+    gm, report = manager.run(captured.module, inputs, reference, report)
+    if options.verify:
+        report.meta["generation"] = token_metrics(captured.step, gm, captured.spec, ids, mask,
+                                                  options.calibration_data, TOKEN_CHECK_STEPS)
+    report.meta["total_s"] = time.perf_counter() - start
+    return GenerationModule(gm, captured.spec, report, options, copy.deepcopy(getattr(model, "generation_config", None)))

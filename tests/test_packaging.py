@@ -1,0 +1,20 @@
+"""Every package folder of the source tree is listed in pyproject.toml (a wheel would leave an unlisted one out,
+while an editable install hides the omission)."""
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_package_folder_is_listed() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {package: ROOT / Path(*package.split(".")) for package in config["packages"]}
+    for package, folder in config["package-dir"].items():   # graphopt.passes -> passes/, …
+        for name in list(folders):
+            if name == package or name.startswith(package + "."):
+                folders[name] = ROOT / folder / Path(*name[len(package) + 1:].split(".")) if name != package \
+                    else ROOT / folder
+    listed = {folder.resolve() for folder in folders.values()}
+    on_disk = {init.parent.resolve() for top in ("graphopt", "passes", "kernels") for init in (ROOT / top).rglob("__init__.py")}
+    assert on_disk - listed == set(), f"package folders missing from pyproject.toml's packages: {sorted(on_disk - listed)}"
+    assert all(folder.is_dir() for folder in folders.values())
