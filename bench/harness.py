@@ -2,7 +2,8 @@
 
 - `time_call(fn)`: graphopt's one timer (warm-up, repeats, median and spread)
   with torch pinned to the machine's cores, so every anchor in a table is
-  timed the same way in the same run.
+  timed the same way in the same run; `interleaved(calls, rounds)`: graphopt's
+  interleaved timer (the pass manager's speed check) under the same pinning.
 - `write_results(name, title, rows, notes)`: writes bench/results/<name>.md
   (a table a person reads) and <name>.json (the same rows, for tools), both
   stamped with the machine and package versions.
@@ -12,9 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
-import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from graphopt.report import cpu_name
+from graphopt.speed import interleaved_timer
 from graphopt.timing import Timing, measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,25 +45,12 @@ def time_call(fn: Callable[[], object], warmup: int = 3, repeats: int = 20, max_
 
 
 def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, Timing]:
-    """Round-robin timing: one call of each function per round, `rounds` rounds after a warm-up round,
-    so load on a shared machine hits every candidate alike. Threads pinned, autograd off."""
+    """Round-robin timing with graphopt's interleaved timer (`graphopt.speed.interleaved_timer`: one call of
+    each function per round, order rotating, `rounds` rounds after a warm-up call of each), so load on a
+    shared machine hits every candidate alike. Threads pinned, autograd off."""
     pin_threads()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    with torch.inference_mode():
-        for round_ in range(rounds + 1):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                if round_:
-                    samples[name].append(time.perf_counter() - start)
-    return {name: summarize(values) for name, values in samples.items()}
-
-
-def summarize(values: list[float]) -> Timing:
-    """Median and 10th/90th percentiles of wall times in seconds."""
-    ordered = sorted(values)
-    return Timing(statistics.median(ordered), ordered[int(0.1 * (len(ordered) - 1))],
-                  ordered[round(0.9 * (len(ordered) - 1))], len(ordered))
+    timed = interleaved_timer(calls, rounds)
+    return {name: timed.timing(name) for name in calls}
 
 
 def machine_info() -> dict[str, Any]:

@@ -47,6 +47,7 @@ import triton
 from tqdm import tqdm
 
 import graphopt.kernels as gk
+from graphopt.timing import measure_interleaved
 from bench.harness import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -138,16 +139,10 @@ def check_kernels(device: str, shapes: list[tuple[int, int, int]]) -> list[dict]
 
 
 def wall_times(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Wall times (ms) per candidate, the candidates interleaved in every round after one warm-up call."""
-    for fn in candidates.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+    """Wall times (ms) per candidate from graphopt's interleaved timer: one warm-up call each, then `repeats`
+    rounds of one call each (order rotating)."""
+    timed = measure_interleaved(candidates, rounds=repeats, warmup=1, max_seconds=float("inf"))
+    return {name: [s * 1e3 for s in samples] for name, samples in timed.samples.items()}
 
 
 def fbgemm_packed(w_q: torch.Tensor, w_scale: torch.Tensor) -> object:

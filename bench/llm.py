@@ -34,6 +34,7 @@ import graphopt
 from bench.harness import interleaved, pin_threads, write_results
 from graphopt.passes.quantize.int4 import quantize_int4
 from graphopt.passes.quantize.observers import quantize_weight
+from graphopt.zoo import CausalLMLogits
 
 SEQ = 128
 STEPS = 64
@@ -52,15 +53,6 @@ def small_llama(quick: bool) -> nn.Module:
         max_position_embeddings=SEQ + STEPS, tie_word_embeddings=False)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config)
-
-
-class Logits(nn.Module):
-    def __init__(self, lm: nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=input_ids, use_cache=False).logits
 
 
 def windows(data: torch.Tensor, count: int, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -124,7 +116,7 @@ def accuracy(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, 
     calibration = [windows(train_data, 4, SEQ, g) for _ in range(2 if args.quick else 8)]
     steps = 8 if args.quick else STEPS
     prompts = windows(held_out, 4, SEQ - steps, g)     # prompt + continuation = SEQ: the captured length
-    wrapped = Logits(model).eval()
+    wrapped = CausalLMLogits(model).eval()
     quiet = dict(measure_latency=False, speed_check=False, progress=False, verify_samples=1)
     example = (eval_batches[0][:, :-1].contiguous(),)
     variants: dict[str, nn.Module] = {"torch fp32": wrapped}

@@ -34,6 +34,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from graphopt.errors import first_line
+
 STAGES = ("O1", "O2", "O3", "export_onnx", "optimize_onnx")
 DEFAULT_TIMEOUT_S = 900
 
@@ -201,7 +203,7 @@ def run_model(name: str, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
                 row[stage] = "ok"
                 row[f"{stage} err"] = err
             except Exception as exc:  # noqa: BLE001  (the table records every failure)
-                row[stage] = f"{type(exc).__name__}: {_first_line(exc)}"
+                row[stage] = f"{type(exc).__name__}: {first_line(exc, 300)}"
                 row[f"{stage} err"] = None
                 if os.environ.get("SWEEP_TRACEBACK"):
                     traceback.print_exc()
@@ -217,11 +219,6 @@ def _ort(path: Path, args: tuple, kwargs: dict) -> list[Any]:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: leaf.numpy() for i, leaf in zip(sess.get_inputs(), leaves)}
     return sess.run(None, feeds)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else "")[:300]
 
 
 def run_isolated(name: str, stages: tuple[str, ...], timeout_s: float) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from . import ir
-from .errors import CaptureError, InputError
+from .errors import CaptureError, InputError, first_line
 from .inputs import resize
 
 _HINTS = (
@@ -185,9 +185,9 @@ def _has_symbolic_batch(module: fx.GraphModule) -> bool:
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    lines = [line for line in text.splitlines() if line.strip()]
-    return f"{type(exc).__name__}: " + " ".join(lines[:3])[:600]
+    """What an error message quotes of torch's exception: its type and first three lines (torch.export
+    spreads one message over several)."""
+    return f"{type(exc).__name__}: {first_line(exc, 600, lines=3)}"
 
 
 def _hint(exc: Exception) -> str:

@@ -38,8 +38,9 @@ class UnsupportedError(GraphoptError, NotImplementedError):
     """A requested capability exists in the API but not (yet) for this model or option."""
 
 
-def first_line(exc: BaseException, limit: int = 400) -> str:
+def first_line(exc: BaseException, limit: int = 400, lines: int = 1) -> str:
     """The first non-blank line of `exc`'s message (its type's name when it has none), cut to `limit` characters:
-    what a report or an error message quotes of a library's exception."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:limit]
+    what a report or an error message quotes of a library's exception. With `lines` > 1, that many first
+    non-blank lines joined by spaces (for libraries that spread one message over several lines)."""
+    found = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (" ".join(found[:lines]) if found else type(exc).__name__)[:limit]

@@ -74,7 +74,7 @@ def verification_inputs(args: tuple, kwargs: dict, n: int, seed: int = 0,
 
 
 def _look_alikes(inputs: tuple[tuple, dict], generator: torch.Generator) -> tuple[tuple, dict]:
-    return pytree.tree_map(lambda leaf: _look_alike(leaf, generator), inputs)
+    return pytree.tree_map(lambda leaf: look_alike(leaf, generator), inputs)
 
 
 def _fits(candidate: tuple[tuple, dict], example: tuple[tuple, dict], dynamic_batch: bool) -> bool:
@@ -92,7 +92,10 @@ def _fits(candidate: tuple[tuple, dict], example: tuple[tuple, dict], dynamic_ba
     return True
 
 
-def _look_alike(leaf: Any, generator: torch.Generator) -> Any:
+def look_alike(leaf: Any, generator: torch.Generator) -> Any:
+    """A random tensor like `leaf` (same shape and dtype): floats normal with the mean and spread of its finite
+    values, integers uniform in its own [min, max], booleans (and complex) copied; non-tensors unchanged.
+    The one look-alike of both IRs (graphopt.onnx.ir.random_inputs draws ONNX feeds with it)."""
     if not isinstance(leaf, torch.Tensor) or leaf.numel() == 0:
         return leaf
     if leaf.is_floating_point():

@@ -11,6 +11,7 @@ rewiring, constants and metadata work the same way everywhere:
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -92,11 +93,15 @@ def shape_hint(env: Any, expr: Any, fallback: int = 1) -> int:
     return fallback if hint is None else int(hint)
 
 
+def attr_path(root: object, target: str) -> Any:
+    """The object at the dotted path `target` under `root` ("layers.0.weight"): what a get_attr node reads.
+    Raises AttributeError when a step of the path is missing."""
+    return operator.attrgetter(target)(root)
+
+
 def get_attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The tensor a get_attr node refers to."""
-    value: object = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part)
+    value = attr_path(gm, str(node.target))
     assert isinstance(value, torch.Tensor), f"{node.target} is not a tensor"
     return value
 
@@ -270,10 +275,10 @@ def live_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _is_tensor_attr(gm: fx.GraphModule, target: str) -> bool:
-    value: object = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return isinstance(value, torch.Tensor)
+    try:
+        return isinstance(attr_path(gm, target), torch.Tensor)
+    except AttributeError:
+        return False
 
 
 def param_count(module: torch.nn.Module) -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, OptionError
+from .errors import InputError, OptionError, first_line
 
 #: `--task` values and the transformers Auto class each loads.
 TASKS = {"feature-extraction": "AutoModel", "text-classification": "AutoModelForSequenceClassification",
@@ -66,7 +66,7 @@ class LoadedModel:
             return TS2EPConverter(self.module, positional).convert().module(), positional, {}
         except Exception as exc:  # noqa: BLE001  (the converter raises many kinds)
             raise InputError(f"{self.source}: cannot convert this TorchScript model to a torch.export program: "
-                             f"{_first_line(exc)}") from exc
+                             f"{first_line(exc, 300)}") from exc
 
     def describe(self) -> str:
         return f"{self.name} ({KIND_NAMES[self.kind]}, {self.source})"
@@ -138,7 +138,7 @@ def _hf_folder(spec: str, folder: Path, task: str | None) -> LoadedModel:
     try:
         model = cls.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise InputError(f"MODEL {spec}: transformers could not load the folder: {_first_line(exc)}") from exc
+        raise InputError(f"MODEL {spec}: transformers could not load the folder: {first_line(exc, 300)}") from exc
     return LoadedModel(spec, "hf-folder", folder.resolve().name, module=model.eval(), hf_config=config,
                        folder=folder)
 
@@ -207,7 +207,7 @@ def _pt2(spec: str, path: Path) -> LoadedModel:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{spec}: not a torch.export program (torch.export.save): {_first_line(exc)}") from exc
+        raise InputError(f"{spec}: not a torch.export program (torch.export.save): {first_line(exc, 300)}") from exc
     example = getattr(program, "example_inputs", None)
     args, kwargs = (tuple(example[0]), dict(example[1])) if example else (None, {})
     return LoadedModel(spec, "pt2", path.stem, module=program.module(), args=args, kwargs=kwargs)
@@ -283,11 +283,6 @@ def file_bytes(path: str | Path) -> int:
                      if uses_external_data(t) for entry in t.external_data if entry.key == "location"}
         total += sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
     return total
-
-
-def _first_line(exc: Exception) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 __all__ = ["LoadedModel", "load", "TASKS", "MODEL_FORMS", "file_bytes"]

@@ -1,5 +1,6 @@
-"""Built-in models and data: the digits residual CNN used by the demo and the benchmarks, and a sentence
-encoder wrapper (mean pooling over real tokens, as sentence-transformers) for token models.
+"""Built-in models and data: the digits residual CNN used by the demo and the benchmarks, a sentence
+encoder wrapper (mean pooling over real tokens, as sentence-transformers) for token models, and a
+causal-LM wrapper (token ids → logits, no KV cache) for Hugging Face decoders.
 
 scikit-learn's bundled `load_digits()` (1,797 real 8×8 handwritten digits)
 trains `DigitsResNet` to ~98.7% test accuracy (6 epochs, about 30 s on 2
@@ -130,3 +131,14 @@ class MeanPooledEncoder(nn.Module):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class CausalLMLogits(nn.Module):
+    """A Hugging Face causal LM as token ids → logits, without a KV cache (a DynamicCache is not a tensor)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, use_cache=False).logits

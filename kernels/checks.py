@@ -90,6 +90,21 @@ def check_positive(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be positive and finite everywhere (a zero scale loses the row or channel)")
 
 
+def check_product(x_name: str, x: torch.Tensor, x_dtypes: tuple[torch.dtype, ...], w_name: str,
+                  w: torch.Tensor) -> tuple[int, int, int]:
+    """Check the operands of ``x @ w.T``: x [M, K] of `x_dtypes`, an int8 weight w [N, K], the same K >= 1;
+    return ``(M, N, K)``."""
+    check_matrix(x_name, x, x_dtypes)
+    check_matrix(w_name, w, (torch.int8,))
+    (m, k), (n, k_w) = x.shape, w.shape
+    if k != k_w:
+        raise ValueError(f"{x_name} is [M, K] = {tuple(x.shape)} and {w_name} is [N, K] = {tuple(w.shape)}: "
+                         f"K differs")
+    if k == 0:
+        raise ValueError(f"{x_name} and {w_name} must have K >= 1 columns")
+    return m, n, k
+
+
 def check_int8_linear_args(
     x_q: torch.Tensor,
     w_q: torch.Tensor,
@@ -101,13 +116,7 @@ def check_int8_linear_args(
     values: bool = True,
 ) -> tuple[int, int, int]:
     """Validate ``int8_linear`` arguments; return ``(M, N, K)``."""
-    check_matrix("x_q", x_q, (torch.int8,))
-    check_matrix("w_q", w_q, (torch.int8,))
-    (m, k), (n, k_w) = x_q.shape, w_q.shape
-    if k != k_w:
-        raise ValueError(f"x_q is [M, K] = {tuple(x_q.shape)} and w_q is [N, K] = {tuple(w_q.shape)}: K differs")
-    if k == 0:
-        raise ValueError("x_q and w_q must have K >= 1 columns")
+    m, n, k = check_product("x_q", x_q, (torch.int8,), "w_q", w_q)
     if k > INT8_K_MAX:
         raise ValueError(f"K = {k} exceeds {INT8_K_MAX}, the largest K whose int32 accumulation cannot overflow")
     check_vector("x_scale", x_scale, m, (torch.float32,))
@@ -164,13 +173,7 @@ def check_w8a16_args(
     values: bool = True,
 ) -> tuple[int, int, int]:
     """Validate ``w8a16_linear`` arguments; return ``(M, N, K)``."""
-    check_matrix("x", x, FLOAT_DTYPES)
-    check_matrix("w_q", w_q, (torch.int8,))
-    (m, k), (n, k_w) = x.shape, w_q.shape
-    if k != k_w:
-        raise ValueError(f"x is [M, K] = {tuple(x.shape)} and w_q is [N, K] = {tuple(w_q.shape)}: K differs")
-    if k == 0:
-        raise ValueError("x and w_q must have K >= 1 columns")
+    m, n, k = check_product("x", x, FLOAT_DTYPES, "w_q", w_q)
     check_vector("w_scale", w_scale, n, (torch.float32,))
     if bias is not None:
         check_vector("bias", bias, n, FLOAT_DTYPES)

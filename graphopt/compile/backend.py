@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
+from .. import ir
 from ..api import OptimizedModule
 from ..config import parse_options
 from ..errors import GraphoptError, OptionError
@@ -177,7 +178,7 @@ def _freeze(gm: fx.GraphModule, plan: _Plan) -> fx.GraphModule:
         if node.op == "placeholder":
             continue
         if node.op in ("get_attr", "call_module"):
-            attrs[node.target] = _fetch(gm, node.target)
+            attrs[node.target] = ir.attr_path(gm, node.target)
         env[node] = graph.node_copy(node, lambda n: env[n])
     module = fx.GraphModule(attrs, graph, class_name="DynamoSubgraph")
     for i in plan.state:   # buffers, so that capture's deep copy and export see module state
@@ -186,12 +187,6 @@ def _freeze(gm: fx.GraphModule, plan: _Plan) -> fx.GraphModule:
         delattr(module, name)
         module.register_buffer(name, value)
     return module.eval()
-
-
-def _fetch(module: torch.nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _inductor_alone(gm: fx.GraphModule, example_inputs: Sequence[Any], backend: str) -> Callable[..., Any]:

@@ -39,11 +39,11 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from graphopt.errors import ExportError, InputError, VerificationError
+from graphopt.errors import ExportError, InputError, VerificationError, first_line
 from graphopt.verify import LOSSLESS, Budget, compare
 
 from .export_speed import export_speed_check, faster_file
-from .files import _first_line, check_destination, save_model
+from .files import check_destination, save_model
 from .ir import OnnxModel, session
 
 #: Export tolerance per scheme, against the torch module on the example inputs.
@@ -134,7 +134,7 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         try:
             onnx.checker.check_model(str(written))
         except onnx.checker.ValidationError as exc:
-            raise ExportError(f"the exported file fails onnx.checker: {_first_line(exc)}; nothing was written") \
+            raise ExportError(f"the exported file fails onnx.checker: {first_line(exc)}; nothing was written") \
                 from exc
         _check_outputs(_runtime_session(written, proto), feeds, reference, budget, proto)
 
@@ -383,7 +383,7 @@ def _runtime_session(path: Path, proto: onnx.ModelProto) -> Any:
 
 def _runtime_reason(exc: Exception, proto: onnx.ModelProto) -> str:
     """ONNX Runtime's message, led by the operator type of the node it names (if it names one)."""
-    text = _first_line(exc)
+    text = first_line(exc)
     match = re.search(r"[Nn]ode[^']*'([^']+)'|Name:'([^']+)'", text)
     name = next((g for g in match.groups() if g), None) if match else None
     ops = {n.name: n.op_type for n in proto.graph.node}

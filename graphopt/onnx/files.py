@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import onnx
 from onnx.external_data_helper import uses_external_data
 
-from graphopt.errors import InputError, OptionError
+from graphopt.errors import InputError, OptionError, first_line
 
 #: protobuf cannot serialize a message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -47,7 +47,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise InputError(f"{path}: invalid ONNX model: {_first_line(exc)}") from exc
+        raise InputError(f"{path}: invalid ONNX model: {first_line(exc)}") from exc
     return model
 
 
@@ -130,7 +130,3 @@ def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     external-data functions use. This is the one place graphopt calls it (pinned by onnx>=1.16's API)."""
     return onnx.external_data_helper._get_all_tensors(model)
 
-
-def _first_line(exc: Exception) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:400] if lines else type(exc).__name__

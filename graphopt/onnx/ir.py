@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 
 from graphopt.errors import UnsupportedError, first_line
+from graphopt.inputs import look_alike
 
 from .files import PROTOBUF_LIMIT
 
@@ -176,8 +177,8 @@ def random_inputs(model: OnnxModel, n: int, seed: int = 0, dims: dict[str, int] 
     """`n` random feeds of the graph's declared input shapes and dtypes.
 
     With `like` (a calibration feed), each input is a look-alike of it: its
-    shape, floats with its mean and spread, integers within its range (as
-    graphopt.inputs does for torch models), so verification exercises the
+    shape, floats with its mean and spread, integers within its range
+    (`graphopt.inputs.look_alike`, as for torch models), so verification exercises the
     value ranges the model is calibrated for. Otherwise symbolic dimensions
     take `dims[name]` when given, else 2 on axis 0 (batch) and 16 elsewhere
     (one value per symbol, so inputs sharing a sequence axis agree); floats
@@ -186,13 +187,14 @@ def random_inputs(model: OnnxModel, n: int, seed: int = 0, dims: dict[str, int] 
     masks are all ones; other integers are 0/1.
     """
     rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
     dims = dict(dims or {})
     feeds = []
     for _ in range(n):
         feed = {}
         for tensor in model.graph.inputs:
             if like is not None and tensor.name in like:
-                feed[tensor.name] = _look_alike(np.asarray(like[tensor.name]), rng)
+                feed[tensor.name] = look_alike(torch.as_tensor(np.array(like[tensor.name])), generator).numpy()
                 continue
             shape = []
             for axis, dim in enumerate(tensor.shape or ()):
@@ -205,15 +207,6 @@ def random_inputs(model: OnnxModel, n: int, seed: int = 0, dims: dict[str, int] 
             feed[tensor.name] = _random_array(model, tensor, tuple(shape), dtype, rng)
         feeds.append(((), feed))
     return feeds
-
-
-def _look_alike(example: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    if example.dtype.kind == "f":
-        std = float(example.std()) or 1.0
-        return (rng.standard_normal(example.shape) * std + float(example.mean())).astype(example.dtype)
-    if example.dtype.kind == "b" or example.size == 0:
-        return example.copy()
-    return rng.integers(int(example.min()), int(example.max()) + 1, size=example.shape).astype(example.dtype)
 
 
 def _random_array(model: OnnxModel, tensor: gs.Variable, shape: tuple[int, ...], dtype: np.dtype,

@@ -17,6 +17,12 @@ for c = g·C_out/groups + j. Folding is done in float64 and rounded once.
 Skipped (with the reason) when the BN is in training mode, lacks running
 statistics, the conv/linear output has other users, the parameters are not
 constants, or the BN's channel axis is not the layer's output-feature axis.
+
+This is graphopt's one BatchNorm fold on FX graphs: the O1 fusion runs it, and
+fine-tuning folds its train-time norms back with it (`passes/renorm.py`,
+`fold_norms`). ONNX graphs get the same W', b' from onnxscript's
+fuse_batchnorm_into_{conv,conv_transpose,gemm} rules (`passes/onnx/onnxscript_rules.py`,
+`fold_conv_batchnorm`); no other module folds BatchNorm.
 """
 from __future__ import annotations
 

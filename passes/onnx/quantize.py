@@ -4,6 +4,8 @@ Weights: symmetric per output channel, stored as int8 initializers (¼ of fp32):
 
     s_w[n] = max|W[:, n]| / 127,   W_q = clip(round(W / s_w), −127, 127)
 
+(`passes/quantize/observers.quantize_weight`, the quantizer of the FX int8 pass, minmax on 8 bits).
+
 Schemes:
 
     static       t̂ = DequantizeLinear(QuantizeLinear(t, s_t, z_t))   for the input and output t of every
@@ -30,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import torch
 
 from graphopt.errors import OptionError
 from graphopt.onnx.calibrate import tensor_ranges
@@ -39,6 +42,7 @@ from graphopt.rules import Reason, Reject
 from graphopt.schemes import SHORT_NAMES, Scheme
 from graphopt.verify import Budget
 
+from ..quantize.observers import quantize_weight
 from .base import OnnxPass, constant, is_standard, replace_input
 
 TARGETS = ("MatMul", "Gemm", "Conv")
@@ -81,7 +85,7 @@ class QuantizeInt8(OnnxPass):
         layers = []
         for node in targets:
             weight, axis = _weight(node)
-            w_q, w_scale = quantize_weight(weight, axis)
+            w_q, w_scale = _quantize_weight(weight, axis)
             layers.append({"layer": node.name, "op": node.op, "scheme": self.scheme,
                            "weight_rel_err": weight_error(weight, w_q, w_scale, axis)})
             if self.scheme == "dynamic":
@@ -129,15 +133,10 @@ def _weight(node: gs.Node) -> tuple[np.ndarray, int]:
     return weight, 1
 
 
-def quantize_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel int8: (W_q, s_w) with W ≈ W_q · s_w along `axis`."""
-    reduce = tuple(i for i in range(weight.ndim) if i != axis)
-    amax = np.abs(weight).max(axis=reduce)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    shape = [1] * weight.ndim
-    shape[axis] = -1
-    w_q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
-    return w_q, scale
+def _quantize_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(W_q, s_w) with W ≈ W_q · s_w along `axis`: the FX pass's per-channel quantizer (minmax, 8 bits)."""
+    w_q, scale = quantize_weight(torch.from_numpy(np.ascontiguousarray(weight)), axis=axis)
+    return w_q.numpy(), scale.numpy()
 
 
 def weight_error(weight: np.ndarray, w_q: np.ndarray, scale: np.ndarray, axis: int) -> float:

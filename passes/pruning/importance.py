@@ -43,17 +43,10 @@ def _per_unit(tensor: torch.Tensor, m: Member) -> torch.Tensor:
     return rows.reshape(m.seg.count, -1)
 
 
-def _tensor(gm: fx.GraphModule, attr: str) -> torch.Tensor:
-    value: Any = gm
-    for part in attr.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def magnitude(gm: fx.GraphModule, group: Group, power: int) -> torch.Tensor:
     score = torch.zeros(group.units, dtype=torch.float64)
     for m in group.members:
-        tensor = _tensor(gm, m.attr)
+        tensor = ir.attr_path(gm, m.attr)
         if m.role in ("out", "in") and tensor.dim() >= 2:
             score += _per_unit(tensor, m).double().abs().pow(power).sum(1)
     return score.sqrt() if power == 2 else score
@@ -63,7 +56,7 @@ def bn_scale(gm: fx.GraphModule, group: Group, bn_weights: set[str]) -> torch.Te
     members = [m for m in group.members if m.attr in bn_weights]
     if not members:
         return magnitude(gm, group, 2)
-    return sum(_per_unit(_tensor(gm, m.attr), m).double().abs().sum(1) for m in members)
+    return sum(_per_unit(ir.attr_path(gm, m.attr), m).double().abs().sum(1) for m in members)
 
 
 def taylor(gm: fx.GraphModule, groups: list[Group], data: list[Any], labels: list[Any] | None,

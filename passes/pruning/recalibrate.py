@@ -100,25 +100,18 @@ def statistics(gm: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[A
     return stats
 
 
-def _get(gm: fx.GraphModule, attr: str) -> torch.Tensor:
-    value: Any = gm
-    for part in attr.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def bias_node(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """The conv's bias node, created (zeros) when it has none."""
     bias = node.args[2] if len(node.args) > 2 else None
     if bias is not None:
         return bias
-    weight = _get(gm, str(node.args[1].target))
+    weight = ir.attr_path(gm, str(node.args[1].target))
     name = f"{str(node.args[1].target).replace('.', '_')}_recalibrated_bias"
     gm.register_parameter(name, torch.nn.Parameter(weight.new_zeros(weight.shape[0]),
                                                    requires_grad=weight.requires_grad))
     with gm.graph.inserting_before(node):
         bias = gm.graph.get_attr(name)
-    bias.meta["val"] = _get(gm, name).detach()
+    bias.meta["val"] = ir.attr_path(gm, name).detach()
     args = list(node.args) + [None] * (3 - len(node.args))
     args[2] = bias
     node.args = tuple(args)
@@ -150,9 +143,9 @@ def recalibrate(gm: fx.GraphModule, reference: Stats, batches: Sequence[Any],
         scale = torch.where(std > MIN_STD * std_ref.clamp_min(MIN_STD), std_ref / std.clamp_min(1e-30),
                             torch.ones_like(std))
         weight_attr = str(node.args[1].target)
-        weight = _get(gm, weight_attr)
+        weight = ir.attr_path(gm, weight_attr)
         bias_attr = str(bias_node(gm, node).target)
-        bias = _get(gm, bias_attr)
+        bias = ir.attr_path(gm, bias_attr)
         with torch.no_grad():
             shape = (-1,) + (1,) * (weight.dim() - 1)
             weight.mul_(scale.to(weight.dtype).view(shape))

@@ -54,19 +54,11 @@ def _set_tensor(root: torch.nn.Module, attr: str, value: torch.Tensor) -> None:
         owner._buffers[name] = value
 
 
-def _get_tensor(root: torch.nn.Module, attr: str) -> torch.Tensor:
-    value: object = root
-    for part in attr.split("."):
-        value = getattr(value, part)
-    assert isinstance(value, torch.Tensor)
-    return value
-
-
 def mask(module: torch.nn.Module, analysis: Analysis, pruned: Pruned) -> None:
     """Zero the consumer columns of the pruned units in `module` (in place)."""
     with torch.no_grad():
         for (attr, dim), elements in _removed_by_tensor(analysis, pruned, ("in",)).items():
-            tensor = _get_tensor(module, attr)
+            tensor = ir.attr_path(module, attr)
             index = torch.tensor(sorted(elements), dtype=torch.long)
             tensor.index_fill_(dim, index, 0.0)
 
@@ -76,7 +68,7 @@ def apply(gm: fx.GraphModule, analysis: Analysis, pruned: Pruned) -> None:
     pruned = {g: sorted(set(u)) for g, u in pruned.items() if u}
     with torch.no_grad():
         for (attr, dim), elements in _removed_by_tensor(analysis, pruned, ("out", "in", "param")).items():
-            tensor = _get_tensor(gm, attr)
+            tensor = ir.attr_path(gm, attr)
             keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in elements], dtype=torch.long)
             _set_tensor(gm, attr, tensor.index_select(dim, keep).contiguous())
     for node in analysis.rewrites:

@@ -75,17 +75,22 @@ WEIGHT_OBSERVERS = ("minmax", "mse")
 _CLIP_RATIOS = torch.linspace(1.0, 0.5, 51)
 
 
-def quantize_weight(w: torch.Tensor, observer: str = "minmax", bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8: W[N, K] -> (int8[N, K] in ±WEIGHT_QMAX[bits], float32[N] scale)."""
+def quantize_weight(w: torch.Tensor, observer: str = "minmax", bits: int = 8,
+                    axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8, the one weight quantizer of both IRs: W with its output channels
+    on `axis` (W[N, K] for a linear: axis 0; an ONNX MatMul's W[K, N]: axis 1; a conv's W[C_out, …]: axis 0)
+    -> (int8 codes of W's shape in ±WEIGHT_QMAX[bits], float32[N] scale); each channel's clip comes from all
+    its other elements."""
     if observer not in WEIGHT_OBSERVERS:
         raise OptionError(f"weight_observer={observer!r}: choose one of {', '.join(WEIGHT_OBSERVERS)}")
     qmax = WEIGHT_QMAX[bits]
-    w = w.detach().float()
-    amax = w.abs().amax(dim=1)
+    rows = w.detach().float().movedim(axis, 0)
+    flat = rows.reshape(rows.shape[0], -1)
+    amax = flat.abs().amax(dim=1)
     if observer == "mse":
-        amax = _mse_row_clip(w, amax, qmax)
+        amax = _mse_row_clip(flat, amax, qmax)
     scale = scale_from_range(amax, qmax)
-    return quantize(w, scale[:, None], qmax), scale
+    return quantize(flat, scale[:, None], qmax).reshape(rows.shape).movedim(0, axis), scale
 
 
 def _mse_row_clip(w: torch.Tensor, amax: torch.Tensor, qmax: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 import torch
 import triton
+from hypothesis import strategies as st
 
 from graphopt.kernels import reference_quantize_per_token
 
@@ -70,6 +71,12 @@ def cast_roundoff(dtype: torch.dtype, interpreted: bool) -> float:
 def subnormal_half_spacing(dtype: torch.dtype) -> float:
     info = torch.finfo(dtype)
     return info.smallest_normal * info.eps / 2
+
+
+def sizes(edges: list[int], high: int) -> st.SearchStrategy[int]:
+    """A dimension for a kernel test: one of `edges` (sizes at tile, group or packing boundaries), or any
+    size in [1, high]."""
+    return st.one_of(st.sampled_from(edges), st.integers(1, high))
 
 
 def generator(seed: int) -> torch.Generator:

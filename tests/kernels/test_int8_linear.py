@@ -13,16 +13,8 @@ from graphopt.kernels.configs import INT8_LINEAR_TABLE
 from graphopt.kernels.launch import interpreting
 
 from .helpers import (
-    DEVICES,
-    assert_within,
-    epilogue_tolerance,
-    generator,
-    int8_nonzero,
-    log_uniform,
-    nan_like,
-    needs_a_device,
-    randn,
-    to_device,
+    DEVICES, assert_within, epilogue_tolerance, generator, int8_nonzero, log_uniform, nan_like, needs_a_device,
+    randn, to_device
 )
 
 # sigmoid(z) = 1 / (1 + exp(-z)) overflows exp to inf for very negative z in the

@@ -22,7 +22,7 @@ from graphopt.kernels import reference_layer_norm, triton_layer_norm_quantize
 
 from .helpers import (
     DEVICES, U32, assert_quantized, assert_within, cast_roundoff, generator, log_uniform, needs_a_device, randn,
-    subnormal_half_spacing, to_device,
+    sizes, subnormal_half_spacing, to_device
 )
 
 pytestmark = needs_a_device
@@ -45,8 +45,8 @@ def layer_norm_tolerance(x: torch.Tensor, weight, bias, eps: float, y_ref: torch
 
 @settings(max_examples=25, deadline=None)
 @given(
-    m=st.one_of(st.sampled_from([1, 7, 33]), st.integers(1, 200)),
-    k=st.one_of(st.sampled_from([1, 7, 65, 100]), st.integers(1, 600)),
+    m=sizes([1, 7, 33], 200),
+    k=sizes([1, 7, 65, 100], 600),
     dtype=st.sampled_from(FLOAT_DTYPES),
     affine=st.sampled_from(["none", "weight", "both"]),
     smoothed=st.booleans(),

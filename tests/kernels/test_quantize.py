@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from graphopt.kernels import SCALE_FLOOR, cpu, triton_quantize_per_token
 
-from .helpers import DEVICES, assert_quantized, generator, log_uniform, needs_a_device, randn, to_device
+from .helpers import DEVICES, assert_quantized, generator, log_uniform, needs_a_device, randn, sizes, to_device
 
 pytestmark = needs_a_device
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -20,8 +20,8 @@ FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @settings(max_examples=30, deadline=None)
 @given(
-    m=st.one_of(st.sampled_from([1, 7, 33]), st.integers(1, 300)),
-    k=st.one_of(st.sampled_from([1, 7, 33, 100]), st.integers(1, 600)),
+    m=sizes([1, 7, 33], 300),
+    k=sizes([1, 7, 33, 100], 600),
     dtype=st.sampled_from(FLOAT_DTYPES),
     smoothed=st.booleans(),
     device=st.sampled_from(DEVICES),

@@ -31,8 +31,10 @@ from graphopt.kernels import (
 )
 from graphopt.kernels.launch import interpreting
 
-from .helpers import DEVICES, U32, assert_within, cast_roundoff, generator, nan_like, needs_a_device, randn, \
+from .helpers import (
+    DEVICES, U32, assert_within, cast_roundoff, generator, nan_like, needs_a_device, randn, sizes,
     subnormal_half_spacing, to_device
+)
 
 X_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 GROUPS = [32, 64, 128]
@@ -105,9 +107,9 @@ def test_pack_rejects_codes_outside_4_bits() -> None:
 @needs_a_device
 @settings(max_examples=20, deadline=None)
 @given(
-    m=st.one_of(st.sampled_from([1, 2, 16]), st.integers(1, 40)),
-    n=st.one_of(st.sampled_from([1, 7, 33]), st.integers(1, 80)),
-    k=st.one_of(st.sampled_from([1, 31, 33, 100, 129]), st.integers(1, 300)),
+    m=sizes([1, 2, 16], 40),
+    n=sizes([1, 7, 33], 80),
+    k=sizes([1, 31, 33, 100, 129], 300),
     group_size=st.sampled_from(GROUPS),
     dtype=st.sampled_from(X_DTYPES),
     with_bias=st.booleans(),
@@ -129,9 +131,9 @@ def test_triton_matches_reference(m, n, k, group_size, dtype, with_bias, config,
 
 @settings(max_examples=25, deadline=None)
 @given(
-    m=st.one_of(st.sampled_from([1, 8, 16, 17]), st.integers(1, 40)),
-    n=st.one_of(st.sampled_from([1, 7, 16, 33]), st.integers(1, 80)),
-    k=st.one_of(st.sampled_from([1, 31, 100, 1100]), st.integers(1, 300)),
+    m=sizes([1, 8, 16, 17], 40),
+    n=sizes([1, 7, 16, 33], 80),
+    k=sizes([1, 31, 100, 1100], 300),
     group_size=st.sampled_from(GROUPS),
     dtype=st.sampled_from(X_DTYPES),
     with_bias=st.booleans(),

@@ -18,16 +18,8 @@ from graphopt.kernels.configs import W8A16_TABLE
 from graphopt.kernels.launch import interpreting
 
 from .helpers import (
-    DEVICES,
-    assert_within,
-    dot_tolerance,
-    generator,
-    int8_nonzero,
-    log_uniform,
-    nan_like,
-    needs_a_device,
-    randn,
-    to_device,
+    DEVICES, assert_within, dot_tolerance, generator, int8_nonzero, log_uniform, nan_like, needs_a_device, randn,
+    sizes, to_device
 )
 
 pytestmark = needs_a_device
@@ -60,9 +52,9 @@ def check(x, w_q, w_scale, bias, device: str, config=None) -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(
-    m=st.one_of(st.sampled_from([1, 2, 7, 16]), st.integers(1, 300)),
-    n=st.one_of(st.sampled_from([1, 7, 33, 100]), st.integers(1, 160)),
-    k=st.one_of(st.sampled_from([1, 7, 33, 100]), st.integers(1, 300)),
+    m=sizes([1, 2, 7, 16], 300),
+    n=sizes([1, 7, 33, 100], 160),
+    k=sizes([1, 7, 33, 100], 300),
     dtype=st.sampled_from(X_DTYPES),
     with_bias=st.booleans(),
     config=st.sampled_from([None] + CONFIGS),

@@ -4,12 +4,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt.passes.onnx.quantize import QuantizeInt8, quantize_weight
+from graphopt.passes.onnx.quantize import QuantizeInt8
+from graphopt.passes.quantize.observers import quantize_weight
 from graphopt.rules import Reason
 
 from .graphs import onnx_graphs
@@ -79,14 +81,19 @@ def test_static_calibration_from_an_npz_directory(tmp_path):
     assert report.matches() == {"MatMulAddToGemm": 1, "Gemm → int8 static": 1, "MatMul → int8 static": 1}
 
 
-def test_weight_quantization_is_within_half_a_step():
-    w = np.random.default_rng(2).standard_normal((32, 16)).astype(np.float32)
-    for axis in (0, 1):
-        w_q, scale = quantize_weight(w, axis)
-        shape = [1, 1]
-        shape[axis] = -1
-        assert np.abs(w - w_q * scale.reshape(shape)).max() <= scale.max() / 2 + 1e-7
-        assert np.abs(w_q).max() == 127
+def test_weight_quantization_is_within_half_a_step_on_the_output_channel_axis():
+    """The one per-channel quantizer on ONNX layouts: MatMul W[K, N] (axis 1), Gemm/Conv W[C_out, …] (axis 0)."""
+    rng = np.random.default_rng(2)
+    for shape, axis in (((32, 16), 0), ((32, 16), 1), ((8, 3, 3, 3), 0)):
+        w = rng.standard_normal(shape).astype(np.float32)
+        w_q, scale = (t.numpy() for t in quantize_weight(torch.from_numpy(w), axis=axis))
+        assert w_q.shape == w.shape and scale.shape == (shape[axis],)
+        view = [1] * w.ndim
+        view[axis] = -1
+        # round-to-nearest: at most half a step per element; 1e-7 covers the float32 rounding of W / s
+        assert np.abs(w - w_q * scale.reshape(view)).max() <= scale.max() / 2 + 1e-7
+        # each channel's largest |w| maps to ±127 exactly
+        assert (np.abs(w_q).max(axis=tuple(i for i in range(w.ndim) if i != axis)) == 127).all()
 
 
 def test_activation_products_are_left_float_with_a_reason(tmp_path):

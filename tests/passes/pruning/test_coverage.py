@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import graphopt
+from graphopt import ir
 from graphopt.capture import capture
-from graphopt.passes.pruning import analyze, importance
+from graphopt.passes.pruning import analyze
 from graphopt.passes.pruning import slice as slicing
 from graphopt.verify import compare
 
@@ -92,7 +93,7 @@ def test_albert_shared_layer_is_sliced_once_for_all_its_readers():
     masked, sliced = copy.deepcopy(gm), copy.deepcopy(gm)
     slicing.mask(masked, analysis, plan)
     slicing.apply(sliced, analyze(sliced), plan)
-    assert importance._tensor(sliced, ffn).shape[0] == 24
+    assert ir.attr_path(sliced, ffn).shape[0] == 24
     x = inputs(3)
     with torch.no_grad():
         err = compare(sliced(**x), masked(**x))

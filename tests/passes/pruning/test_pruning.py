@@ -57,8 +57,8 @@ def test_masked_equals_sliced(case, seed, ratio):
     # coupled groups lose the same units everywhere: every member dimension shrank by exactly that
     for group in analysis.groups.values():
         for m in group.members:
-            before = importance._tensor(gm, m.attr).shape[m.dim]
-            after = importance._tensor(sliced, m.attr).shape[m.dim]
+            before = ir.attr_path(gm, m.attr).shape[m.dim]
+            after = ir.attr_path(sliced, m.attr).shape[m.dim]
             lost = sum(s.block * len(plan.get(s.group, ())) for s in _segs_of(analysis, m.attr, m.dim))
             assert after == before - lost
     # the cost model predicts the sliced graph's FLOPs exactly
@@ -201,7 +201,7 @@ def test_hugging_face_heads_and_ffn(kind):
         err = compare(sliced(*inputs), masked(*inputs))
     assert err.mismatch is None and err.max_rel <= TOL
     query = next(m.attr for m in pruned_heads[0].members if m.role == "out")   # BERT query / ViT q_proj
-    assert importance._tensor(sliced, query).shape[0] == 16   # 2 of 4 heads of 8 channels left
+    assert ir.attr_path(sliced, query).shape[0] == 16   # 2 of 4 heads of 8 channels left
     exported = torch.export.export(sliced, inputs, strict=False).module()
     with torch.no_grad():
         assert compare(exported(*inputs), sliced(*inputs)).max_rel <= TOL
@@ -228,7 +228,7 @@ def test_fused_qkv_slices_prune_by_heads():
     assert err.mismatch is None and err.max_rel <= TOL
     removed = sum(len(plan.get(g.name, ())) for g in heads)
     fused_qkv = next(m.attr for m in heads[0].members if m.role == "out")
-    assert removed and importance._tensor(sliced, fused_qkv).shape[0] < importance._tensor(fused, fused_qkv).shape[0]
+    assert removed and ir.attr_path(sliced, fused_qkv).shape[0] < ir.attr_path(fused, fused_qkv).shape[0]
 
 
 @pytest.mark.parametrize("seq", [12, 24])

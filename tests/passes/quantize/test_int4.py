@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import graphopt
 from graphopt.errors import OptionError
 from graphopt.passes.quantize.int4 import awq_scale, fake_quantize_int4, int4_codes
+from graphopt.zoo import CausalLMLogits
 from tests.passes.quantize.helpers import QUIET, cosine, graph_targets
 
 transformers = pytest.importorskip("transformers")
@@ -47,21 +48,12 @@ def test_activation_aware_scale_beats_rtn_on_held_out_rows() -> None:
     assert aware < 0.8 * rtn, (aware, rtn)   # the calibration rows' gain carries over to new rows
 
 
-class Logits(nn.Module):
-    def __init__(self, lm: nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=input_ids, use_cache=False).logits
-
-
 def tiny_llama(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       initializer_range=0.1)
-    return Logits(transformers.LlamaForCausalLM(config).eval())
+    return CausalLMLogits(transformers.LlamaForCausalLM(config).eval())
 
 
 def param_bytes(module: nn.Module) -> int:
