@@ -17,7 +17,10 @@ standard ONNX peepholes; graphopt runs them rather than keeping its own:
 Each pass converts the graph to onnx_ir (onnxscript's IR), applies its rules
 one by one (so the report counts matches per rule, by the rule's name) and
 converts back. A rule that does not apply simply does not match: onnxscript
-reports no per-candidate reasons, so these passes log matches only.
+reports no per-candidate reasons, so these passes log matches only. A rule
+that raises (onnxscript 0.7 matches Add(MatMul, MatMul) with both products in
+the pattern, then refuses to remove the one the new Gemm reads) leaves the
+graph as it was before that rule, logged as UNSUPPORTED_FORM.
 """
 from __future__ import annotations
 
@@ -29,8 +32,10 @@ import onnx_ir.passes.common as ir_passes
 from onnxscript import rewriter
 from onnxscript.rewriter.rules import common
 
+from graphopt.errors import first_line
 from graphopt.onnx.ir import OnnxModel
 from graphopt.pass_manager import PassResult, RewriteLog
+from graphopt.rules import Reason, Reject
 
 from .base import OnnxPass, upgrade_opset
 
@@ -52,9 +57,17 @@ class OnnxscriptRules(OnnxPass):
             log.matched(f"opset upgrade to {self.min_opset}")
         ir_model = ir.serde.deserialize_model(model.to_proto())
         for rule in self.rules:
-            count = rewriter.RewriteRuleSet([rule]).apply_to_model(ir_model)
+            name = rule.name or type(rule).__name__
+            before = ir.serde.serialize_model(ir_model)
+            try:
+                count = rewriter.RewriteRuleSet([rule]).apply_to_model(ir_model)
+            except ValueError as exc:   # onnxscript 0.7 can match a node whose output another match still reads
+                ir_model = ir.serde.deserialize_model(before)   # (Add(MatMul, MatMul)) and then refuse to remove it
+                log.rejected(name, "the graph", Reject(Reason.UNSUPPORTED_FORM,
+                                                        f"onnxscript's rule raised, graph left as it was: {first_line(exc)}"))
+                continue
             if count:
-                log.matched(rule.name or type(rule).__name__, count)
+                log.matched(name, count)
         for label, make in self.ir_passes:      # after the rules: they write Identity for what they remove
             before = _node_count(ir_model)
             make()(ir_model)

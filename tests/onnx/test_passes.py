@@ -195,3 +195,27 @@ def test_model_that_cannot_be_upgraded_skips_the_pass_and_says_so(tmp_path):
     assert any("onnx_int8_weight_only: cannot upgrade opset 6 → 13" in s for s in report.meta["skipped"])
     assert op_types(dst) == ["MatMul", "Dropout"]
     assert report["onnx_inference_dropout"].reasons == {Reason.TRAINING_MODE: 1}
+
+
+def test_a_rule_that_raises_inside_onnxscript_leaves_the_graph_as_it_was():
+    """Add(p, p) with p = MatMul(a, W) (a random graph of tests/onnx/graphs.py drew it): onnxscript 0.7's
+    MatMul+Add→Gemm rule writes Gemm(a, W, p) and then refuses to remove p's MatMul, which the Gemm reads
+    (a ValueError inside onnx_ir)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphopt.onnx.ir import OnnxModel
+    from graphopt.passes.onnx.onnxscript_rules import matmul_add_to_gemm
+    from graphopt.rules import Reason
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 1)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["p"]), helper.make_node("Add", ["p", "p"], ["y"])], "doubled",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], [w])
+    model = OnnxModel.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = {"a": rng.standard_normal((1, 4)).astype(np.float32)}
+    expected = model.run(feeds)
+    result = matmul_add_to_gemm().run(model)
+    assert result.modified or result.stats["reasons"] == {Reason.UNSUPPORTED_FORM: 1}
+    np.testing.assert_allclose(result.module.run(feeds)[0], expected[0], rtol=1e-6)
