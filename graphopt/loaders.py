@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import warnings
 import zipfile
@@ -139,8 +140,14 @@ def _hf_folder(spec: str, folder: Path, task: str | None) -> LoadedModel:
         model = cls.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise InputError(f"MODEL {spec}: transformers could not load the folder: {_first_line(exc)}") from exc
-    return LoadedModel(spec, "hf-folder", folder.resolve().name, module=model.eval(), hf_config=config,
+    return LoadedModel(spec, "hf-folder", _folder_name(folder), module=model.eval(), hf_config=config,
                        folder=folder)
+
+
+def _folder_name(folder: Path) -> str:
+    """The folder's name as the user wrote it: `./all-MiniLM-L6-v2/` is `all-MiniLM-L6-v2`, a symlink keeps its
+    own name (not its target's, e.g. a package's `model/`), `.` is the current folder's name."""
+    return Path(os.path.abspath(folder)).name
 
 
 def _safetensors(spec: str, path: Path, task: str | None) -> LoadedModel:
