@@ -155,7 +155,7 @@ def _safetensors(spec: str, path: Path, task: str | None) -> LoadedModel:
                                       f"must be beside it)")
     from safetensors.torch import load_file
     cls = _hf_class(_transformers(), config, task)
-    model = cls.from_config(config)
+    model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)   # Auto* | a model class
     state = load_file(str(path))
     prefix = getattr(model, "base_model_prefix", "")
     own = set(model.state_dict())
@@ -163,11 +163,11 @@ def _safetensors(spec: str, path: Path, task: str | None) -> LoadedModel:
         state = {f"{prefix}.{k}": v for k, v in state.items()}   # a base model's weights for a task model
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or len(missing) == len(own):
-        raise InputError(f"{spec}: its tensors do not fit {cls.__name__} from config.json "
+        raise InputError(f"{spec}: its tensors do not fit {type(model).__name__} from config.json "
                          f"({len(unexpected)} unexpected, {len(missing)} missing, e.g. "
                          f"{(list(unexpected) + list(missing))[:3]})")
     if missing:
-        warnings.warn(f"graphopt: {spec} lacks {len(missing)} tensor(s) of {cls.__name__} (e.g. {missing[:3]}): "
+        warnings.warn(f"graphopt: {spec} lacks {len(missing)} tensor(s) of {type(model).__name__} (e.g. {missing[:3]}): "
                       f"they keep their random initialization")
     return LoadedModel(spec, "safetensors", path.stem, module=model.eval(), hf_config=config, folder=path.parent)
 
