@@ -214,6 +214,17 @@ def test_pass_lines_and_a_budget_that_rolls_int8_back_exits_3_unless_allowed(tmp
     assert "onnx_int8_dynamic" not in allowed.stderr and "changed nothing" in allowed.stderr   # quiet, not silent
 
 
+def test_a_result_outside_the_budget_is_a_problem_and_one_inside_is_not():
+    from graphopt.cli.optimize import outcome
+    from graphopt.report import PassRecord, Report
+    int8 = PassRecord("onnx_int8_dynamic", 0.1, 5, 100, modified=True)
+    report = Report(records=[int8], final=PassRecord("final", 0.0, 5, 100, min_cosine=0.985),
+                    meta={"quantize": "int8-dynamic"})
+    assert outcome(report, 0.02, None) == []                       # cosine 0.985 ≥ 0.98
+    (problem,) = outcome(report, 0.01, None)
+    assert "misses --accuracy-budget 0.01" in problem and "0.98500 < 0.99000" in problem
+
+
 # --- 6. files ---------------------------------------------------------------------------------------
 
 def test_a_missing_report_folder_fails_before_any_work(tmp_path, monkeypatch, capsys):
