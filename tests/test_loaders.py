@@ -121,8 +121,8 @@ def test_images_as_calibration_for_a_factory_on_the_command_line(tmp_path, monke
     (tmp_path / "net.py").write_text(NET)
     monkeypatch.chdir(tmp_path)
     assert main(["optimize", "net.py:build", "-o", "net.onnx", "--calibration", "images", "--input-shape", "3,8,8",
-                 "--batch-size", "2", "--level", "O1", "--no-speed-check"]) == 0
+                 "--batch-size", "2", "--level", "O1", "--no-speed-check", "--output-names", "scores"]) == 0
     assert "2 calibration batch(es) from images" in capsys.readouterr().err
     graph = onnx.load(str(tmp_path / "net.onnx")).graph
     assert [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, 8, 8]
-    assert [o.name for o in graph.output] == ["output"]
+    assert [o.name for o in graph.output] == ["scores"]
