@@ -104,6 +104,9 @@ def load(spec: str, task: str | None = None, trust_pickle: bool = False) -> Load
 # --- Hugging Face ------------------------------------------------------------------------------------
 
 def _transformers() -> Any:
+    import logging
+    for noisy in ("torchao", "torch.utils._pytree"):   # transformers imports torchao: its optional kernels'
+        logging.getLogger(noisy).setLevel(logging.ERROR)   # load failures and Enum-registration deprecations
     try:
         import transformers
     except ImportError as exc:
