@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import warnings
 import zipfile
@@ -103,6 +104,9 @@ def load(spec: str, task: str | None = None, trust_pickle: bool = False) -> Load
 # --- Hugging Face ------------------------------------------------------------------------------------
 
 def _transformers() -> Any:
+    import logging
+    for noisy in ("torchao", "torch.utils._pytree"):   # transformers imports torchao: its optional kernels'
+        logging.getLogger(noisy).setLevel(logging.ERROR)   # load failures and Enum-registration deprecations
     try:
         import transformers
     except ImportError as exc:
@@ -139,8 +143,14 @@ def _hf_folder(spec: str, folder: Path, task: str | None) -> LoadedModel:
         model = cls.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise InputError(f"MODEL {spec}: transformers could not load the folder: {first_line(exc, 300)}") from exc
-    return LoadedModel(spec, "hf-folder", folder.resolve().name, module=model.eval(), hf_config=config,
+    return LoadedModel(spec, "hf-folder", _folder_name(folder), module=model.eval(), hf_config=config,
                        folder=folder)
+
+
+def _folder_name(folder: Path) -> str:
+    """The folder's name as the user wrote it: `./all-MiniLM-L6-v2/` is `all-MiniLM-L6-v2`, a symlink keeps its
+    own name (not its target's, e.g. a package's `model/`), `.` is the current folder's name."""
+    return Path(os.path.abspath(folder)).name
 
 
 def _safetensors(spec: str, path: Path, task: str | None) -> LoadedModel:
@@ -148,7 +158,7 @@ def _safetensors(spec: str, path: Path, task: str | None) -> LoadedModel:
                                       f"must be beside it)")
     from safetensors.torch import load_file
     cls = _hf_class(_transformers(), config, task)
-    model = cls.from_config(config)
+    model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)   # Auto* | a model class
     state = load_file(str(path))
     prefix = getattr(model, "base_model_prefix", "")
     own = set(model.state_dict())
@@ -156,11 +166,11 @@ def _safetensors(spec: str, path: Path, task: str | None) -> LoadedModel:
         state = {f"{prefix}.{k}": v for k, v in state.items()}   # a base model's weights for a task model
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or len(missing) == len(own):
-        raise InputError(f"{spec}: its tensors do not fit {cls.__name__} from config.json "
+        raise InputError(f"{spec}: its tensors do not fit {type(model).__name__} from config.json "
                          f"({len(unexpected)} unexpected, {len(missing)} missing, e.g. "
                          f"{(list(unexpected) + list(missing))[:3]})")
     if missing:
-        warnings.warn(f"graphopt: {spec} lacks {len(missing)} tensor(s) of {cls.__name__} (e.g. {missing[:3]}): "
+        warnings.warn(f"graphopt: {spec} lacks {len(missing)} tensor(s) of {type(model).__name__} (e.g. {missing[:3]}): "
                       f"they keep their random initialization")
     return LoadedModel(spec, "safetensors", path.stem, module=model.eval(), hf_config=config, folder=path.parent)
 

@@ -177,6 +177,8 @@ def _value(key: str, value: Any, unit: str) -> str:
         return "none"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if key == "export_passes" and isinstance(value, list):
+        return "; ".join(_export_pass(p) for p in value if isinstance(p, dict))
     if key.endswith("_bytes") and isinstance(value, (int, float)):
         return format_bytes(value, unit)
     if key.endswith("_s") and isinstance(value, (int, float)):
@@ -188,6 +190,16 @@ def _value(key: str, value: Any, unit: str) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}: {v}" for k, v in value.items())
     return str(value)
+
+
+def _export_pass(row: dict[str, Any]) -> str:
+    """One of export_onnx's cleanup passes (report.meta["export_passes"]) as a phrase."""
+    if row.get("rolled_back"):
+        return f"{row.get('name')}: rolled back ({row.get('reason')})"
+    if row.get("modified"):
+        matches = ", ".join(f"{k}×{v}" for k, v in (row.get("matches") or {}).items())
+        return f"{row.get('name')}: changed" + (f" ({matches})" if matches else "")
+    return f"{row.get('name')}: no change"
 
 
 def _pass_table(report: Report) -> str:

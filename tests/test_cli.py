@@ -197,18 +197,32 @@ def test_hugging_face_folder_with_text_calibration_and_report(hf_folder):
 
 # --- 3 and 4. progress lines, honest outcomes -------------------------------------------------------
 
-def test_pass_lines_and_a_missed_budget_exits_3_unless_allowed(tmp_path):
+def test_pass_lines_and_a_budget_that_rolls_int8_back_exits_3_unless_allowed(tmp_path):
     _onnx_model(tmp_path / "in.onnx")
-    args = ["optimize", "in.onnx", "-o", "out.onnx", "--int8", "dynamic", "--accuracy-budget", "0",
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32))
+    args = ["optimize", "in.onnx", "-o", "out.onnx", "--int8", "dynamic", "--calibration", "calib.npz",
+            "--accuracy-budget", "0",       # cosine ≥ 1: every int8 layer falls back to float
             "--no-speed-check"]   # int8 on this tiny model is slower, which the speed check would roll back first
     strict = graphopt(*args, cwd=tmp_path)
     assert strict.returncode == EXIT_FALLBACK, strict.stderr
     assert "onnx_int8_dynamic" in strict.stderr and "changed" in strict.stderr   # one line per pass
-    assert "misses --accuracy-budget 0" in strict.stderr and "!!!!" in strict.stderr
+    assert "int8-dynamic was requested but changed nothing" in strict.stderr and "!!!!" in strict.stderr
+    assert "the accuracy budget needs it" in strict.stderr        # the budget reached the ONNX int8 pass
     assert (tmp_path / "out.onnx").exists()          # the model is still written, and said to fall short
     allowed = graphopt(*args, "--allow-fallback", "--quiet", cwd=tmp_path)
     assert allowed.returncode == 0, allowed.stderr
-    assert "onnx_int8_dynamic" not in allowed.stderr and "misses" in allowed.stderr   # quiet, but not silent
+    assert "onnx_int8_dynamic" not in allowed.stderr and "changed nothing" in allowed.stderr   # quiet, not silent
+
+
+def test_a_result_outside_the_budget_is_a_problem_and_one_inside_is_not():
+    from graphopt.cli.optimize import outcome
+    from graphopt.report import PassRecord, Report
+    int8 = PassRecord("onnx_int8_dynamic", 0.1, 5, 100, modified=True)
+    report = Report(records=[int8], final=PassRecord("final", 0.0, 5, 100, min_cosine=0.985),
+                    meta={"quantize": "int8-dynamic"})
+    assert outcome(report, 0.02, None) == []                       # cosine 0.985 ≥ 0.98
+    (problem,) = outcome(report, 0.01, None)
+    assert "misses --accuracy-budget 0.01" in problem and "0.98500 < 0.99000" in problem
 
 
 # --- 6. files ---------------------------------------------------------------------------------------

@@ -117,11 +117,15 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--int8", choices=sorted(SCHEMES), default=None, help="int8 scheme (implies O2)")
     opt.add_argument("--prune", type=float, default=None, help="structured pruning ratio (torch models, O3)")
     opt.add_argument("--accuracy-budget", type=float, default=None, metavar="TOL",
-                     help="the outputs' cosine to the original stays ≥ 1 − TOL (0.01: ≥ 0.99); int8 layers fall "
-                          "back to float until it holds (needs --calibration)")
+                     help="the outputs' cosine to the original stays ≥ 1 − TOL (0.01: ≥ 0.99) on the calibration "
+                          "data; the most sensitive int8 layers fall back to float until it holds (torch and "
+                          "ONNX models alike; needs --calibration)")
     opt.add_argument("--config", default=None, metavar="JSON",
                      help="the configuration graphopt tune wrote (best.json): optimize (and fine-tune on "
                           "--calibration) exactly as its best trial did")
+    opt.add_argument("--output-names", default=None, metavar="NAME,…",
+                     help="names of the ONNX outputs (default: the model's own, e.g. last_hidden_state, "
+                          "a dict's keys, or output)")
     opt.add_argument("--allow-fallback", action="store_true",
                      help=f"exit 0 even when a requested scheme was rolled back (else exit {EXIT_FALLBACK})")
     _model_options(opt)

@@ -85,7 +85,8 @@ def _optimize_torch(args: argparse.Namespace, loaded: loaders.LoadedModel, quant
                             progress=not console.quiet, on_record=console.record)
     console.stage(f"exporting to ONNX: {args.output}")
     _silence_exporter_registry()
-    graphopt.export_onnx(opt, example_args, args.output, example_kwargs=example_kwargs)
+    graphopt.export_onnx(opt, example_args, args.output, example_kwargs=example_kwargs,
+                         output_names=args.output_names.split(",") if args.output_names else None)
     return opt.report
 
 
@@ -120,11 +121,12 @@ def _optimize_onnx(args: argparse.Namespace, loaded: loaders.LoadedModel, quanti
     if feeds:
         console.stage(f"{len(feeds)} calibration feed(s) from {args.calibration}")
     console.stage(f"optimizing {loaded.onnx_path} in ONNX Runtime")
-    report = optimize_onnx(loaded.onnx_path, args.output, level=args.level, quantize=quantize,
-                                    calibration_data=feeds, force=args.force, verify=not args.no_verify,
-                                    speed_check=not args.no_speed_check,
-                                    progress=not console.quiet, on_record=console.record)
-    return report
+    if args.output_names:
+        raise OptionError("--output-names renames a torch model's outputs; an ONNX file keeps its own")
+    return optimize_onnx(loaded.onnx_path, args.output, level=args.level, quantize=quantize,
+                         calibration_data=feeds, accuracy_budget=args.accuracy_budget, force=args.force,
+                         verify=not args.no_verify, speed_check=not args.no_speed_check,
+                         progress=not console.quiet, on_record=console.record)
 
 
 def _silence_exporter_registry() -> None:

@@ -30,7 +30,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -78,7 +78,7 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
                 example_kwargs: Mapping[str, Any] | None = None,
                 dynamic_axes: str | Mapping[str, Mapping[int, str]] | None = "auto",
                 opset: int | None = None, tolerance: Budget | None = None, skip_padding: bool = True,
-                speed_check: Any = None) -> Path:
+                speed_check: Any = None, output_names: Sequence[str] | None = None) -> Path:
     """Export `opt` (an `OptimizedModule` or any `nn.Module`) to `path`; returns the path.
 
     opset: the ONNX opset (default: `default_opset(scheme)`: 23 for int8 graphs, 20 for float ones).
@@ -91,6 +91,8 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
     speed_check: True, False, a dict of `graphopt.speed.SpeedCheck` fields (default: the optimized module's
         own option). Each cleanup pass is timed in ONNX Runtime and rolled back if measurably slower, and
         an int8 file is never measurably slower than the float export of the same model (export_speed.py).
+    output_names: a name per output tensor; by default the model's own (`_output_names`): a Hugging
+        Face model's `last_hidden_state`, `logits`, …, a dict's keys, `output` for a lone tensor.
     """
     if isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
@@ -106,25 +108,26 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         skip_padding = False             # its attention_mask spans the cache: no padded rows to skip
     path = check_destination(None, path)
     module, scheme = _exportable(opt, example_inputs, kwargs)
-    check = export_speed_check(opt, speed_check)
+    speed = export_speed_check(opt, speed_check)
     report = getattr(opt, "report", None)
     with torch.no_grad():
         reference = opt(*example_inputs, **kwargs)
+    names = _requested_names(output_names, reference)
 
     def build(source: torch.nn.Module, scheme_: str | None, timed: bool) -> onnx.ModelProto:
         built = _torch_export(source, example_inputs, kwargs,
                               _dynamic_shapes(source, example_inputs, kwargs, dynamic_axes),
-                              opset or default_opset(scheme_))
+                              opset or default_opset(scheme_), names)
         _name_dynamic_axes(built, example_inputs, kwargs, dynamic_axes)
         return _cleanup(built, _feeds(built, example_inputs, kwargs), skip_padding, report if timed else None,
-                        check if timed else None)
+                        speed if timed else None)
 
     proto = build(module, scheme, True)
     feeds = _feeds(proto, example_inputs, kwargs)
     budget = tolerance or _budget(opt, scheme)
     original = _original(opt)
-    if check is not None and scheme is not None and original is not None:
-        float_proto = faster_file(proto, lambda: build(original, None, False), feeds, check, report)
+    if speed is not None and scheme is not None and original is not None:
+        float_proto = faster_file(proto, lambda: build(original, None, False), feeds, speed, report)
         if float_proto is not None:
             proto, budget = float_proto, tolerance or TOLERANCES[None]
             with torch.no_grad():
@@ -259,7 +262,7 @@ def _by_parameter(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
 
 
 def _torch_export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
-                  opset: int) -> onnx.ModelProto:
+                  opset: int, output_names: list[str]) -> onnx.ModelProto:
     from .translations import translation_table
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -269,12 +272,58 @@ def _torch_export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sh
                                         custom_translation_table=translation_table(opset),
                                         verbose=False, optimize=False,
                                         report=False)
+            _rename_outputs(program.model, output_names)
             with _without_quadratic_rewrites():
                 program.optimize()
         except Exception as exc:
             text = " ".join(str(exc).split())[:600]
             raise ExportError(f"torch.onnx.export could not export the module: {type(exc).__name__}: {text}") from exc
     return program.model_proto
+
+
+def _output_names(outputs: Any) -> list[str]:
+    """A name per tensor leaf of a model's outputs, from where it sits: a `ModelOutput`'s or dict's key
+    (`last_hidden_state`, `logits`), joined with `_` through nesting (`past_key_values_0_1`); a lone tensor
+    is `output`, a tuple's items `output_0`, `output_1`, …"""
+    names = []
+    for path, leaf in pytree.tree_flatten_with_path(outputs)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        if not parts or isinstance(path[0], pytree.SequenceKey):
+            parts.insert(0, "output")
+        names.append(re.sub(r"[^0-9A-Za-z_.]+", "_", "_".join(parts)))
+    return names
+
+
+def _requested_names(requested: Sequence[str] | None, reference: Any) -> list[str]:
+    names = _output_names(reference)
+    if requested is None:
+        return names
+    requested = list(requested)
+    if len(requested) != len(names) or len(set(requested)) != len(requested) or not all(requested):
+        raise InputError(f"output_names={requested!r}: give {len(names)} distinct non-empty names, one per output "
+                         f"tensor (the model's own: {names})")
+    return requested
+
+
+def _rename_outputs(model: Any, names: list[str]) -> None:
+    """Name the graph outputs (an onnx_ir model, renamed before any rewrite so that they carry the names
+    through). An output that is also a graph input or another output, or whose wanted name another
+    value of the graph already has, keeps the exporter's name."""
+    import onnx_ir as ir
+    outputs = list(model.graph.outputs)
+    if len(outputs) != len(names):
+        return                                   # the check after export names the mismatch
+    taken = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
+    taken |= {v.name for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs}
+    inputs = set(map(id, model.graph.inputs))
+    for value, name in zip(outputs, names):
+        if value.name == name or name in taken or id(value) in inputs or outputs.count(value) > 1:
+            continue
+        taken.discard(value.name)
+        value.name = name
+        taken.add(name)
 
 
 #: onnxscript rewrite rules (in the optimizer torch.onnx runs) whose matcher walks the whole graph for each

@@ -35,7 +35,7 @@ VERIFY_CALIBRATION_FEEDS = 4
 
 
 def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, level: str | int | None = None,
-                  quantize: str | None = None, calibration_data: Any = None, *,
+                  quantize: str | None = None, calibration_data: Any = None, *, accuracy_budget: Any = None,
                   verify: bool = True, verify_samples: int = 2, input_dims: Mapping[str, int] | None = None,
                   enable: Iterable[str] = (), disable: Iterable[str] = (), force: bool = False,
                   measure_latency: bool = True, speed_check: Any = None,
@@ -45,6 +45,9 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, level: str | i
     level: O1 lossless graph rewrites, O2 + int8 (O3 is O2 here: pruning needs a torch model).
     quantize: "int8-dynamic" | "int8-static" | "int8-weight-only" (O2 defaults to int8-dynamic).
     calibration_data: feeds ({input name: array}), an .npz file or a directory of .npz files.
+    accuracy_budget: as graphopt.optimize's, measured the same way on the calibration feeds: 0.01 keeps the
+        outputs' cosine to the float graph ≥ 0.99 (("sqnr", dB) also), the most sensitive int8 layers falling
+        back to float until it holds; the int8 pass's own budget is that cosine. Needs calibration_data.
     input_dims: sizes for symbolic dimensions of the inputs (default 2 for batch, 16 otherwise).
     speed_check: as graphopt.optimize's: each pass is timed in ONNX Runtime against the graph before it
         (interleaved, on the first verification feed) and rolled back if measurably slower; the file
@@ -62,7 +65,8 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, level: str | i
     model = OnnxModel.from_proto(load_model(src))
     feeds = load_calibration(calibration_data) if calibration_data is not None else []
     scheme = Scheme(quantize).short if quantize else None
-    passes = onnx_passes.passes(scheme, feeds)
+    fidelity = _fidelity(accuracy_budget, quantize)
+    passes = onnx_passes.passes(scheme, feeds, fidelity, progress)
     ir = OnnxIR()
     inputs = [((), feed) for feed in feeds[:VERIFY_CALIBRATION_FEEDS]]
     if len(inputs) < verify_samples:
@@ -78,6 +82,7 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, level: str | i
                           on_record=on_record)
     reference = ir.run(model, inputs) if verify else []
     report = Report(meta={"source": str(src), "level": f"O{numeric}", "quantize": quantize, "verify": verify,
+                          **({"accuracy_budget": fidelity.describe()} if fidelity else {}),
                           "opset": model.opset, "passes": [p.name for p in manager.selected]})
     optimized, report = manager.run(model, inputs, reference, report)
     skipped = [r.stats["skipped"] for r in report.records if r.stats.get("skipped")]
@@ -97,6 +102,16 @@ def _level(level: str | int | None, quantize: str | None) -> int:
     if quantize is not None and numeric < 2:
         raise OptionError(f"quantize={quantize!r} needs level O2, not O{numeric}")
     return numeric
+
+
+def _fidelity(accuracy_budget: Any, quantize: str | None) -> Any:
+    """accuracy_budget= parsed as the torch path parses it (the int8 pass checks it has calibration feeds)."""
+    if accuracy_budget is None:
+        return None
+    from graphopt.passes.quantize.config import parse_budget
+    if quantize is None:
+        raise OptionError("accuracy_budget= applies to int8 (quantize=, level O2); nothing lossy runs without it")
+    return parse_budget(accuracy_budget)
 
 
 def _runnable(model: OnnxModel, inputs: list) -> str | None:

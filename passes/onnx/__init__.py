@@ -21,15 +21,17 @@ from .rotary import RotaryCachesAtBatch
 from .skip_padding import SkipPadding
 
 
-def passes(int8: str | None = None, calibration: Sequence[dict] = ()) -> list[Any]:
+def passes(int8: str | None = None, calibration: Sequence[dict] = (), fidelity: Any = None,
+           progress: bool = True) -> list[Any]:
     """Every ONNX pass in order; the int8 pass (level O2) when `int8` names a scheme. Skipping padding checks
     itself on the first calibration feed (or random look-alike inputs) with random padding masks; it runs
-    before int8, so that per-tensor scales and calibrated ranges see real tokens only."""
+    before int8, so that per-tensor scales and calibrated ranges see real tokens only. `fidelity` (a
+    `passes.quantize.config.Fidelity`): int8's accuracy budget, layers falling back to float until it holds."""
     selected: list[Any] = [DeadNodeElimination(), EliminateInferenceDropout(), eliminate_identity(), ConstantFolding(), fold_conv_batchnorm(),
                            matmul_add_to_gemm(), collapse_transpose_reshape()]
     selected.append(SkipPadding(calibration[:1]))
     if int8 is not None:
-        selected.append(QuantizeInt8(int8, calibration))
+        selected.append(QuantizeInt8(int8, calibration, fidelity, progress))
     return selected
 
 

@@ -25,10 +25,17 @@ leave convs float and say why.
 The error of int8 through a dozen layers stays around a cosine of 0.99 of
 the float output; the pass's budget is a cosine of 0.98 against the graph
 before it (on random and calibration inputs), else it is rolled back.
+
+With an accuracy budget (`optimize_onnx(accuracy_budget=0.01)`: the outputs'
+cosine to the graph before the pass stays ≥ 0.99 on the calibration feeds;
+or ("sqnr", dB)), the layers are chosen as the torch pass chooses them
+(`graphopt.passes.quantize.fallback`): each layer's sensitivity is measured
+quantized alone, then the most sensitive fall back to float, one at a time,
+until the budget holds; the pass's own budget becomes that cosine.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -41,6 +48,8 @@ from graphopt.pass_manager import RewriteLog
 from graphopt.rules import Reason, Reject
 from graphopt.schemes import SHORT_NAMES, Scheme
 from graphopt.verify import Budget
+from graphopt.passes.quantize import fallback
+from graphopt.passes.quantize.config import Fidelity
 
 from ..quantize.observers import quantize_weight
 from .base import OnnxPass, constant, is_standard, replace_input
@@ -57,20 +66,29 @@ class QuantizeInt8(OnnxPass):
     min_opset = 13          # per-axis DequantizeLinear
     budget = Budget(min_cosine=0.98)
 
-    def __init__(self, scheme: str = "dynamic", calibration: Sequence[dict] = ()) -> None:
+    def __init__(self, scheme: str = "dynamic", calibration: Sequence[dict] = (), fidelity: Fidelity | None = None,
+                 progress: bool = True) -> None:
         if scheme not in SHORT_NAMES:
             raise OptionError(f"int8 scheme {scheme!r}: choose one of {', '.join(SHORT_NAMES)}")
         if scheme == "static" and not calibration:
             raise OptionError("int8 static needs calibration data (calibration_data= / --calibration): "
                               "activation ranges are measured on it")
+        if fidelity is not None and (fidelity.kind == "metric" or not calibration):
+            raise OptionError("an ONNX model's accuracy budget (accuracy_budget= / --accuracy-budget) is a cosine "
+                              "tolerance or ('sqnr', dB) measured on calibration data: give calibration_data= / "
+                              "--calibration (a metric(module) is for torch models)")
         self.scheme = scheme
         self.calibration = list(calibration)
+        self.fidelity = fidelity
+        self.progress = progress
         self.name = Scheme.parse(scheme).onnx_pass_name
+        if fidelity is not None:
+            self.budget = Budget(min_cosine=fidelity.threshold if fidelity.kind == "cosine" else
+                                 (1 + 10 ** (-fidelity.threshold / 10)) ** -0.5)   # SQNR: cos = 1/√(1 + N/S)
 
     def rewrite(self, model: OnnxModel, log: RewriteLog) -> dict:
-        graph = model.graph
         targets = []
-        for node in list(graph.nodes):
+        for node in list(model.graph.nodes):
             if node.op not in TARGETS:
                 continue
             slow = CONV_REASON.get(self.scheme) if node.op == "Conv" else None
@@ -81,7 +99,28 @@ class QuantizeInt8(OnnxPass):
                 targets.append(node)
         ranges = {}
         if self.scheme == "static" and targets:
-            ranges = tensor_ranges(model, [t.name for t in _activations(graph, targets)], self.calibration)
+            ranges = tensor_ranges(model, [t.name for t in _activations(model.graph, targets)], self.calibration)
+        stats: dict[str, Any] = {}
+        if self.fidelity is not None and targets:
+            names = {_key(t): t.name or _key(t) for t in targets}
+            selection = self._select(model, [_key(t) for t in targets], ranges)
+            for node in targets:
+                if _key(node) not in selection.quantized:
+                    log.rejected(node.op, node.name, Reject(Reason.ACCURACY, "fell back to float: most sensitive "
+                                                            "layer, the accuracy budget needs it"))
+            targets = [t for t in targets if _key(t) in selection.quantized]
+            stats["accuracy"] = {"budget": self.fidelity.describe(), "met": selection.met,
+                                 "float": selection.float_score, "int8": selection.score,
+                                 "history": selection.history,
+                                 "fallback": [names[k] for k in selection.fallback]}
+        stats["layers"] = self._quantize(model, targets, ranges)
+        for node in targets:
+            log.matched(f"{node.op} → int8 {self.scheme}")
+        return stats
+
+    def _quantize(self, model: OnnxModel, targets: list[gs.Node], ranges: dict) -> list[dict]:
+        """Rewrite `targets` (nodes of `model`) into int8 in place; a row per layer."""
+        graph = model.graph
         layers = []
         for node in targets:
             weight, axis = _weight(node)
@@ -92,10 +131,28 @@ class QuantizeInt8(OnnxPass):
                 _dynamic(graph, node, w_q, w_scale)
             else:
                 _dequantized_weight(graph, node, w_q, w_scale, axis)
-            log.matched(f"{node.op} → int8 {self.scheme}")
         for tensor in _activations(graph, targets) if self.scheme == "static" else ():
             _quantize_dequantize(graph, tensor, ranges[tensor.name])
-        return {"layers": layers}
+        return layers
+
+    def _select(self, model: OnnxModel, keys: list[str], ranges: dict) -> fallback.Selection:
+        """The layers (by `_key`) that int8 may take within the accuracy budget, on the calibration feeds."""
+        feeds = [((), feed) for feed in self.calibration]
+
+        def build(chosen: Sequence[str]) -> OnnxModel:
+            trial = model.copy()
+            self._quantize(trial, [n for n in trial.graph.nodes if n.op in TARGETS and _key(n) in chosen], ranges)
+            return trial
+
+        def run(trial: OnnxModel, batches: Sequence) -> list:
+            return [trial.run(feed) for _, feed in batches]
+
+        return fallback.select(keys, build, self.fidelity, feeds, run(model, feeds), self.progress, run=run)
+
+
+def _key(node: gs.Node) -> str:
+    """A layer's name that survives a graph copy and is unique (node names need not be): its first output's."""
+    return node.outputs[0].name
 
 
 def _why_not(node: gs.Node) -> Reject | None:

@@ -128,7 +128,7 @@ def parse(options: Any) -> QuantConfig:
     _set_knobs(config, knobs)
     if options.calibration_data is not None:
         config.batches = _read_batches(options.calibration_data, config.max_calibration_batches)
-    config.fidelity = _parse_budget(options.accuracy_budget)
+    config.fidelity = parse_budget(options.accuracy_budget)
     has_data = bool(config.batches)
     smooth = knobs.get("smoothquant")
     if smooth and not config.w8a8:
@@ -221,7 +221,7 @@ def _read_batches(data: Iterable[Any], limit: int) -> list[Any]:
     return batches
 
 
-def _parse_budget(budget: Any) -> Fidelity | None:
+def parse_budget(budget: Any) -> Fidelity | None:
     if budget is None:
         return None
     if _number(budget):

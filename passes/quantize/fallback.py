@@ -29,13 +29,16 @@ from .calibrate import Inputs, run_batches
 from .config import Fidelity
 
 Build = Callable[[Sequence[str]], Any]   # names of the layers to quantize -> runnable module
+Run = Callable[[Any, Sequence[Inputs]], list]   # (module, batches) -> its outputs on each batch
 
 
-def score(fidelity: Fidelity, module: Any, batches: Sequence[Inputs], reference: Sequence[Any]) -> float:
-    """The fidelity of `module` (higher is better): min cosine, min SQNR in dB, or the user's metric."""
+def score(fidelity: Fidelity, module: Any, batches: Sequence[Inputs], reference: Sequence[Any],
+          run: Run = run_batches) -> float:
+    """The fidelity of `module` (higher is better): min cosine, min SQNR in dB, or the user's metric.
+    `run` runs the module on the batches (a torch module's call by default; an ONNX model's session)."""
     if fidelity.kind == "metric":
         return float(fidelity.metric(module))
-    outputs = run_batches(module, batches)
+    outputs = run(module, batches)
     if fidelity.kind == "cosine":
         return min(compare(out, ref).min_cosine for out, ref in zip(outputs, reference))
     return min(sqnr_db(out, ref) for out, ref in zip(outputs, reference))
@@ -83,22 +86,22 @@ class Selection:
 
 
 def select(names: Sequence[str], build: Build, fidelity: Fidelity, batches: Sequence[Inputs],
-           reference: Sequence[Any], progress: bool = True) -> Selection:
+           reference: Sequence[Any], progress: bool = True, run: Run = run_batches) -> Selection:
     """Rank `names` by sensitivity, then fall back the most sensitive until `fidelity` holds."""
     from tqdm.auto import tqdm
-    float_score = score(fidelity, build([]), batches, reference) if fidelity.kind == "metric" else \
+    float_score = score(fidelity, build([]), batches, reference, run) if fidelity.kind == "metric" else \
         (1.0 if fidelity.kind == "cosine" else math.inf)
     sensitivity = {}
     for name in tqdm(names, desc="int8 layer sensitivity", unit="layer", leave=False,
                      disable=None if progress else True):
-        sensitivity[name] = loss(fidelity, score(fidelity, build([name]), batches, reference), float_score)
+        sensitivity[name] = loss(fidelity, score(fidelity, build([name]), batches, reference, run), float_score)
     total = sum(sensitivity.values())
     share = {n: (v / total if total > 0 else 0.0) for n, v in sensitivity.items()}
     ranked = sorted(names, key=lambda n: sensitivity[n], reverse=True)
     quantized, fallback = list(names), []
     selection = Selection(quantized, fallback, sensitivity, share, float_score=float_score)
     while True:
-        value = score(fidelity, build(quantized), batches, reference) if quantized else float_score
+        value = score(fidelity, build(quantized), batches, reference, run) if quantized else float_score
         selection.history.append((len(quantized), value))
         if meets(fidelity, value, float_score):
             return selection

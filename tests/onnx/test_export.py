@@ -46,6 +46,7 @@ def test_float_export_round_trips_with_a_dynamic_batch(tmp_path, cnn):
     path = graphopt.export_onnx(opt, inputs, tmp_path / "cnn.onnx")
     assert opt.captured
     assert _dims(path) == [["batch", 1, 8, 8]]
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["output"]   # not the exporter's `linear_1`
     x = torch.rand(7, 1, 8, 8)                     # another batch size than the example's
     (got,) = _ort(path, [x.numpy()])
     assert rel_err(got, model(x).detach().numpy()) <= LOSSLESS_REL_TOL
@@ -132,6 +133,7 @@ def test_int8_transformer_export_runs_at_another_batch(tmp_path):
     opt = graphopt.optimize(model, (), example_kwargs=kwargs, level="O2", quantize="int8-dynamic", **FAST)
     path = graphopt.export_onnx(opt, (), tmp_path / "bert.onnx", example_kwargs=kwargs)
     assert [dims[0] for dims in _dims(path)] == ["batch", "batch"]
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["last_hidden_state", "pooler_output"]
     int8_linears = sum(n.target == torch.ops.graphopt.int8_linear.default for n in opt.graph_module.graph.nodes)
     assert [n.op_type for n in onnx.load(str(path)).graph.node].count("MatMulInteger") == int8_linears > 0
     ids, mask = torch.randint(0, 100, (3, 12)), torch.ones(3, 12, dtype=torch.long)
@@ -141,6 +143,26 @@ def test_int8_transformer_export_runs_at_another_batch(tmp_path):
     for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
         got = _ort(path, [ids.numpy(), mask.numpy()], level)[0]
         assert rel_err(got, want) <= budget.max_rel_err and cosine(got, want) >= budget.min_cosine, level
+
+
+class _Nested(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"scores": x * 2, "extra": (x + 1, x.relu())}
+
+
+def test_outputs_are_named_after_the_models_keys_or_as_asked(tmp_path):
+    x = torch.randn(3, 4)
+    path = graphopt.export_onnx(_Nested(), (x,), tmp_path / "keys.onnx")
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["scores", "extra_0", "extra_1"]
+    path = graphopt.export_onnx(_Nested(), (x,), tmp_path / "asked.onnx", output_names=["s", "plus", "relu"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["s", "plus", "relu"]
+    got = dict(zip(["s", "plus", "relu"], session.run(None, {session.get_inputs()[0].name: x.numpy()})))
+    np.testing.assert_array_equal(got["plus"], (x + 1).numpy())    # the names sit on the right outputs
+    np.testing.assert_array_equal(got["relu"], x.relu().numpy())
+    with pytest.raises(graphopt.InputError, match=r"3 distinct.*\['scores', 'extra_0', 'extra_1'\]"):
+        graphopt.export_onnx(_Nested(), (x,), tmp_path / "bad.onnx", output_names=["a", "a", "b"])
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 def test_a_mismatch_raises_with_the_output_name_and_error_and_writes_nothing(tmp_path, cnn):

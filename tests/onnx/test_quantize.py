@@ -103,3 +103,47 @@ def test_activation_products_are_left_float_with_a_reason(tmp_path):
     src = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path)
     report = graphopt.optimize_onnx(src, tmp_path / "out.onnx", quantize="int8-dynamic", **FAST)
     assert Reason.NOT_CONSTANT in report["onnx_int8_dynamic"].reasons
+
+
+def _outlier_mlp(rng) -> onnx.ModelProto:
+    """x → MatMul(first) → Relu → ×c → MatMul(second) → MatMul(third): c lifts channel 0 of the second
+    layer's input 1000× (its weight row shrunk 1000×, so the function is a plain MLP's). Per-tensor int8
+    of that input has a step of ~1000/255 of a normal channel's range: the other 31 channels round to 0
+    (cosine far below 0.9), while the first and third layers keep a cosine ≥ 0.999."""
+    scale = np.ones(32, np.float32)
+    scale[0] = 1000.0
+    w2 = (rng.standard_normal((32, 32)) / np.sqrt(32)).astype(np.float32)
+    w2[0] /= 1000.0
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 32)) / 4).astype(np.float32), "w1"),
+             numpy_helper.from_array(scale, "c"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array((rng.standard_normal((32, 4)) / np.sqrt(32)).astype(np.float32), "w3")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Mul", ["r", "c"], ["s"]), helper.make_node("MatMul", ["s", "w2"], ["t"], name="second"),
+             helper.make_node("MatMul", ["t", "w3"], ["y"], name="third")]
+    graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_accuracy_budget_keeps_the_sensitive_layer_float_as_the_torch_path_does(tmp_path):
+    rng = np.random.default_rng(3)
+    src = save(_outlier_mlp(rng), tmp_path)
+    calibration = [{"x": rng.standard_normal((8, 16)).astype(np.float32)} for _ in range(4)]
+    whole = graphopt.optimize_onnx(src, tmp_path / "whole.onnx", quantize="int8-dynamic",
+                                   calibration_data=calibration, **FAST)
+    assert whole["onnx_int8_dynamic"].rolled_back       # every layer int8: far below the default 0.98
+    report = graphopt.optimize_onnx(src, tmp_path / "out.onnx", quantize="int8-dynamic", calibration_data=calibration,
+                                    accuracy_budget=0.01, **FAST)
+    record = report["onnx_int8_dynamic"]
+    assert record.modified and not record.rolled_back
+    assert record.matches == {"MatMul → int8 dynamic": 2} and Reason.ACCURACY in record.reasons
+    accuracy = record.stats["accuracy"]
+    assert accuracy["met"] and accuracy["fallback"] == ["second"] and accuracy["budget"] == "output cosine ≥ 0.99"
+    assert report.final.min_cosine >= 0.99 and report.meta["accuracy_budget"] == "output cosine ≥ 0.99"
+    feeds = {"x": rng.standard_normal((5, 16)).astype(np.float32)}          # fresh inputs of the same kind
+    assert cosine(run(tmp_path / "out.onnx", feeds)[0], run(src, feeds)[0]) >= 0.99
+    with pytest.raises(graphopt.OptionError, match="calibration"):
+        graphopt.optimize_onnx(src, tmp_path / "x.onnx", quantize="int8-dynamic", accuracy_budget=0.01, **FAST)
+    with pytest.raises(graphopt.OptionError, match="applies to int8"):
+        graphopt.optimize_onnx(src, tmp_path / "x.onnx", accuracy_budget=0.01, calibration_data=calibration, **FAST)
+    assert not (tmp_path / "x.onnx").exists()

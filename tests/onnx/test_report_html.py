@@ -63,6 +63,16 @@ def test_header_values_are_words_and_sizes_share_one_unit(tmp_path, report):
     assert units == {report.size_unit}, units
 
 
+def test_export_passes_read_as_phrases_not_dicts(tmp_path):
+    from graphopt.report import Report
+    report = Report(meta={"export_passes": [
+        {"name": "onnx_constant_folding", "modified": True, "rolled_back": False, "matches": {"folded node": 6}},
+        {"name": "onnx_skip_padding", "modified": False, "rolled_back": False, "matches": {}}]})
+    text = report.to_html(tmp_path / "r.html").read_text()
+    assert "onnx_constant_folding: changed (folded node×6); onnx_skip_padding: no change" in text
+    assert "{&#x27;name&#x27;" not in text and "'name'" not in text
+
+
 def test_a_rolled_back_pass_is_said_prominently(tmp_path, report):
     import copy
     rolled = copy.deepcopy(report)
