@@ -31,7 +31,7 @@ reads each sequence's first position whatever its mask (a classifier on the
 [CLS] token) passes on a second try that computes those B rows too.
 
 The mask is the integer or boolean [B, S] placeholder for which the check
-passes (placeholders named like masks are tried first). The pass reads the
+passes (only those named like masks where there are some). The pass reads the
 example inputs the pass manager binds (`Pass.bind`).
 
 Modules: `rows.py` (which ops are row-wise, and their arguments on packed rows),
@@ -100,9 +100,10 @@ class SkipPadding(Pass):
 
 
 def mask_candidates(gm: fx.GraphModule) -> list[str]:
-    """Integer or boolean [B, S] placeholders, those named like masks first."""
+    """Integer or boolean [B, S] placeholders named like masks, else every one (token ids are one too)."""
     found = [n.name for n in gm.graph.nodes if n.op == "placeholder" and _mask_like(ir.val(n))]
-    return sorted(found, key=lambda name: "mask" not in name.lower())
+    named = [name for name in found if "mask" in name.lower()]
+    return named or found
 
 
 def _mask_like(value: Any) -> bool:

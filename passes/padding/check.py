@@ -54,7 +54,8 @@ def check(gm: fx.GraphModule, mask: str, keep_first: bool, probes: Inputs) -> Re
 
 
 def probe_inputs(gm: fx.GraphModule, example: tuple[tuple, dict], mask: str) -> Inputs | None:
-    """The example's first rows with their own mask, random right-padded lengths, and scattered holes;
+    """The example's first rows with their own mask, random right-padded lengths (the first row one token
+    long), and scattered holes (the first row's first position padded);
     None when the mask placeholder cannot be matched to an example leaf."""
     leaves, spec = pytree.tree_flatten(example)
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -79,6 +80,8 @@ def probe_inputs(gm: fx.GraphModule, example: tuple[tuple, dict], mask: str) -> 
         else:
             pattern = torch.rand((rows, seq), generator=generator) < 0.5
             pattern[torch.arange(rows), torch.randint(0, seq, (rows,), generator=generator)] = True
+            if seq > 1:     # a padded first position with a real token after it (what a [CLS] head reads)
+                pattern[0, 0], pattern[0, -1] = False, True
         probes.append([*leaves[:position], pattern.to(own.dtype), *leaves[position + 1:]])
     return [pytree.tree_unflatten(p, spec) for p in probes]
 
