@@ -23,10 +23,11 @@ def apply(gm: fx.GraphModule, plan: Plan) -> None:
     graph = gm.graph
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last_input):
-        idx, count, batch, seq = _computed_rows(graph, plan)
+        idx, count, batch, seq, anchor = _computed_rows(graph, plan)
+    order = {n: i for i, n in enumerate(graph.nodes)}
     packed: dict[fx.Node, fx.Node] = {}
-    for source in plan.sources:
-        with graph.inserting_after(source):
+    for source in plan.sources:     # an input (the mask itself, a float token input) is gathered after idx
+        with graph.inserting_after(source if order[source] > order[anchor] else anchor):
             flat = source if plan.rows.lead(source) == 1 else graph.call_function(aten.flatten.using_ints,
                                                                                   (source, 0, 1))
         with graph.inserting_after(flat):
@@ -44,8 +45,9 @@ def apply(gm: fx.GraphModule, plan: Plan) -> None:
             user.replace_input_with(sink, full)
 
 
-def _computed_rows(graph: fx.Graph, plan: Plan) -> tuple[fx.Node, Any, Any, Any]:
-    """idx (the computed rows of [B·S]), B·S, B and S: ints where static, `sym_size` nodes where symbolic."""
+def _computed_rows(graph: fx.Graph, plan: Plan) -> tuple[fx.Node, Any, Any, Any, fx.Node]:
+    """idx (the computed rows of [B·S]), B·S, B and S (ints where static, `sym_size` nodes where symbolic), and
+    the last node made here."""
     mask = plan.mask
     nodes = []
 
@@ -63,7 +65,7 @@ def _computed_rows(graph: fx.Graph, plan: Plan) -> tuple[fx.Node, Any, Any, Any]
              for m, i, d in ((flat, 0, plan.rows.batch * plan.rows.seq), (mask, 0, plan.rows.batch),
                              (mask, 1, plan.rows.seq))]
     _chain(graph, nodes)
-    return (idx, *sizes)
+    return (idx, *sizes, nodes[-1])
 
 
 def _chain(graph: fx.Graph, nodes: list[fx.Node]) -> None:

@@ -47,16 +47,17 @@ ALONG_DIMS = (aten.sum, aten.mean, aten.amax, aten.amin, aten.softmax, aten._sof
 RESHAPES = (aten.reshape, aten.view, aten._unsafe_view)
 
 
-def graphopt_ops() -> tuple[Any, ...]:
-    """graphopt's per-row kernels (each row of their [M, …] operands and outputs on its own)."""
-    import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt)
-    ops = torch.ops.graphopt
-    return (ops.quantize_per_token, ops.int8_linear, ops.w8a16_linear, ops.w4a16_linear, ops.layer_norm_quantize)
+#: graphopt's per-row kernels (each row of their [M, …] operands and outputs on its own), and the products.
+GRAPHOPT_ROWS = frozenset({"graphopt::quantize_per_token", "graphopt::int8_linear", "graphopt::w8a16_linear",
+                           "graphopt::w4a16_linear", "graphopt::layer_norm_quantize"})
+GRAPHOPT_PRODUCTS = frozenset({"graphopt::int8_linear", "graphopt::w8a16_linear", "graphopt::w4a16_linear"})
 
 
-def graphopt_products() -> tuple[Any, ...]:
-    ops = torch.ops.graphopt
-    return (ops.int8_linear, ops.w8a16_linear, ops.w4a16_linear)
+def graphopt_op(node: fx.Node) -> str | None:
+    """The schema name of a torch.ops.graphopt call ("graphopt::int8_linear"), else None."""
+    name = node.target.name() if node.op == "call_function" and hasattr(node.target, "name") \
+        and getattr(node.target, "namespace", None) == "graphopt" else None
+    return name if isinstance(name, str) else None
 
 
 @dataclass
@@ -120,13 +121,13 @@ def row_wise(node: fx.Node, rows: Rows) -> Args | None:
 
 
 def is_product(node: fx.Node, rows: Rows) -> bool:
-    return (ir.is_op(node, *PRODUCTS) or ir.is_op(node, *graphopt_products())) and row_wise(node, rows) is not None
+    return (ir.is_op(node, *PRODUCTS) or graphopt_op(node) in GRAPHOPT_PRODUCTS) and row_wise(node, rows) is not None
 
 
 def _rule(node: fx.Node) -> Callable[[fx.Node, Rows], Args | None] | None:
     if ir.is_op(node, *PRODUCTS):
         return _product
-    if ir.is_op(node, *graphopt_ops()):
+    if graphopt_op(node) in GRAPHOPT_ROWS:
         return _per_row_kernel
     if ir.is_op(node, aten.layer_norm):
         return _layer_norm

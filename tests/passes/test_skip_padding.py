@@ -9,6 +9,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import graphopt
+from graphopt import ir
 from graphopt.capture import capture
 from graphopt.onnx.export import TOLERANCES
 from graphopt.pass_manager import FxIR, PassManager
@@ -79,6 +80,31 @@ def test_a_model_without_a_mask_input_says_so():
     captured = capture(torch.nn.Linear(4, 4), (torch.randn(2, 3, 4),))
     result = SkipPadding([((torch.randn(2, 3, 4),), {})]).run(captured.module)
     assert not result.modified and result.stats["reasons"] == {Reason.NOT_ELIGIBLE: 1}
+
+
+def test_graphopts_int8_ops_run_on_packed_rows():
+    """On a graph already rewritten to int8, quantize_per_token and int8_linear are row-wise: they join the
+    segments (their row count becomes the data-dependent n) and the result matches the int8 graph."""
+    torch.manual_seed(0)
+    model = randomize_(MaskedEncoder(VOCAB, 16, dim=16, heads=2, hidden=32, depth=1, activation="gelu",
+                                     scale_first=False, head="mean"), 0).eval()
+    generator = torch.Generator().manual_seed(0)
+    example = _tokens(3, 6, generator, scattered=False)
+    opt = graphopt.optimize(model, example, quantize="int8-dynamic", disable=["skip_padding"],
+                            quantize_options={"min_in_features": 1}, measure_latency=False, speed_check=False,
+                            progress=False)
+    int8 = opt.graph_module
+    inputs = [(example, {})]
+    manager = PassManager([SkipPadding()], FxIR(), verify=True, measure_latency=False)
+    gm, report = manager.run(int8, inputs, run_on(int8, inputs))
+    assert report.records[-1].modified and not report.records[-1].rolled_back, report.records[-1]
+    linears = [n for n in gm.graph.nodes if n.target == torch.ops.graphopt.int8_linear.default]
+    assert linears and all(ir.shape(n)[0] == ir.shape(linears[0])[0] for n in linears)
+    assert not isinstance(ir.shape(linears[0])[0], int) and str(ir.shape(linears[0])[0]).startswith("u"), \
+        ir.shape(linears[0])        # an unbacked size: the number of real rows
+    ids, mask = _tokens(5, 9, generator, scattered=True)
+    with torch.no_grad():
+        assert not LOSSLESS.check(compare(gm(ids, mask), int8(ids, mask)))
 
 
 @pytest.mark.parametrize("level", ["O1", "O2"])
