@@ -67,9 +67,7 @@ class SkipPadding(Pass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         log = RewriteLog()
         masks = mask_candidates(gm)
-        if not masks:
-            log.rejected("skip padding", "model", Reject(Reason.NOT_ELIGIBLE, "no integer or boolean [batch, "
-                                                         "sequence] input to read padding from"))
+        if not masks:       # not a token model: not a candidate, nothing to report
             return log.result(gm)
         if not self.inputs:
             log.rejected("skip padding", "model", Reject(Reason.NOT_ELIGIBLE, "no example inputs to check "
