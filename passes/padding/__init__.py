@@ -2,7 +2,8 @@
 
     m: [B, S] padding mask (0 = padding); x: a token tensor, [B·S, …] or [B, S, …]
     idx = nonzero(m.flatten()).flatten()                                  the n real rows
-    segment(x)  ⇒  index_put(zeros [B·S, …], [idx], segment(index_select(x.flatten(0, 1), 0, idx)))  (then [B, S, …])
+    segment(x)  ⇒  index_put(zeros [B·S, …], [idx], segment(index_select(x.flatten(0, 1), 0, idx)))
+                                                                          (viewed as [B, S, …] again)
 
 A segment is a connected set of row-wise ATen ops (`rows.py`: each token row
 computed from the same row alone: linears, graphopt's per-row int8 kernels,

@@ -1,7 +1,8 @@
 """Skip padding, emission: the index of the computed rows, the gathers, the rewired segment nodes, the scatters.
 
     idx = nonzero(m.flatten()).flatten()                              n computed rows (n is data-dependent)
-    segment(x)  ⇒  index_put(zeros [B·S, …], [idx], segment(index_select(x.flatten(0, 1), 0, idx)))  (then [B, S, …])
+    segment(x)  ⇒  index_put(zeros [B·S, …], [idx], segment(index_select(x.flatten(0, 1), 0, idx)))
+                                                                          (viewed as [B, S, …] again)
 
 n is an unbacked symbolic size for torch.export and FakeTensor propagation: nothing in a segment branches on
 it, so the graph stays traceable, re-exportable (ONNX NonZero / Gather / ScatterND) and dynamic in B and S.
@@ -28,14 +29,18 @@ def apply(gm: fx.GraphModule, plan: Plan) -> None:
     packed: dict[fx.Node, fx.Node] = {}
     for source in plan.sources:     # an input (the mask itself, a float token input) is gathered after idx
         with graph.inserting_after(source if order[source] > order[anchor] else anchor):
-            flat = source if plan.rows.lead(source) == 1 else graph.call_function(aten.flatten.using_ints,
-                                                                                  (source, 0, 1))
-        with graph.inserting_after(flat):
-            packed[source] = graph.call_function(aten.index_select.default, (flat, 0, idx))
+            nodes = [] if plan.rows.lead(source) == 1 else [graph.call_function(aten.flatten.using_ints,
+                                                                                (source, 0, 1))]
+            nodes.append(graph.call_function(aten.index_select.default, (nodes[-1] if nodes else source, 0, idx)))
+        _chain(nodes)
+        packed[source] = nodes[-1]
+
+    def on_packed_rows(arg: fx.Node) -> fx.Node:
+        return packed.get(arg, arg)
+
     for node, (args, kwargs) in plan.nodes.items():
-        swap = lambda a: packed.get(a, a) if isinstance(a, fx.Node) else a   # noqa: E731
-        node.args = fx.node.map_arg(args, swap)
-        node.kwargs = fx.node.map_arg(kwargs, swap)
+        node.args = fx.node.map_arg(args, on_packed_rows)
+        node.kwargs = fx.node.map_arg(kwargs, on_packed_rows)
     for sink in plan.sinks:
         lead, trailing = plan.rows.lead(sink), plan.rows.trailing(sink)
         users = [u for u in sink.users if u not in plan.nodes]
@@ -64,11 +69,11 @@ def _computed_rows(graph: fx.Graph, plan: Plan) -> tuple[fx.Node, Any, Any, Any,
     sizes = [d if isinstance(d, int) else call(aten.sym_size.int, m, i)
              for m, i, d in ((flat, 0, plan.rows.batch * plan.rows.seq), (mask, 0, plan.rows.batch),
                              (mask, 1, plan.rows.seq))]
-    _chain(graph, nodes)
+    _chain(nodes)
     return (idx, *sizes, nodes[-1])
 
 
-def _chain(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+def _chain(nodes: list[fx.Node]) -> None:
     """Keep nodes created under one insertion point in creation order (each one after the previous)."""
     for before, after in zip(nodes, nodes[1:]):
         before.append(after)
@@ -89,5 +94,5 @@ def _scatter(graph: fx.Graph, sink: fx.Node, trailing: tuple, idx: fx.Node, coun
     nodes.append(graph.call_function(aten.index_put.default, (nodes[-1], [idx], sink)))
     if tokens is not None:
         nodes.append(graph.call_function(aten.view.default, (nodes[-1], [*tokens, *dims])))
-    _chain(graph, nodes)
+    _chain(nodes)
     return nodes[-1]

@@ -25,6 +25,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -89,9 +90,12 @@ class Rows:
 
 def same(a: Any, b: Any) -> bool:
     """Equal sizes without adding a guard: ints by value, symbolic sizes by their expression."""
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
-    return a == b
+    return bool(_expr(a) == _expr(b))
+
+
+def _expr(size: Any) -> Any:
+    """A size as a sympy expression (a symbol specialised by export reads as its value)."""
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
 
 
 def _symbols(size: torch.SymInt) -> set:

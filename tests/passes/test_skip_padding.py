@@ -84,6 +84,33 @@ def test_a_model_without_a_mask_input_is_not_a_candidate():
     assert not result.modified and not result.stats["rejected"]
 
 
+class _PooledMLP(torch.nn.Module):
+    """Float token features in, a per-token MLP, masked mean-pool: the segment starts at a graph input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.GELU(), torch.nn.Linear(12, 6))
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.unsqueeze(-1).float()
+        return (self.mlp(features) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def test_a_token_input_is_gathered_after_the_row_index():
+    """A segment whose source is a placeholder: its gather comes after the index it reads (a graph that lints
+    and runs), and the result matches at another batch size and length."""
+    torch.manual_seed(0)
+    model = _PooledMLP().eval()
+    generator = torch.Generator().manual_seed(1)
+    _, mask = _tokens(3, 5, generator, scattered=False)
+    gm, stats = _skip_padding(model, (torch.randn(3, 5, 6, generator=generator), mask))
+    assert stats["matches"] and not stats["rolled_back"], stats
+    _, mask = _tokens(4, 7, generator, scattered=True)
+    features = torch.randn(4, 7, 6, generator=generator)
+    with torch.no_grad():
+        assert not LOSSLESS.check(compare(gm(features, mask), model(features, mask)))
+
+
 def test_graphopts_int8_ops_run_on_packed_rows():
     """On a graph already rewritten to int8, quantize_per_token and int8_linear are row-wise: they join the
     segments (their row count becomes the data-dependent n) and the result matches the int8 graph."""
