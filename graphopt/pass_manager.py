@@ -12,6 +12,8 @@ A pass subclasses `Pass`, which holds the contract and its defaults:
     fixed_point: bool    rerun until it reports no change (under a step cap)
     budget: Budget       error it may add (verify.LOSSLESS unless lossy)
     run(module) -> PassResult(module, modified, stats)
+    bind(inputs)         called once before the passes run, with the verification
+                         inputs (the example first); a pass that reads data keeps them
 
 Names are unique within one manager (it refuses a list holding a name twice);
 a pass that runs again later in a pipeline is `renamed` (`Pass.renamed`).
@@ -67,6 +69,9 @@ class Pass:
 
     def run(self, module: Any) -> PassResult:
         raise NotImplementedError(f"{type(self).__name__}.run")
+
+    def bind(self, inputs: "Inputs") -> None:
+        """The verification inputs ((args, kwargs) pairs, the example first), before any pass runs."""
 
     def renamed(self, suffix: str) -> "Pass":
         """This pass under the name `name + suffix` (e.g. the pipeline's second canonicalization)."""
@@ -195,6 +200,9 @@ class PassManager:
         self._lossless: Any = module                     # the graph before the first lossy pass changed it
         if self.measure_latency:
             report.meta["timing"] = timing_context()
+        for p in self.selected:
+            if isinstance(p, Pass):
+                p.bind(inputs)
         current, current_outputs = module, self.ir.run(module, inputs) if self.verify else None
         report.baseline = self._record("captured", current, 0.0, reference, current_outputs, {})
         steps = self._progress(self.selected)

@@ -43,6 +43,7 @@ class Reason(str, Enum):
     NO_GAIN = "no_gain"                    # the rewrite would not improve what it is for
     ALREADY_DONE = "already_done"          # the graph already has the rewrite's form
     DEVICE = "device"                      # the rewrite pays only on another device (a CUDA kernel, a CPU graph)
+    READS_PADDING = "reads_padding"        # the outputs read padded token rows (skipping padding would change them)
     OTHER = "other"                        # a rejection given as prose only (its message says why)
     # why the pass manager did not keep a pass's result (PassRecord.code)
     BUDGET_EXCEEDED = "budget_exceeded"    # the pass's error is outside its declared budget

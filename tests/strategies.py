@@ -10,6 +10,11 @@ activations and seeds:
            transpose heads, scaled matmul, optional additive mask, softmax),
            LayerNorm and an MLP on (B, S, D) inputs
 
+`masked_encoder_cases()` (not among `models()`: its inputs are token ids and a
+padding mask) draws "attn" blocks under an embedding and a key-padding mask,
+with a head that ignores padded tokens (masked mean-pool, or the first token),
+or that returns every token's state (padded ones included).
+
 Weights, BatchNorm statistics and LayerNorm affines are random (fresh BN
 statistics are 0/1, which would hide folding bugs). A drawn case is a
 `ModelCase(model, make_inputs)`: `make_inputs(batch, seed)` builds inputs of
@@ -196,6 +201,34 @@ class Transformer(nn.Module):
         return x
 
 
+class MaskedEncoder(nn.Module):
+    """Token embeddings + learned positions → "attn" blocks with a key-padding mask → a head.
+
+    head: "mean" (masked mean-pool), "first" (position 0's state), "tokens" (every token's state)."""
+
+    def __init__(self, vocab: int, max_len: int, dim: int, heads: int, hidden: int, depth: int, activation: str,
+                 scale_first: bool, head: str) -> None:
+        super().__init__()
+        self.head = head
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(torch.randn(max_len, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList(TransformerBlock(dim, heads, hidden, activation, scale_first)
+                                    for _ in range(depth))
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.embed(ids) + self.position[: ids.shape[1]])
+        keys = (1.0 - attention_mask[:, None, None, :].float()) * -1e4     # exp underflows to 0: keys ignored
+        for layer in self.layers:
+            x = layer(x, keys)
+        if self.head == "tokens":
+            return x
+        if self.head == "first":
+            return x[:, 0]
+        weights = attention_mask.unsqueeze(-1).float()
+        return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
 def _float_inputs(*tail: int) -> Callable[[int, int], tuple[torch.Tensor, ...]]:
     def make(batch: int, seed: int) -> tuple[torch.Tensor, ...]:
         return (torch.randn((batch, *tail), generator=torch.Generator().manual_seed(seed)),)
@@ -246,6 +279,19 @@ def attention_cases(draw: st.DrawFn) -> ModelCase:
     return ModelCase("attn", model, _float_inputs(seq, dim),
                      f"dim={dim} heads={heads} hidden={hidden} depth={depth} act={activation} "
                      f"scale_first={scale_first} masked={masked} seq={seq} seed={seed}")
+
+
+@st.composite
+def masked_encoder_cases(draw: st.DrawFn, outputs: tuple[str, ...] = ("mean", "first")) -> MaskedEncoder:
+    """A random `MaskedEncoder` (tiny: it is captured and checked once per example)."""
+    heads = draw(st.integers(1, 2))
+    dim = heads * draw(st.integers(2, 6))
+    seed = draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    model = MaskedEncoder(vocab=20, max_len=16, dim=dim, heads=heads, hidden=draw(st.integers(4, 24)),
+                          depth=draw(st.integers(1, 2)), activation=draw(st.sampled_from(["relu", "gelu", "silu"])),
+                          scale_first=draw(st.booleans()), head=draw(st.sampled_from(outputs)))
+    return randomize_(model, seed).eval()
 
 
 def models() -> st.SearchStrategy[ModelCase]:
