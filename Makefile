@@ -22,9 +22,11 @@ demo: setup
 	$(BIN)/graphopt demo
 
 # pytest exits 5 when it collects no test: make treats every non-zero status as a failure.
+# The test files run on one pytest-xdist worker per core (at most 4), a file's tests on one worker.
 test: setup
 	@echo "hypothesis seed: $(SEED)  (rerun with: make test SEED=$(SEED))"
-	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q -p no:cacheprovider --hypothesis-seed=$(SEED) --durations=15
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile \
+		--hypothesis-seed=$(SEED) --durations=15
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
