@@ -5,7 +5,8 @@
 1. `torch.onnx.export(..., dynamo=True)` of the optimized graph, with
    graphopt's custom int8 ops translated to standard ONNX operators
    (`graphopt.onnx.translations`), so ONNX Runtime (CPU, CUDA) and TensorRT
-   run the file without vendor domains.
+   run the file without vendor domains. `contiguous` nodes go to torch.onnx as
+   clones (see `_contiguous_as_clone`), on a copy of the graph.
 2. Cleanup through the ONNX passes, run by the pass manager (verified on the
    example inputs, rolled back if a pass changes the outputs; the records go
    to the optimized module's `report.meta["export_passes"]`): constant folding
