@@ -154,9 +154,12 @@ MODELS: dict[str, Factory] = {
 FAST = ("bert", "resnet")
 
 
-def run_model(name: str, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+def run_model(name: str, stages: tuple[str, ...] = STAGES,
+              on_stage: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """One model's row: for each stage its status ("ok" or the error's class and first line), max
-    relative error against the eager model and seconds."""
+    relative error against the eager model and seconds. `on_stage(row)` is called after each stage
+    (the subprocess writes the row so far, so a model stopped by its time limit keeps its finished
+    stages)."""
     import torch
     import torch.utils._pytree as pytree
 
@@ -208,6 +211,8 @@ def run_model(name: str, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
                 if os.environ.get("SWEEP_TRACEBACK"):
                     traceback.print_exc()
             row[f"{stage} s"] = round(time.perf_counter() - start, 1)
+            if on_stage is not None:
+                on_stage(row)
     return row
 
 
@@ -226,19 +231,24 @@ def run_isolated(name: str, stages: tuple[str, ...], timeout_s: float) -> dict[s
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = Path(handle.name)
     command = [sys.executable, "-m", "bench.sweep", "--child", name, "--stages", ",".join(stages), "--out", str(out)]
-    start = time.perf_counter()
     try:
         done = subprocess.run(command, timeout=timeout_s, capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent.parent)
-        if done.returncode == 0 and out.stat().st_size:
-            return json.loads(out.read_text())
-        tail = [line for line in (done.stderr or "").splitlines() if line.strip()][-1:] or ["no output"]
-        return {"model": name, stages[0]: f"crashed (exit {done.returncode}): {tail[0][:300]}"}
+        failure = None
+        if done.returncode != 0:
+            tail = [line for line in (done.stderr or "").splitlines() if line.strip()][-1:] or ["no output"]
+            failure = f"crashed (exit {done.returncode}): {tail[0][:300]}"
     except subprocess.TimeoutExpired:
-        return {"model": name, stages[0]: f"timed out after {timeout_s:.0f} s",
-                "total s": round(time.perf_counter() - start, 1)}
+        failure = f"timed out after {timeout_s:.0f} s"
+    try:
+        row = json.loads(out.read_text()) if out.stat().st_size else {"model": name}
     finally:
         out.unlink(missing_ok=True)
+    if failure is not None:     # the stage that was running gets the failure; later ones did not run
+        unfinished = [stage for stage in stages if stage not in row]
+        for stage in unfinished:
+            row[stage] = failure if stage == unfinished[0] else "not run"
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,6 +257,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per model")
     parser.add_argument("--name", default="sweep", help="results file name (bench/results/NAME.md)")
+    parser.add_argument("--budget", type=float, help="seconds for the whole run: no model starts after it")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the rows of bench/results/NAME.json for models this run does not run "
+                             "(each row names the commit and date it came from)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
@@ -255,29 +269,66 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
     if options.child:
-        Path(options.out).write_text(json.dumps(run_model(options.child, stages), default=str))
+        run_model(options.child, stages,
+                  on_stage=lambda row: Path(options.out).write_text(json.dumps(row, default=str)))
         return
     names = options.only.split(",") if options.only else list(MODELS)
     missing = [n for n in names if n not in MODELS]
     if missing:
         parser.error(f"unknown models {missing}; choose from {', '.join(MODELS)}")
-    rows = []
+    kept = _kept_rows(options.name, names) if options.keep else []
+    rows: list[dict[str, Any]] = []
+    load = [os.getloadavg()[0]]
+    start = time.perf_counter()
     for name in names:
-        rows.append(run_isolated(name, stages, options.timeout))
+        if options.budget is not None and time.perf_counter() - start > options.budget:
+            break
+        rows.append(run_isolated(name, stages, options.timeout) | {"run": _commit()})
         print(json.dumps(rows[-1], default=str), flush=True)
-        path = _write(options.name, rows, stages, options.timeout, len(names))   # a partial run keeps its rows
+        load.append(os.getloadavg()[0])
+        path = _write(options.name, rows, kept, stages, options.timeout, names, load)   # a partial run keeps its rows
     print(path)
 
 
-def _write(name: str, rows: list[dict[str, Any]], stages: tuple[str, ...], timeout_s: float, planned: int) -> Path:
+def _commit() -> str:
+    from bench.harness import machine_info
+    info = machine_info()
+    return f"{info.get('graphopt_commit', '?')} {info['date']}"
+
+
+def _kept_rows(name: str, running: list[str]) -> list[dict[str, Any]]:
+    """The rows of an earlier run's bench/results/NAME.json for models not in `running`, tagged with
+    the commit and date they came from."""
+    from bench.harness import RESULTS
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    stamp = f"{earlier['machine'].get('graphopt_commit', '?')} {earlier['machine'].get('date', '?')}"
+    return [{**row, "run": row.get("run", stamp)} for row in earlier["rows"] if row["model"] not in running]
+
+
+def _write(name: str, rows: list[dict[str, Any]], kept: list[dict[str, Any]], stages: tuple[str, ...],
+           timeout_s: float, planned: list[str], load: list[float]) -> Path:
     from bench.harness import write_results
-    failed = [r["model"] for r in rows if any(r.get(s) != "ok" for s in stages)]
-    notes = (f"Stages: {', '.join(stages)}; per-model limit {timeout_s:.0f} s; {len(rows)} of {planned} models run. "
+    table = kept + rows
+    failed = [r["model"] for r in table if any(r.get(s) != "ok" for s in stages)]
+    done = {r["model"] for r in table}
+    left = [m for m in MODELS if m not in done]
+    notes = (f"Stages: {', '.join(stages)}; per-model limit {timeout_s:.0f} s (a model stopped by it keeps its "
+             "finished stages; the stage it was in says `timed out`, later ones `not run`). "
+             f"This run: {len(rows)} of the {len(planned)} models it planned"
+             + (f", {len(kept)} rows kept from earlier runs (`run` names each row's commit and date)" if kept else "")
+             + f"; {len(table)} of {len(MODELS)} models in the table"
+             + (f"; not run: {', '.join(left)}" if left else "") + ". "
              "`err`: max relative error of the stage's outputs against the eager model on the example inputs. "
-             f"{len(rows) - len(failed)} of {len(rows)} models ok at every stage"
-             + (f"; failing: {', '.join(failed)}." if failed else ".")
+             f"{len(table) - len(failed)} of {len(table)} models ok at every stage"
+             + (f"; not ok: {', '.join(failed)}." if failed else ".")
+             + f"\n\nProduced on a shared, loaded machine ({os.cpu_count()} cores; 1-minute load average "
+             + ", ".join(f"{x:.1f}" for x in load) + " before and after each model): times are context, not "
+             "speed figures, and a model that times out here may finish on an idle machine."
              + "\n\nModel definitions: Hugging Face tiny configs (see bench/sweep.py for why not torchvision).")
-    return write_results(name, "graphopt sweep over public architectures (random weights)", rows, notes)
+    return write_results(name, "graphopt sweep over public architectures (random weights)", table, notes)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 1. `torch.onnx.export(..., dynamo=True)` of the optimized graph, with
    graphopt's custom int8 ops translated to standard ONNX operators
    (`graphopt.onnx.translations`), so ONNX Runtime (CPU, CUDA) and TensorRT
-   run the file without vendor domains.
+   run the file without vendor domains. `contiguous` nodes go to torch.onnx as
+   clones (see `_contiguous_as_clone`), on a copy of the graph.
 2. Cleanup through the ONNX passes, run by the pass manager (verified on the
    example inputs, rolled back if a pass changes the outputs; the records go
    to the optimized module's `report.meta["export_passes"]`): constant folding
@@ -159,7 +160,28 @@ def _exportable(opt: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.
     if graph_module is None:
         return opt.eval() if not opt.training else _eval_copy(opt), None
     options = getattr(opt, "options", None)
-    return graph_module, _scheme(graph_module, getattr(options, "quantize", None))
+    return _contiguous_as_clone(graph_module), _scheme(graph_module, getattr(options, "quantize", None))
+
+
+def _contiguous_as_clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of `gm` (sharing its tensors) whose `contiguous(x)` nodes are `clone(x, contiguous_format)`.
+
+    The same values: both return x's elements in a fresh contiguous tensor. torch.onnx's decomposition
+    step retraces the graph more than once, and `contiguous` is dropped on a trace where x's strides say
+    it is already contiguous: the strides of a kept scaled_dot_product_attention differ between those
+    traces (its CPU kernel's layout on one, the standard one on the next), so the reshape after
+    `transpose(attention).contiguous()` becomes a `view` of the transposed output, which the next trace
+    refuses ("Cannot view a tensor with shape [B, S, H, D] …", T5). A clone is never dropped."""
+    contiguous = torch.ops.aten.contiguous.default
+    if not any(node.target is contiguous for node in gm.graph.nodes):
+        return gm
+    import copy
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if node.target is contiguous:
+            node.target = torch.ops.aten.clone.default
+            node.kwargs = {"memory_format": node.kwargs.get("memory_format", torch.contiguous_format)}
+    return torch.fx.GraphModule(gm, graph)
 
 
 def _budget(opt: torch.nn.Module, scheme: str | None) -> Budget:

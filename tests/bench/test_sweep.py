@@ -31,5 +31,7 @@ def test_a_failure_is_a_row_with_the_first_line_of_the_error(monkeypatch):
 
 
 def test_timeout_is_a_row(tmp_path):
-    row = sweep.run_isolated("bert", ("O1",), timeout_s=0.5)
+    """The stage a model was in when its time ran out says so; the stages after it did not run."""
+    row = sweep.run_isolated("bert", ("O1", "O2"), timeout_s=0.5)
     assert row["O1"].startswith("timed out after")
+    assert row["O2"] == "not run"

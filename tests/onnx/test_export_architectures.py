@@ -47,3 +47,25 @@ def test_runtime_refusal_is_an_export_error_naming_the_operator(tmp_path, rotary
         graphopt.export_onnx(rotary_decoder, (), tmp_path / "mistral.onnx", opset=23,
                              example_kwargs={"input_ids": ids, "use_cache": False})
     assert not list(tmp_path.iterdir())
+
+
+def test_t5_attention_contiguity_survives_the_export(tmp_path):
+    """T5's `transpose(attention).contiguous()` then reshape: torch.onnx's decomposition dropped the
+    contiguous and refused the view after it ("Cannot view a tensor with shape [B, S, 4, 8]"). The export
+    writes it as a clone on a copy of the graph; the optimized module keeps its own graph."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    model = transformers.T5EncoderModel(config).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    opt = graphopt.optimize(model, (), example_kwargs={"input_ids": ids}, level="O1", measure_latency=False,
+                            progress=False)
+    contiguous = torch.ops.aten.contiguous.default
+    before = sum(node.target is contiguous for node in opt.graph_module.graph.nodes)
+    assert before                                         # the pattern under test is in the graph
+    path = graphopt.export_onnx(opt, (), tmp_path / "t5.onnx", example_kwargs={"input_ids": ids})
+    assert sum(node.target is contiguous for node in opt.graph_module.graph.nodes) == before
+    other = torch.randint(0, 64, (3, 5))
+    with torch.no_grad():
+        want = model(input_ids=other).last_hidden_state.numpy()
+    (got,) = run(path, {"input_ids": other.numpy()})
+    assert rel_err(got, want) <= LOSSLESS_REL_TOL
