@@ -115,16 +115,24 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         reference = opt(*example_inputs, **kwargs)
     names = _requested_names(output_names, reference)
 
-    def build(source: torch.nn.Module, scheme_: str | None, timed: bool) -> onnx.ModelProto:
+    def build(source: torch.nn.Module, scheme_: str | None, timed: bool, opset_: int | None = None) -> onnx.ModelProto:
         built = _torch_export(source, example_inputs, kwargs,
                               _dynamic_shapes(source, example_inputs, kwargs, dynamic_axes),
-                              opset or default_opset(scheme_), names)
+                              opset_ or opset or default_opset(scheme_), names)
         _name_dynamic_axes(built, example_inputs, kwargs, dynamic_axes)
         return _cleanup(built, _feeds(built, example_inputs, kwargs), skip_padding, report if timed else None,
                         speed if timed else None)
 
     proto = build(module, scheme, True)
     feeds = _feeds(proto, example_inputs, kwargs)
+    if opset is None and _refused_fully_optimized(proto, feeds):
+        # ONNX Runtime's default (full) optimizations rewrite some opset-23 RotaryEmbedding nodes into a form
+        # its kernel refuses (cos/sin caches of batch 1 again; seen on Llama): users run with the defaults, so
+        # the file is written at opset 22, which has no RotaryEmbedding (the rotation stays plain ops).
+        proto = build(module, scheme, True, ROTARY_FREE_OPSET)
+        if report is not None and hasattr(report, "meta"):
+            report.meta["export_opset"] = (f"opset {ROTARY_FREE_OPSET}: ONNX Runtime's default optimizations "
+                                           "refused the opset-23 RotaryEmbedding form")
     budget = tolerance or _budget(opt, scheme)
     original = _original(opt)
     if speed is not None and scheme is not None and original is not None:
@@ -143,6 +151,21 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         _check_outputs(_runtime_session(written, proto), feeds, reference, budget, proto)
 
     return save_model(proto, path, check=check)
+
+
+ROTARY_FREE_OPSET = 22
+
+
+def _refused_fully_optimized(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> bool:
+    """Whether a file holding RotaryEmbedding fails to run under ONNX Runtime's default optimizations."""
+    if not any(node.op_type == "RotaryEmbedding" for node in proto.graph.node):
+        return False
+    try:
+        runtime = session(proto)
+        runtime.run(None, {i.name: feeds[i.name] for i in runtime.get_inputs()})
+    except Exception:  # noqa: BLE001  (any refusal of the runtime: the file must be written another way)
+        return True
+    return False
 
 
 def _original(opt: torch.nn.Module) -> torch.nn.Module | None:

@@ -69,3 +69,26 @@ def test_t5_attention_contiguity_survives_the_export(tmp_path):
         want = model(input_ids=other).last_hidden_state.numpy()
     (got,) = run(path, {"input_ids": other.numpy()})
     assert rel_err(got, want) <= LOSSLESS_REL_TOL
+
+
+def test_a_rotary_form_the_default_runtime_refuses_is_written_without_rotary_embedding(tmp_path, rotary_decoder,
+                                                                                        monkeypatch):
+    """Where ONNX Runtime's default (full) optimizations refuse the opset-23 RotaryEmbedding form (the sweep saw
+    it on Llama), the file is written at opset 22, whose rotation is plain ops; the outputs still match."""
+    import graphopt.onnx.export as export
+    refusals = []
+    monkeypatch.setattr(export, "_refused_fully_optimized",
+                        lambda proto, feeds: refusals.append(1) or any(n.op_type == "RotaryEmbedding"
+                                                                       for n in proto.graph.node))
+    opt = graphopt.optimize(rotary_decoder, example_kwargs={"input_ids": torch.randint(0, 64, (2, 8)),
+                                                            "use_cache": False},
+                            quantize="int8-weight-only", measure_latency=False, progress=False)   # opset 23
+    ids = torch.randint(0, 64, (2, 8))
+    path = graphopt.export_onnx(opt, (), tmp_path / "m.onnx", example_kwargs={"input_ids": ids, "use_cache": False})
+    model = onnx.load(str(path))
+    assert refusals and "RotaryEmbedding" not in [n.op_type for n in model.graph.node]
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 22
+    want = opt(input_ids=ids, use_cache=False).last_hidden_state.detach().numpy()
+    (got,) = run(path, {"input_ids": ids.numpy()})
+    # the int8 module's own distance to the float model widens the export's tolerance (export._budget)
+    assert rel_err(got, want) <= export._budget(opt, "int8-weight-only").max_rel_err
