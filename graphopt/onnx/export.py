@@ -45,6 +45,7 @@ from graphopt.verify import LOSSLESS, Budget, compare
 from .export_speed import export_speed_check, faster_file
 from .files import _first_line, check_destination, save_model
 from .ir import OnnxModel, session
+from .translations import opset_problem
 
 #: Export tolerance per scheme, against the torch module on the example inputs.
 #: Float: ONNX Runtime's fusions re-associate float32 sums (see verify.LOSSLESS).
@@ -111,6 +112,9 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         skip_padding = False             # its attention_mask spans the cache: no padded rows to skip
     path = check_destination(None, path)
     module, scheme = _exportable(opt, example_inputs, kwargs)
+    problem = opset_problem(module, opset or default_opset(scheme))
+    if problem:
+        raise InputError(problem)
     check = export_speed_check(opt, speed_check)
     report = getattr(opt, "report", None)
     with torch.no_grad():

@@ -82,6 +82,16 @@ def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
     return table
 
 
+def opset_problem(module: torch.nn.Module, opset: int) -> str | None:
+    """Why `module`'s graphopt ops cannot be written at `opset` (None if they can)."""
+    graph = getattr(module, "graph", None)
+    int4 = graph is not None and any(str(n.target).startswith("graphopt.w4a16_linear") for n in graph.nodes)
+    if int4 and opset < BLOCKWISE_OPSET:
+        return (f"int4 weights (graphopt::w4a16_linear) are written as block-wise DequantizeLinear, which needs "
+                f"opset {BLOCKWISE_OPSET} or later; opset {opset} was asked for")
+    return None
+
+
 def _op() -> Any:
     from onnxscript import opset18
     return opset18
