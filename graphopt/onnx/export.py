@@ -125,6 +125,9 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
                               _dynamic_shapes(source, example_inputs, kwargs, dynamic_axes),
                               opset or default_opset(scheme_))
         _name_dynamic_axes(built, example_inputs, kwargs, dynamic_axes)
+        if hasattr(opt, "onnx_io_names"):     # a generation module names its decoder's inputs and outputs
+            from graphopt.llm.onnx import rename_io
+            built = rename_io(built, *opt.onnx_io_names())
         return _cleanup(built, _feeds(built, example_inputs, kwargs), skip_padding, report if timed else None,
                         check if timed else None)
 
