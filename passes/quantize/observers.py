@@ -54,8 +54,10 @@ def scale_from_range(amax: torch.Tensor | float, qmax: int = QMAX) -> torch.Tens
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
-    """int8 codes of `x` for `scale` (broadcast against x), in [-qmax, qmax]."""
-    return torch.clamp(torch.round(x.float() / scale), -qmax, qmax).to(torch.int8)
+    """int8 codes of `x` for `scale` (broadcast against x), in [-qmax, qmax]. Rounded and clipped in place: one
+    float32 temporary the size of x (an LLM's embedding table or head is a large share of the model)."""
+    codes = x.float() / scale
+    return codes.round_().clamp_(-qmax, qmax).to(torch.int8)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
