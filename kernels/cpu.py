@@ -45,6 +45,8 @@ from .checks import (
 from .int4pack import dequantize_int4
 
 K_CHUNK = 1024
+#: Most weight elements converted to float32 at once (16 MiB): taller weights go a block of rows at a time.
+W_CHUNK_ELEMENTS = 1 << 22
 
 
 def matmul_int8_weight(a: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
@@ -52,9 +54,14 @@ def matmul_int8_weight(a: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
 
     Converting the weight a chunk at a time also keeps each float32 copy small
     (N x 1024), where a whole 4096 x 4096 copy would cost a fresh 64 MB
-    allocation, page faults included, on every call.
+    allocation, page faults included, on every call; a weight of more than
+    ``W_CHUNK_ELEMENTS`` such elements (an LLM's 32000-row head) goes a block
+    of rows at a time.
     """
     k = a.shape[1]
+    if w_q.shape[0] * min(k, K_CHUNK) > W_CHUNK_ELEMENTS:     # a tall weight (an LLM's head): rows in blocks
+        rows = max(1, W_CHUNK_ELEMENTS // min(k, K_CHUNK))
+        return torch.cat([matmul_int8_weight(a, part) for part in w_q.split(rows)], dim=1)
     if k <= K_CHUNK:
         return a @ w_q.float().T
     acc = torch.zeros((a.shape[0], w_q.shape[0]), dtype=torch.float64, device=a.device)

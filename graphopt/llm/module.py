@@ -73,6 +73,11 @@ class GenerationModule(torch.nn.Module):
         return generate(self.graph_module, self.spec, input_ids, max_new_tokens, attention_mask, generator,
                         **settings)
 
+    def onnx_io_names(self) -> tuple[list[str], list[str]]:
+        """The exported decoder's input and output names (graphopt.llm.onnx.io_names)."""
+        from .onnx import io_names
+        return io_names(len(self.spec.heads_dims) // 2)
+
     def decoder_inputs(self, args: tuple, kwargs: Mapping[str, Any]) -> tuple:
         """The decoder-step inputs of a prompt given as `input_ids=` (and `attention_mask=`): what
         `export_onnx` exports the step on."""

@@ -4,9 +4,10 @@
     tokens = graphopt.llm.onnx.generate_onnx("lm.onnx", ids, max_new_tokens=32)
 
 The file's inputs are input_ids [batch, sequence], position_ids [batch, sequence], cache_position
-[sequence], attention_mask [batch, max_cache_len] and the past keys and values (key_0, value_0, …, each
-[batch, kv_heads, max_cache_len, head_dim]); its outputs the logits [batch, sequence, vocab] and the present
-keys and values in the same order. The loop is graphopt.llm.generate's, with the session as the step.
+[sequence], attention_mask [batch, max_cache_len] and the past keys and values (past_key_values.0.key,
+past_key_values.0.value, …, each [batch, kv_heads, max_cache_len, head_dim]); its outputs `logits` [batch,
+sequence, vocab] and the present keys and values (present.0.key, present.0.value, …), as `io_names` names them.
+The loop is graphopt.llm.generate's, with the session as the step.
 """
 from __future__ import annotations
 
@@ -21,6 +22,45 @@ from graphopt.onnx.ir import session
 
 from .generate import CacheSpec, generate
 
+#: The decoder step's leading inputs, in DecoderStep.forward's order.
+STEP_INPUTS = ("input_ids", "position_ids", "cache_position", "attention_mask")
+
+
+def io_names(layers: int) -> tuple[list[str], list[str]]:
+    """The decoder file's input and output names for a model of `layers` layers (the onnxruntime-genai
+    convention: past_key_values.{i}.key in, present.{i}.key out)."""
+    def cache(prefix: str) -> list[str]:
+        return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return [*STEP_INPUTS, *cache("past_key_values")], ["logits", *cache("present")]
+
+
+def rename_io(proto: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+    """`proto` with its graph inputs and outputs renamed, in order, to `inputs` and `outputs` (every node
+    reading or writing them follows). An output that is also an input, or another output, is copied by an
+    Identity first, so that each name names one value."""
+    graph = proto.graph
+    if len(graph.input) != len(inputs) or len(graph.output) != len(outputs):
+        raise ValueError(f"the decoder has {len(graph.input)} inputs and {len(graph.output)} outputs, "
+                         f"expected {len(inputs)} and {len(outputs)}")
+    rename = {old.name: new for old, new in zip(graph.input, inputs)}
+    seen = set(rename)
+    for value, new in zip(graph.output, outputs):
+        if value.name in seen:
+            graph.node.append(onnx.helper.make_node("Identity", [value.name], [new], name=f"{new}_copy"))
+        else:
+            rename[value.name] = new
+        seen.add(value.name)
+        value.name = new
+    for value in graph.input:
+        value.name = rename[value.name]
+    for node in graph.node:
+        node.input[:] = [rename.get(name, name) for name in node.input]
+        node.output[:] = [rename.get(name, name) for name in node.output]
+    for info in graph.value_info:
+        info.name = rename.get(info.name, info.name)
+    return proto
+
+
 _DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
            onnx.TensorProto.BFLOAT16: torch.bfloat16}
 
@@ -31,7 +71,7 @@ class OnnxDecoderStep:
     def __init__(self, path: str | os.PathLike) -> None:
         self.session = session(path)
         model = onnx.load(str(path), load_external_data=False)
-        past = [i for i in model.graph.input][4:]
+        past = [i for i in model.graph.input if i.name.startswith("past_key_values.")]
         dims = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in past]
         self.spec = CacheSpec(dims[0][2], tuple((d[1], d[3]) for d in dims),
                               _DTYPES[past[0].type.tensor_type.elem_type])

@@ -46,6 +46,7 @@ from graphopt.verify import LOSSLESS, Budget, compare
 from .export_speed import export_speed_check, faster_file
 from .files import check_destination, save_model
 from .ir import OnnxModel, session
+from .translations import opset_problem
 
 #: Export tolerance per scheme, against the torch module on the example inputs.
 #: Float: ONNX Runtime's fusions re-associate float32 sums (see verify.LOSSLESS).
@@ -72,6 +73,11 @@ TOLERANCES = {
     "int8-dynamic": Budget(max_rel_err=3e-2, min_cosine=0.999),
     "int8-static": Budget(max_rel_err=3e-2, min_cosine=0.999),
     "int8-weight-only": Budget(max_rel_err=1e-3, min_cosine=0.9999),
+    # int4: the file dequantizes as the op's float32 path does (exact q − z, one rounding by the scale), but
+    # at M ≤ 16 rows the op runs torch's bfloat16 int4 kernel (kernels/int4mm.py): x, scales and the output
+    # rounded to bfloat16 (u = 2⁻⁹), ≤ 3u · Σ|x||w| + u|y| per output — rounding errors of random sign, a few
+    # u of the largest output, far below int4's own step (1/30 of a group's range).
+    "int4-weight-only": Budget(max_rel_err=1e-2, min_cosine=0.9999),
 }
 
 
@@ -109,6 +115,9 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         skip_padding = False             # its attention_mask spans the cache: no padded rows to skip
     path = check_destination(None, path)
     module, scheme = _exportable(opt, example_inputs, kwargs)
+    problem = opset_problem(module, opset or default_opset(scheme))
+    if problem:
+        raise InputError(problem)
     speed = export_speed_check(opt, speed_check)
     report = getattr(opt, "report", None)
     with torch.no_grad():
@@ -120,6 +129,9 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
                               _dynamic_shapes(source, example_inputs, kwargs, dynamic_axes),
                               opset_ or opset or default_opset(scheme_), names)
         _name_dynamic_axes(built, example_inputs, kwargs, dynamic_axes)
+        if hasattr(opt, "onnx_io_names"):     # a generation module names its decoder's inputs and outputs
+            from graphopt.llm.onnx import rename_io
+            built = rename_io(built, *opt.onnx_io_names())
         return _cleanup(built, _feeds(built, example_inputs, kwargs), skip_padding, report if timed else None,
                         speed if timed else None)
 
@@ -426,13 +438,14 @@ def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding:
     caches at the batch, opset 23: ONNX Runtime refuses the exporter's form, so that graph has no outputs to
     verify against; the export's final comparison with the torch module checks it), then the cleanups, each
     verified on the example feeds against the runnable graph, rolled back if it changes the outputs, and
-    recorded: constant folding under the size guard, padding skipped (exact, checked on random masks), dead
+    recorded: constant folding under the size guard, 4-bit weights as 4-bit initializers, padding skipped (exact, checked on random masks), dead
     nodes and unused initializers. With `speed_check`, each cleanup is also timed in ONNX Runtime and rolled
     back if it makes the file measurably slower.
 
     The records go to `report.meta["export_passes"]` when a report is given (the optimized module's)."""
     from graphopt.pass_manager import PassManager
-    from graphopt.passes.onnx import ConstantFolding, DeadNodeElimination, RotaryCachesAtBatch, SkipPadding
+    from graphopt.passes.onnx import (ConstantFolding, DeadNodeElimination, Int4Weights, RotaryCachesAtBatch,
+                                      SkipPadding)
 
     from .ir import OnnxIR
     model = OnnxModel.from_proto(proto)
@@ -443,7 +456,7 @@ def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding:
                             progress=False)
         model, fixed = fixes.run(model, inputs, None)
         records += fixed.records
-    passes = [ConstantFolding(), *([SkipPadding([feeds])] if skip_padding else []), DeadNodeElimination()]
+    passes = [ConstantFolding(), Int4Weights(), *([SkipPadding([feeds])] if skip_padding else []), DeadNodeElimination()]
     manager = PassManager(passes, ir, level=1, measure_latency=speed_check is not None, progress=False,
                           speed_check=speed_check)
     optimized, cleaned = manager.run(model, inputs, ir.run(model, inputs))

@@ -15,8 +15,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnx
+import ml_dtypes
+import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+from onnx_graphsurgeon.ir.tensor import LazyValues
 import torch
 
 from graphopt.errors import UnsupportedError, first_line
@@ -91,6 +94,7 @@ class OnnxModel:
         return int(self.graph.opset)
 
     def to_proto(self) -> onnx.ModelProto:
+        _pack_four_bit(self.graph)
         model = gs.export_onnx(self.graph, do_type_check=False)
         if self.ir_version is not None:
             model.ir_version = max(self.ir_version, _min_ir_version(model))
@@ -116,6 +120,18 @@ class OnnxModel:
 
     def copy(self) -> "OnnxModel":
         return OnnxModel(self.graph.copy(), self.ir_version, self.metadata)
+
+
+#: ml_dtypes' 4-bit types (ONNX INT4/UINT4, two values a byte in a file).
+FOUR_BIT = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
+
+
+def _pack_four_bit(graph: gs.Graph) -> None:
+    """4-bit constants as onnx's packed tensors: onnx-graphsurgeon writes a loaded array's bytes as they lie in
+    memory, one byte a value, which a 4-bit tensor's size rejects; a tensor onnx converted it exports as is."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and tensor.dtype in FOUR_BIT:
+            tensor.values = LazyValues(onnx.numpy_helper.from_array(np.asarray(tensor.values), tensor.name))
 
 
 def _min_ir_version(model: onnx.ModelProto) -> int:

@@ -6,9 +6,20 @@
                                    ⇒  acc = MatMulInteger(x_q + 128, w_qᵀ + 128, 128, 128)   (uint8 × uint8)
                                       act(Cast(acc, float) · s_x[:, None] · s_w[None, :] + b)
     w8a16_linear(x, w_q, s_w, b)   ⇒  MatMul(x, DequantizeLinear(w_qᵀ, s_w, axis=1)) + b
+    w4a16_linear(x, w, s, z, g, b) ⇒  q = Slice(Reshape([w & 15, w >> 4], [N, −1]), K)   (opset ≥ 21)
+                                      MatMul(x, Transpose(DequantizeLinear(q, s, z, axis=1, block_size=g))) + b
     layer_norm_quantize(x, w, b, eps, smooth)
                                    ⇒  y = LayerNormalization(x, w or 1, b, axis=-1, epsilon=eps)
                                       (y, quantize_per_token(y, smooth))
+
+w4a16_linear's unpacking (BitwiseAnd, BitShift: the codes of int4pack.py, low
+nibble first) acts on the constant packed weight, so the export's constant
+folding turns it into uint8 codes, and the `Int4Weights` export pass stores
+those codes and the zero points as UINT4 initializers (two a byte): the file
+keeps int4's size. Block-wise DequantizeLinear computes (q − z) · s over
+blocks of `block_size` columns of axis 1, the op's own group layout (scales
+and zero points [N, ⌈K / g⌉]); q − z is an exact integer and the product one
+float32 rounding, as in the op's float32 path.
 
 QuantizeLinear divides by the scale and rounds half to even as the op's CPU
 path does, and |x / s| ≤ 127 by the choice of s, so its saturation is the
@@ -50,6 +61,8 @@ _DTYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
 
 #: First opset with the Gelu operator (ONNX Runtime runs it as one fused kernel).
 GELU_OPSET = 20
+#: First opset whose DequantizeLinear takes 4-bit types and block-wise scales (block_size).
+BLOCKWISE_OPSET = 21
 
 
 def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
@@ -60,10 +73,23 @@ def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
     except Exception:  # noqa: BLE001  (no kernels: graphs cannot hold their ops either)
         return {}
     ops = torch.ops.graphopt
-    return {ops.quantize_per_token.default: quantize_per_token,
-            ops.int8_linear.default: int8_linear_translation(gelu_op=opset >= GELU_OPSET),
-            ops.w8a16_linear.default: w8a16_linear,
-            ops.layer_norm_quantize.default: layer_norm_quantize}
+    table = {ops.quantize_per_token.default: quantize_per_token,
+             ops.int8_linear.default: int8_linear_translation(gelu_op=opset >= GELU_OPSET),
+             ops.w8a16_linear.default: w8a16_linear,
+             ops.layer_norm_quantize.default: layer_norm_quantize}
+    if opset >= BLOCKWISE_OPSET:
+        table[ops.w4a16_linear.default] = w4a16_linear
+    return table
+
+
+def opset_problem(module: torch.nn.Module, opset: int) -> str | None:
+    """Why `module`'s graphopt ops cannot be written at `opset` (None if they can)."""
+    graph = getattr(module, "graph", None)
+    int4 = graph is not None and any(str(n.target).startswith("graphopt.w4a16_linear") for n in graph.nodes)
+    if int4 and opset < BLOCKWISE_OPSET:
+        return (f"int4 weights (graphopt::w4a16_linear) are written as block-wise DequantizeLinear, which needs "
+                f"opset {BLOCKWISE_OPSET} or later; opset {opset} was asked for")
+    return None
 
 
 def _op() -> Any:
@@ -124,6 +150,21 @@ def w8a16_linear(x: Any, w_q: Any, w_scale: Any, bias: Any = None) -> Any:
     op = _op()
     weight = op.DequantizeLinear(op.Transpose(w_q, perm=[1, 0]), w_scale, axis=1)
     y = op.MatMul(op.Cast(x, to=_FLOAT), weight)
+    if bias is not None:
+        y = op.Add(y, op.Cast(bias, to=_FLOAT))
+    return op.CastLike(y, x)
+
+
+def w4a16_linear(x: Any, w_packed: Any, scales: Any, zeros: Any, group_size: int, bias: Any = None) -> Any:
+    op = _op()
+    from onnxscript import opset21
+    byte = op.Unsqueeze(w_packed, op.Constant(value_ints=[-1]))
+    low = op.BitwiseAnd(byte, op.Constant(value=helper.make_tensor("low_mask", _UINT8, [], [15])))
+    high = op.BitShift(byte, op.Constant(value=helper.make_tensor("high_shift", _UINT8, [], [4])), direction="RIGHT")
+    pairs = op.Reshape(op.Concat(low, high, axis=-1), op.Constant(value_ints=[0, -1]))      # [N, 2 ⌈K / 2⌉]
+    codes = op.Slice(pairs, op.Constant(value_ints=[0]), op.Shape(x, start=-1), op.Constant(value_ints=[1]))
+    weight = opset21.DequantizeLinear(codes, scales, zeros, axis=1, block_size=int(group_size))
+    y = op.MatMul(op.Cast(x, to=_FLOAT), op.Transpose(weight, perm=[1, 0]))
     if bias is not None:
         y = op.Add(y, op.Cast(bias, to=_FLOAT))
     return op.CastLike(y, x)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from .base import OnnxPass
 from .constant_folding import ConstantFolding
 from .dropout import EliminateInferenceDropout
+from .int4 import Int4Weights
 from .onnxscript_rules import (DeadNodeElimination, OnnxscriptRules, collapse_transpose_reshape, eliminate_identity,
                                fold_conv_batchnorm, matmul_add_to_gemm)
 from .quantize import QuantizeInt8
@@ -36,4 +37,4 @@ def passes(int8: str | None = None, calibration: Sequence[dict] = (), fidelity: 
 
 
 __all__ = ["passes", "OnnxPass", "OnnxscriptRules", "QuantizeInt8", "RotaryCachesAtBatch", "SkipPadding",
-           "ConstantFolding", "DeadNodeElimination"]
+           "ConstantFolding", "DeadNodeElimination", "Int4Weights"]

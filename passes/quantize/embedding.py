@@ -34,7 +34,7 @@ from graphopt.verify import Budget
 
 from .calibrate import layer_name
 from .config import QuantConfig
-from .observers import quantize, scale_from_range
+from .observers import quantize_rows, row_amax, scale_from_range
 from .sites import FLOAT_DTYPES
 
 aten = torch.ops.aten
@@ -89,8 +89,8 @@ class QuantizeEmbeddings(Pass):
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, table: torch.Tensor) -> None:
     """embedding(W, ids, …) → float(embedding(W_q, ids)) · embedding(s, ids), in the table's dtype."""
-    scale = scale_from_range(table.detach().float().abs().amax(dim=1))[:, None]      # [rows, 1]
-    codes = quantize(table, scale)
+    scale = scale_from_range(row_amax(table))[:, None]      # [rows, 1]
+    codes = quantize_rows(table, scale)
     hint = str(node.args[0].target)
     codes_node = ir.add_constant(gm, f"{hint}_int8", codes, parameter=False)
     scale_node = ir.add_constant(gm, f"{hint}_row_scale", scale, parameter=False)

@@ -53,9 +53,30 @@ def scale_from_range(amax: torch.Tensor | float, qmax: int = QMAX) -> torch.Tens
     return (amax / qmax).clamp(min=MIN_SCALE)
 
 
+def row_amax(w: torch.Tensor) -> torch.Tensor:
+    """max_k |W[n, k]| per row, as the ∞-norm: reduced without a |W| temporary the size of W."""
+    return torch.linalg.vector_norm(w.detach().float(), ord=math.inf, dim=1)
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
-    """int8 codes of `x` for `scale` (broadcast against x), in [-qmax, qmax]."""
-    return torch.clamp(torch.round(x.float() / scale), -qmax, qmax).to(torch.int8)
+    """int8 codes of `x` for `scale` (broadcast against x), in [-qmax, qmax]. Rounded and clipped in place: one
+    float32 temporary the size of x (an LLM's embedding table or head is a large share of the model)."""
+    codes = x.float() / scale
+    return codes.round_().clamp_(-qmax, qmax).to(torch.int8)
+
+
+#: Elements `quantize_rows` converts to float32 at a time (4 MiB).
+ROW_BLOCK_ELEMENTS = 1 << 20
+
+
+def quantize_rows(w: torch.Tensor, scale: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
+    """`quantize(w, scale)` for a 2-D w and a per-row scale [rows, 1], a block of rows at a time: one float32
+    temporary of a block, where the whole of an LLM's embedding table or head is half its fp32 size."""
+    out = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], rows):
+        out[start:start + rows] = quantize(w[start:start + rows], scale[start:start + rows], qmax)
+    return out
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -86,11 +107,11 @@ def quantize_weight(w: torch.Tensor, observer: str = "minmax", bits: int = 8,
     qmax = WEIGHT_QMAX[bits]
     rows = w.detach().float().movedim(axis, 0)
     flat = rows.reshape(rows.shape[0], -1)
-    amax = flat.abs().amax(dim=1)
+    amax = row_amax(flat)
     if observer == "mse":
         amax = _mse_row_clip(flat, amax, qmax)
     scale = scale_from_range(amax, qmax)
-    return quantize(flat, scale[:, None], qmax).reshape(rows.shape).movedim(0, axis), scale
+    return quantize_rows(flat, scale[:, None], qmax).reshape(rows.shape).movedim(0, axis), scale
 
 
 def _mse_row_clip(w: torch.Tensor, amax: torch.Tensor, qmax: int) -> torch.Tensor:

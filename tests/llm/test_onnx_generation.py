@@ -17,9 +17,10 @@ def test_onnx_decoder_generates_the_same_tokens(llama, tmp_path):
                            level="O1", measure_latency=False, progress=False)
     path = graphopt.export_onnx(lm, (), tmp_path / "lm.onnx", example_kwargs={"input_ids": ids})
     model = onnx.load(str(path))
-    names = [i.name for i in model.graph.input]
-    assert names[:4] == ["input_ids", "position_ids", "cache_position", "attention_mask"]
-    assert len(names) == 4 + 2 * 2 and len(model.graph.output) == 1 + 2 * 2    # 2 layers' keys and values in, out
+    cache = [f"{i}.{kind}" for i in range(2) for kind in ("key", "value")]      # 2 layers' keys and values
+    assert [i.name for i in model.graph.input] == ["input_ids", "position_ids", "cache_position", "attention_mask",
+                                                   *(f"past_key_values.{c}" for c in cache)]
+    assert [o.name for o in model.graph.output] == ["logits", *(f"present.{c}" for c in cache)]
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)          # standard operators only
     assert torch.equal(generate_onnx(path, ids, 12), lm.generate(ids, max_new_tokens=12))
     batch = prompt(batch=3, length=5, seed=4)
