@@ -459,7 +459,12 @@ def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding:
     passes = [ConstantFolding(), Int4Weights(), *([SkipPadding([feeds])] if skip_padding else []), DeadNodeElimination()]
     manager = PassManager(passes, ir, level=1, measure_latency=speed_check is not None, progress=False,
                           speed_check=speed_check)
-    optimized, cleaned = manager.run(model, inputs, ir.run(model, inputs))
+    try:
+        reference = ir.run(model, inputs)
+    except Exception as exc:  # onnxruntime's pybind errors: the exporter wrote a graph the runtime refuses
+        raise ExportError(f"ONNX Runtime {ort.__version__} fails to run the exported graph on the example inputs: "
+                          f"{_runtime_reason(exc, proto)}; nothing was written") from exc
+    optimized, cleaned = manager.run(model, inputs, reference)
     records += cleaned.records
     if report is not None and hasattr(report, "meta"):
         report.meta["export_passes"] = [{"name": r.name, "modified": r.modified, "rolled_back": r.rolled_back,
