@@ -63,7 +63,7 @@ def run(batch: int = 256, prune: float = 0.5, finetune_epochs: int = 3, out_dir:
 
     from .api import optimize
     from .cli.progress import pass_line
-    from .finetune import finetune
+    from .finetuning import finetune
     from .onnx import export_onnx
     from .outputs import check_writable
     from .zoo import accuracy, batches, trained_digits_resnet

@@ -43,7 +43,7 @@ def build(model: Any, example_inputs: tuple, config: Mapping[str, Any], finetune
     if train_data is None:
         raise InputError("this configuration fine-tunes: give train_data (or --calibration on the command line, "
                          "used as inputs for distillation from the original)")
-    from .finetune import finetune as run_finetune
+    from .finetuning import finetune as run_finetune
     scheme = options.get("quantize")
     float_options = {k: v for k, v in options.items() if k != "quantize_options"}
     opt = optimize(model, example_inputs, **common, **{**float_options, "quantize": None})

@@ -38,6 +38,7 @@ class Reason(str, Enum):
     NOT_A_TENSOR = "not_a_tensor"          # a folded value is not a tensor
     OPSET = "opset"                        # the model's opset cannot be upgraded to what the pass needs
     NOT_ELIGIBLE = "not_eligible"          # a layer the int8 / pruning selection leaves alone (message says why)
+    EXCLUDED = "excluded"                  # a layer the user's options keep as it is (quantize_options['exclude'])
     ACCURACY = "accuracy"                  # kept float: the accuracy budget needs it
     SLOWER = "slower"                      # kept as it was: the rewrite is measurably slower on this target
     NO_GAIN = "no_gain"                    # the rewrite would not improve what it is for

@@ -225,6 +225,21 @@ def test_a_result_outside_the_budget_is_a_problem_and_one_inside_is_not():
     assert "misses --accuracy-budget 0.01" in problem and "0.98500 < 0.99000" in problem
 
 
+def test_int8_on_no_layer_because_the_user_excluded_every_one_is_as_requested():
+    """A tuned config may keep every layer float (`quantize_options['exclude']`): not a fallback, exit 0;
+    one layer left float for another reason still is a problem."""
+    from graphopt.cli.optimize import outcome
+    from graphopt.report import PassRecord, Report
+    from graphopt.rules import Reason
+
+    def report(reasons):
+        record = PassRecord("int8_weight_only", 0.0, 5, 100, modified=False, stats={"reasons": reasons})
+        return Report(records=[record], meta={"quantize": "int8-weight-only"})
+    assert outcome(report({Reason.EXCLUDED: 3}), None, None) == []
+    (problem,) = outcome(report({Reason.EXCLUDED: 2, Reason.NOT_ELIGIBLE: 1}), None, None)
+    assert "int8-weight-only was requested but changed nothing" in problem
+
+
 # --- 6. files ---------------------------------------------------------------------------------------
 
 def test_a_missing_report_folder_fails_before_any_work(tmp_path, monkeypatch, capsys):

@@ -18,3 +18,19 @@ def test_every_package_folder_is_listed() -> None:
     on_disk = {init.parent.resolve() for top in ("graphopt", "passes", "kernels") for init in (ROOT / top).rglob("__init__.py")}
     assert on_disk - listed == set(), f"package folders missing from pyproject.toml's packages: {sorted(on_disk - listed)}"
     assert all(folder.is_dir() for folder in folders.values())
+
+
+def test_public_names_survive_importing_every_submodule() -> None:
+    """`graphopt.finetune` (a function) must not be replaced by a submodule of the same name: Python sets
+    `graphopt.<module>` on the package when a submodule is imported, silently shadowing a public name."""
+    import pkgutil
+    import subprocess
+    import sys
+    import graphopt
+    clashing = [m.name for m in pkgutil.iter_modules(graphopt.__path__) if m.name in graphopt.__all__]
+    assert clashing == [], f"submodules named like public functions: {clashing}"
+    code = ("import importlib, pkgutil, graphopt\n"
+            "for m in pkgutil.iter_modules(graphopt.__path__):\n"
+            "    importlib.import_module('graphopt.' + m.name)\n"
+            "assert callable(graphopt.finetune) and callable(graphopt.tune) and callable(graphopt.optimize)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -19,6 +19,7 @@ from .. import datasets, loaders, recipe
 from ..errors import OptionError
 from ..outputs import apply_umask, check_writable, write_atomic
 from ..report import Report, environment
+from ..rules import Reason
 from ..schemes import Scheme
 from . import EXIT_FALLBACK, EXIT_OK, SCHEMES
 from .progress import Console
@@ -158,6 +159,9 @@ def _not_applied(report: Report, what: str, names: set[str]) -> list[str]:
     rolled = [r for r in records if r.rolled_back]
     if rolled:
         return [f"{what} was requested but ROLLED BACK: {rolled[0].reason}; the model written does not have it"]
+    reasons = [code for r in records for code in r.reasons]
+    if reasons and all(code == Reason.EXCLUDED for code in reasons):
+        return []   # every candidate is one the user's own exclude list keeps float: as requested
     if records:
         rejected = records[0].stats.get("rejected") or []
         why = f" ({len(rejected)} candidate(s) rejected, e.g. {rejected[0]})" if rejected else ""

@@ -59,12 +59,12 @@ class QuantizeEmbeddings(Pass):
                 continue
             name = layer_name(gm, node)
             table = ir.const_value(gm, node.args[0])
-            reason = self._why_not(name, table)
+            reason = self._reject(name, table)
             row: dict[str, Any] = {"layer": name, "op": "embedding",
                                    "shape": "×".join(map(str, table.shape)) if isinstance(table, torch.Tensor) else "?"}
             if reason:
-                row.update(scheme="float", runs="torch float", reason=reason)
-                log.rejected("embedding", node, Reject(Reason.NOT_ELIGIBLE, reason))
+                row.update(scheme="float", runs="torch float", reason=reason.message)
+                log.rejected("embedding", node, reason)
             else:
                 _rewrite(gm, node, table)
                 row.update(scheme="int8 rows", runs="torch gather of int8 rows × row scale")
@@ -75,15 +75,20 @@ class QuantizeEmbeddings(Pass):
         ir.drop_unused_attributes(gm)
         return log.result(gm, layers=layers, weight_bytes={"before": bytes_before, "after": bytes_after})
 
-    def _why_not(self, name: str, table: object) -> str | None:
+    def _reject(self, name: str, table: object) -> Reject | None:
+        if any(fnmatch.fnmatch(name, pattern) for pattern in self.config.exclude):
+            return Reject(Reason.EXCLUDED, "excluded by quantize_options['exclude']")
+        why = self._why_not_eligible(table)
+        return Reject(Reason.NOT_ELIGIBLE, why) if why else None
+
+    @staticmethod
+    def _why_not_eligible(table: object) -> str | None:
         if not isinstance(table, torch.Tensor):
             return "table is computed at run time, not a constant"
         if table.dtype not in FLOAT_DTYPES:
             return f"table dtype {table.dtype}: not a float table (already quantized or integer)"
         if table.dim() != 2 or table.numel() < MIN_ELEMENTS:
             return f"{table.numel()} elements < {MIN_ELEMENTS}: too small to gain"
-        if any(fnmatch.fnmatch(name, pattern) for pattern in self.config.exclude):
-            return "excluded by quantize_options['exclude']"
         return None
 
 

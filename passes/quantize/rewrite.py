@@ -121,11 +121,11 @@ class QuantizeLinears(Pass):
                 bytes_after += quantized_bytes(form, n, k, config.group_size)
                 log.matched(f"{row['op']} → int8")
             else:
-                reason = Reject(Reason.NOT_ELIGIBLE, site.reason) if site.reason else \
-                    Reject(Reason.SLOWER, slower[site.node.name]) if site.node.name in slower else \
-                    Reject(Reason.NOT_ELIGIBLE, "output head kept float (quantize_options['head'])") \
-                    if config.scheme == "int4-weight-only" and site.node.name not in scales else \
-                    Reject(Reason.ACCURACY, "fell back to float: most sensitive layer, the accuracy budget needs it")
+                reason = site.reason or (
+                    Reject(Reason.SLOWER, slower[site.node.name]) if site.node.name in slower else
+                    Reject(Reason.NOT_ELIGIBLE, "output head kept float (quantize_options['head'])")
+                    if config.scheme == "int4-weight-only" and site.node.name not in scales else
+                    Reject(Reason.ACCURACY, "fell back to float: most sensitive layer, the accuracy budget needs it"))
                 row.update(scheme="float", runs="torch float", reason=reason.message)
                 bytes_after += float_bytes
                 log.rejected(row["op"], site.node, reason)

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.rules import Reason, Reject
 
 from .calibrate import layer_name
 
@@ -25,7 +26,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class Site:
     node: fx.Node
     name: str
-    reason: str | None = None      # None: eligible for int8
+    reason: Reject | None = None   # None: eligible for int8
 
     @property
     def x(self) -> fx.Node:
@@ -77,7 +78,14 @@ def find_sites(gm: fx.GraphModule, min_in_features: int = 16, exclude: tuple[str
     return sites
 
 
-def _reason(gm: fx.GraphModule, site: Site, min_in_features: int, exclude: tuple[str, ...]) -> str | None:
+def _reason(gm: fx.GraphModule, site: Site, min_in_features: int, exclude: tuple[str, ...]) -> Reject | None:
+    if any(fnmatch.fnmatchcase(site.name, pattern) for pattern in exclude):
+        return Reject(Reason.EXCLUDED, "excluded by quantize_options['exclude']")
+    why = _why_not_eligible(gm, site, min_in_features)
+    return Reject(Reason.NOT_ELIGIBLE, why) if why else None
+
+
+def _why_not_eligible(gm: fx.GraphModule, site: Site, min_in_features: int) -> str | None:
     w = site.weight_node
     if w.op != "get_attr":
         if _derived_from_int8(gm, w):
@@ -95,8 +103,6 @@ def _reason(gm: fx.GraphModule, site: Site, min_in_features: int, exclude: tuple
         return f"weight is {value.dim()}-D, not a 2-D matrix"
     if site.in_features <= min_in_features:
         return f"in_features={site.in_features} ≤ {min_in_features}: too small to gain from int8"
-    if any(fnmatch.fnmatchcase(site.name, pattern) for pattern in exclude):
-        return "excluded by quantize_options['exclude']"
     return None
 
 

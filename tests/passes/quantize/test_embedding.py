@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import graphopt
 from graphopt.passes.quantize.embedding import MIN_ELEMENTS
+from graphopt.rules import Reason
 from tests.passes.quantize.helpers import QUIET
 
 
@@ -81,3 +82,4 @@ def test_excluded_tables_stay_float_with_the_reason():
     ids = torch.randint(0, 2048, (2, 9))
     opt = graphopt.optimize(model, (ids,), quantize="int8-dynamic", quantize_options={"exclude": ["table"]}, **QUIET)
     assert _record(opt).stats["layers"][0]["reason"] == "excluded by quantize_options['exclude']"
+    assert _record(opt).reasons == {Reason.EXCLUDED: 1, Reason.NOT_ELIGIBLE: 1}   # table; small (too small)
