@@ -8,10 +8,16 @@ Loss per batch, with student logits s, teacher logits t, temperature T:
     L = T² · KL(softmax(t/T) ‖ softmax(s/T))                                 (logits, no labels)
     L = Σ_outputs MSE(student, teacher) / ‖teacher‖²_mean                    (no logits: features)
 
-"Logits" are a 2-D first output; `distill="kl"|"mse"` forces one or the other.
+"Logits" are a 2-D first output, or a language model's `.logits` [B, S, V]
+(each position one sample); `distill="kl"|"mse"` forces one or the other.
 `train_data` yields `(inputs, labels)` pairs — labels an integer tensor — or
 inputs alone (pure distillation); inputs are a tensor, a tuple of positional
-args or a dict of keyword args.
+args or a dict of keyword args. A pair `(input_ids, attention_mask)` (an
+integer tensor of the ids' shape, only 0 and 1) is two inputs, not labels.
+
+A generation module (`optimize(lm, generation=True, …)`) is fine-tuned
+through the model it was captured from (the pruned copy after LLM pruning),
+on token batches, and captured again: graphopt.llm.module.
 
 What is trained: the optimized `fx.GraphModule` itself (`opt.graph_module`),
 not a re-capture. It was exported in eval mode, so dropout is gone and
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -60,7 +67,7 @@ DISTILL = ("auto", "kl", "mse")
 def _split(item: Any) -> tuple[tuple, dict, torch.Tensor | None]:
     labels = None
     if (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor)
-            and not item[1].is_floating_point()):
+            and not item[1].is_floating_point() and not _is_attention_mask(item[0], item[1])):
         item, labels = item
     if isinstance(item, torch.Tensor):
         return (item,), {}, labels
@@ -72,12 +79,22 @@ def _split(item: Any) -> tuple[tuple, dict, torch.Tensor | None]:
                      f"got {type(item).__name__}")
 
 
+def _is_attention_mask(inputs: Any, second: torch.Tensor) -> bool:
+    """(input_ids, attention_mask) is two inputs, not (inputs, labels): an integer tensor of the ids' shape
+    holding only 0 and 1."""
+    return (isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() and second.shape == inputs.shape
+            and bool(((second == 0) | (second == 1)).all()))
+
+
 def _floats(outputs: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def distillation_loss(student: Any, teacher: Any, labels: torch.Tensor | None, temperature: float,
                       alpha: float, distill: str) -> torch.Tensor:
+    token_logits = hasattr(student, "logits") and student.logits.dim() == 3   # a language model's [B, S, V]
+    if token_logits:   # each position's next-token distribution is one sample
+        student, teacher = student.logits.flatten(0, 1), teacher.logits.flatten(0, 1) if teacher is not None else None
     s_out, t_out = _floats(student), _floats(teacher) if teacher is not None else []
     logits = s_out[0]
     use_kl = distill == "kl" or (distill == "auto" and logits.dim() == 2)
@@ -116,6 +133,12 @@ def finetune(opt: Any, train_data: Iterable[Any], teacher: torch.nn.Module | Non
         raise OptionError("finetune needs lr > 0, temperature > 0 and 0 <= alpha <= 1")
     if renorm not in (True, False, "auto"):
         raise OptionError(f"renorm={renorm!r}: choose True, False or 'auto'")
+    llm = sys.modules.get("graphopt.llm.module")   # only loaded where a generation module can exist
+    if llm is not None and isinstance(opt, llm.GenerationModule):
+        return opt.finetuned(train_data, teacher, epochs=epochs, qat=qat, lr=lr, weight_decay=weight_decay,
+                             temperature=temperature, alpha=alpha, distill=distill, seed=seed, progress=progress,
+                             quantize_options=quantize_options, renorm=renorm, speed_check=speed_check,
+                             on_epoch=on_epoch)
     if teacher is not None and not isinstance(teacher, torch.nn.Module):
         raise InputError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     from .api import OptimizedModule

@@ -176,6 +176,14 @@ def hf_folder(tmp_path_factory) -> Path:
     return folder
 
 
+def test_the_export_passes_print_progress_lines_too(forms):
+    result = graphopt("optimize", "models.py:build", "-o", "lines.onnx", "--level", "O1", "--input-shape", "x=4,16",
+                      cwd=forms)
+    assert result.returncode == 0, result.stderr
+    after = result.stderr[result.stderr.index("exporting to ONNX"):]      # one line per export pass, as it ends
+    assert "· export: onnx_constant_folding" in after and "· export: onnx_dead_nodes" in after, result.stderr
+
+
 def test_hugging_face_folder_with_text_calibration_and_report(hf_folder):
     result = graphopt("optimize", "tiny-bert", "-o", "bert.onnx", "--int8", "dynamic", "--calibration",
                       "sentences.txt", "--report", "report.html", "--json", cwd=hf_folder, timeout=600)

@@ -13,7 +13,7 @@ import graphopt
 from graphopt.cli import main as cli
 from graphopt.speed import SpeedCheck
 from graphopt.timing import measure_interleaved
-from tests.tune_models import agreement, mlp, quick
+from tests.tune_models import QUICK_TIMING, agreement, mlp, quick
 
 #: A narrow space over the MLP (lossless or int8, two schemes): trials are real optimize runs (~1-2 s each on
 #: 2 cores), and repeats of a config reuse its result, so the tests stay fast.
@@ -165,6 +165,19 @@ def test_cli_tune_on_onnxruntime_then_optimize_with_the_config(tmp_path, capsys)
     got = session(onnx).run(None, {session(onnx).get_inputs()[0].name: example[0].numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
 
+
+
+def test_tune_on_inductor_times_trials_against_torch_compile_and_its_config_reproduces():
+    model, example = mlp()
+    space = {"level": ["O1"], "quantize": [None]}   # one lossless config: the test checks the target, not the search
+    result = graphopt.tune(model, example, evaluate=agreement, accuracy_budget=1.0, trials=1, target="inductor",
+                           search_space=space, speed_check=quick(), progress=False)
+    (row,) = result.trials
+    assert row["state"] == "complete" and row["rounds"] >= QUICK_TIMING["min_rounds"]
+    assert result.config["backend"] == "inductor"          # trials ran through torch.compile
+    rebuilt = graphopt.optimize(model, example, **result.config)
+    assert rebuilt.options.backend == "inductor"
+    torch.testing.assert_close(rebuilt(example[0]), model(example[0]), atol=1e-5, rtol=1e-5)
 
 
 def test_a_fine_tuned_int8_config_prunes_then_tunes_then_quantizes():

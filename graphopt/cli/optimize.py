@@ -11,6 +11,7 @@ in a frame on stderr and exits with status 3 unless `--allow-fallback`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from .. import datasets, loaders, recipe
 from ..errors import OptionError
 from ..outputs import apply_umask, check_writable, write_atomic
-from ..report import Report, environment
+from ..report import PassRecord, Report, environment
 from ..rules import Reason
 from ..schemes import Scheme
 from . import EXIT_FALLBACK, EXIT_OK, SCHEMES
@@ -87,7 +88,8 @@ def _optimize_torch(args: argparse.Namespace, loaded: loaders.LoadedModel, quant
     console.stage(f"exporting to ONNX: {args.output}")
     _silence_exporter_registry()
     graphopt.export_onnx(opt, example_args, args.output, example_kwargs=example_kwargs,
-                         output_names=args.output_names.split(",") if args.output_names else None)
+                         output_names=args.output_names.split(",") if args.output_names else None,
+                         on_record=_export_line(console))
     return opt.report
 
 
@@ -107,7 +109,7 @@ def _optimize_config(args: argparse.Namespace, module: Any, example_args: tuple,
                        on_record=console.record, measure_latency=not args.no_speed_check)
     console.stage(f"exporting to ONNX: {args.output}")
     _silence_exporter_registry()
-    graphopt.export_onnx(opt, example_args, args.output, example_kwargs=example_kwargs)
+    graphopt.export_onnx(opt, example_args, args.output, example_kwargs=example_kwargs, on_record=_export_line(console))
     return opt.report
 
 
@@ -134,6 +136,13 @@ def _silence_exporter_registry() -> None:
     """torch's ONNX exporter logs a warning per torchvision op it skips when torchvision is absent: noise."""
     import logging
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+def _export_line(console: Console):
+    """The export's passes as progress lines, named as export passes (the optimize passes came before)."""
+    def line(record: PassRecord) -> None:
+        console.record(dataclasses.replace(record, name=f"export: {record.name}"))
+    return line
 
 
 def outcome(report: Report, accuracy_budget: float | None, prune: float | None) -> list[str]:

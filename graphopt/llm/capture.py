@@ -3,8 +3,8 @@
 The step is exported once with torch.export (non-strict) with a symbolic batch and a symbolic query length
 (1 ≤ q ≤ max_cache_len), so the same graph runs the prompt (q = S) and each decode step (q = 1); the cache
 length is static. The model is not deep-copied: a structural copy in eval mode shares its parameter and
-buffer tensors (an LLM's weights are most of the memory), and no pass writes into them (generation refuses
-pruning, the one family that edits weights in place).
+buffer tensors (an LLM's weights are most of the memory), and no pass writes into them (LLM pruning runs
+before capture, on its own copy: graphopt.llm.prune).
 """
 from __future__ import annotations
 
@@ -40,10 +40,7 @@ def shared_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def capture_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     max_cache_len: int) -> CapturedDecoder:
-    mask_kind, keyword = check_generation_model(model, max_cache_len)
-    work = shared_eval_copy(model)
-    spec = _cache_spec(work, keyword, input_ids, max_cache_len)
-    step = DecoderStep(work, mask_kind, keyword)
+    step, spec = eager_step(model, input_ids, max_cache_len)
     input_ids, attention_mask = _at_least_two(input_ids, attention_mask)
     example = prefill_inputs(input_ids, attention_mask, spec)
     batch, query = Dim.AUTO, Dim("query", min=1, max=max_cache_len)
@@ -59,6 +56,13 @@ def capture_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     module = fx.GraphModule(unlifted, unlifted.graph)
     module.meta.update(getattr(unlifted, "meta", {}))
     return CapturedDecoder(module.eval(), step, spec, example)
+
+
+def eager_step(model: torch.nn.Module, input_ids: torch.Tensor, max_cache_len: int) -> tuple[DecoderStep, CacheSpec]:
+    """`model`'s decoder step, run eagerly (on a structural copy sharing its tensors), and its cache's shape."""
+    mask_kind, keyword = check_generation_model(model, max_cache_len)
+    work = shared_eval_copy(model)
+    return DecoderStep(work, mask_kind, keyword), _cache_spec(work, keyword, input_ids, max_cache_len)
 
 
 def _at_least_two(input_ids: torch.Tensor, attention_mask: torch.Tensor | None

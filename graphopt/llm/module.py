@@ -13,8 +13,10 @@ plus what a pass adds (e.g. its int8 weights).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -27,12 +29,23 @@ from graphopt.pipeline import build_passes
 from graphopt.report import Report
 from graphopt.verify import run_on
 
-from .capture import capture_decoder, verification_inputs
+from .capture import capture_decoder, eager_step, verification_inputs
 from .generate import CacheSpec, check_prompt, generate, prefill_inputs, sampling_settings
-from .metrics import token_metrics
+from .metrics import text_batches, token_metrics
+from .prune import PrunedLM, prune_lm
 
 #: Greedy steps the token check runs (capped by the cache).
 TOKEN_CHECK_STEPS = 16
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a generation module was captured from (not a submodule: its weights are not the module's own)."""
+    model: torch.nn.Module            # the model captured: the original, or its pruned / fine-tuned copy
+    original: torch.nn.Module         # the model as the user gave it (the reference of the token metrics)
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    pruned: PrunedLM | None
 
 
 class SharedTensorsFxIR(FxIR):
@@ -47,10 +60,10 @@ class GenerationModule(torch.nn.Module):
     decoder step (input_ids, position_ids, cache_position, attention_mask, past) -> (logits, present)."""
 
     def __init__(self, graph_module: fx.GraphModule, spec: CacheSpec, report: Report, options: Options,
-                 generation_config: Any) -> None:
+                 generation_config: Any, source: Source) -> None:
         super().__init__()
         self.graph_module, self.spec, self.report, self.options = graph_module, spec, report, options
-        self.generation_config = generation_config
+        self.generation_config, self.source = generation_config, source
 
     captured = True
 
@@ -72,6 +85,15 @@ class GenerationModule(torch.nn.Module):
                                      top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         return generate(self.graph_module, self.spec, input_ids, max_new_tokens, attention_mask, generator,
                         **settings)
+
+    def finetuned(self, train_data: Iterable[Any], teacher: torch.nn.Module | None, **finetune_options: Any
+                  ) -> "GenerationModule":
+        """`graphopt.finetune` of a generation module: distil into the model it was captured from (the pruned
+        copy after LLM pruning) on token batches, then capture it and run the graph passes again."""
+        from graphopt.finetuning import finetune
+        tuned = finetune(self.source.model, train_data, teacher, **finetune_options)
+        source = self.source
+        return _build(tuned, source.original, source.input_ids, source.attention_mask, self.options, source.pruned)
 
     def onnx_io_names(self) -> tuple[list[str], list[str]]:
         """The exported decoder's input and output names (graphopt.llm.onnx.io_names)."""
@@ -96,9 +118,6 @@ def optimize_for_generation(model: torch.nn.Module, example_inputs: tuple | None
     """Capture `model` for generation and run the passes; see the module docstring."""
     if options.max_cache_len is None:
         raise OptionError("generation=True needs max_cache_len= (the static KV cache's length in tokens)")
-    if options.prune is not None:
-        raise OptionError("prune= does not work with generation=True yet: LLM pruning (KV groups, MLP channels) "
-                          "is a separate step")
     if options.backend == "inductor":
         raise OptionError("backend='inductor' does not work with generation=True")
     kwargs = dict(example_kwargs or {})
@@ -114,22 +133,56 @@ def optimize_for_generation(model: torch.nn.Module, example_inputs: tuple | None
     if ids.shape[1] > options.max_cache_len:
         raise OptionError(f"max_cache_len={options.max_cache_len} is shorter than the example prompt "
                           f"({ids.shape[1]} tokens)")
+    pruned = None
+    if options.prune is not None:   # before capture: it changes the cache's shape (see graphopt.llm.prune)
+        pruned = prune_lm(model, options.prune, options.calibration_data, options.prune_options, options.progress,
+                          options.max_cache_len)
+        if options.on_record is not None:
+            options.on_record(pruned.record)
+    return _build(pruned.model if pruned else model, model, ids, mask, options, pruned)
+
+
+def _build(source: torch.nn.Module, original: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None,
+           options: Options, pruned: PrunedLM | None) -> GenerationModule:
+    """Capture `source` (the model, or its pruned or fine-tuned copy) and run the graph passes; the token
+    metrics compare with `original`, the model as the user gave it."""
     start = time.perf_counter()
-    captured = capture_decoder(model, ids, mask, options.max_cache_len)
+    captured = capture_decoder(source, ids, mask, options.max_cache_len)
     inputs = verification_inputs(captured, options.seed)
     reference = run_on(captured.step, inputs) if options.verify else []
-    manager = PassManager(build_passes(options), SharedTensorsFxIR(), level=options.level, enable=options.enable,
-                          disable=options.disable, verify=options.verify, reproducer_dir=options.reproducer_dir,
-                          measure_latency=options.measure_latency, progress=options.progress,
-                          speed_check=options.speed_check, on_record=options.on_record)
+    # pruning ran before capture; calibration text becomes prefill inputs of the decoder step
+    steps = [prefill_inputs(i, m, captured.spec) for i, m in text_batches(options.calibration_data,
+                                                                            options.max_cache_len)]
+    graph_options = dataclasses.replace(options, prune=None, calibration_data=steps or None)
+    manager = PassManager(build_passes(graph_options), SharedTensorsFxIR(), level=options.level,
+                          enable=options.enable, disable=options.disable, verify=options.verify,
+                          reproducer_dir=options.reproducer_dir, measure_latency=options.measure_latency,
+                          progress=options.progress, speed_check=options.speed_check, on_record=options.on_record)
     report = Report(meta={
-        "level": options.level_name, "quantize": options.quantize, "prune": None, "verify": options.verify,
+        "level": options.level_name, "quantize": options.quantize, "prune": options.prune, "verify": options.verify,
         "dynamic_batch": True, "passes": [p.name for p in manager.selected],
         "notes": [f"generation: one decoder-step graph for prefill and decode, static KV cache of "
                   f"{options.max_cache_len} tokens; latency and the speed check time one decode step"]})
     gm, report = manager.run(captured.module, inputs, reference, report)
-    if options.verify:
-        report.meta["generation"] = token_metrics(captured.step, gm, captured.spec, ids, mask,
-                                                  options.calibration_data, TOKEN_CHECK_STEPS)
-    report.meta["total_s"] = time.perf_counter() - start
-    return GenerationModule(gm, captured.spec, report, options, copy.deepcopy(getattr(model, "generation_config", None)))
+    if pruned is not None:
+        _report_pruning(report, pruned)
+    if options.verify:   # against the model as given (a pruned model against the unpruned one)
+        step, spec = (captured.step, captured.spec) if source is original else \
+            eager_step(original, ids, options.max_cache_len)
+        report.meta["generation"] = token_metrics(step, gm, captured.spec, ids, mask, options.calibration_data,
+                                                  TOKEN_CHECK_STEPS, reference_spec=spec)
+    report.meta["total_s"] = time.perf_counter() - start + (pruned.record.wall_s if pruned else 0.0)
+    return GenerationModule(gm, captured.spec, report, options,
+                            copy.deepcopy(getattr(original, "generation_config", None)),
+                            Source(source, original, ids, mask, pruned))
+
+
+def _report_pruning(report: Report, pruned: PrunedLM) -> None:
+    """The pruning record first; the baseline's parameters are the model's as given (the graph was captured
+    after pruning, so its own latency and error figures start from the pruned model)."""
+    pruned.record.nodes = report.baseline.nodes
+    report.records.insert(0, pruned.record)
+    report.baseline.param_bytes = pruned.bytes_before
+    report.meta["notes"].append("LLM pruning ran before capture (MLP channels and KV groups of the nn.Module): "
+                                "the baseline's latency and every error below start from the pruned model; the "
+                                "generation metrics compare with the model as given")

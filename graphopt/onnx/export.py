@@ -31,7 +31,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -85,7 +85,8 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
                 example_kwargs: Mapping[str, Any] | None = None,
                 dynamic_axes: str | Mapping[str, Mapping[int, str]] | None = "auto",
                 opset: int | None = None, tolerance: Budget | None = None, skip_padding: bool = True,
-                speed_check: Any = None, output_names: Sequence[str] | None = None) -> Path:
+                speed_check: Any = None, output_names: Sequence[str] | None = None,
+                on_record: Callable[[Any], None] | None = None) -> Path:
     """Export `opt` (an `OptimizedModule` or any `nn.Module`) to `path`; returns the path.
 
     opset: the ONNX opset (default: `default_opset(scheme)`: 23 for int8 graphs, 20 for float ones).
@@ -100,6 +101,7 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         an int8 file is never measurably slower than the float export of the same model (export_speed.py).
     output_names: a name per output tensor; by default the model's own (`_output_names`): a Hugging
         Face model's `last_hidden_state`, `logits`, …, a dict's keys, `output` for a lone tensor.
+    on_record: called with each export pass's PassRecord as it finishes (live progress, as optimize's).
     """
     if isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
@@ -133,7 +135,7 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
             from graphopt.llm.onnx import rename_io
             built = rename_io(built, *opt.onnx_io_names())
         return _cleanup(built, _feeds(built, example_inputs, kwargs), skip_padding, report if timed else None,
-                        speed if timed else None)
+                        speed if timed else None, on_record if timed else None)
 
     proto = build(module, scheme, True)
     feeds = _feeds(proto, example_inputs, kwargs)
@@ -433,7 +435,8 @@ def _name_dynamic_axes(proto: onnx.ModelProto, args: tuple, kwargs: dict,
 
 
 def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding: bool,
-             report: Any = None, speed_check: Any = None) -> onnx.ModelProto:
+             report: Any = None, speed_check: Any = None,
+             on_record: Callable[[Any], None] | None = None) -> onnx.ModelProto:
     """The export's graph passes, run by the pass manager: first what makes the file runnable at all (rotary
     caches at the batch, opset 23: ONNX Runtime refuses the exporter's form, so that graph has no outputs to
     verify against; the export's final comparison with the torch module checks it), then the cleanups, each
@@ -453,12 +456,12 @@ def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding:
     records = []
     if model.opset >= RotaryCachesAtBatch.min_opset:
         fixes = PassManager([RotaryCachesAtBatch()], ir, level=1, verify=False, measure_latency=False,
-                            progress=False)
+                            progress=False, on_record=on_record)
         model, fixed = fixes.run(model, inputs, None)
         records += fixed.records
     passes = [ConstantFolding(), Int4Weights(), *([SkipPadding([feeds])] if skip_padding else []), DeadNodeElimination()]
     manager = PassManager(passes, ir, level=1, measure_latency=speed_check is not None, progress=False,
-                          speed_check=speed_check)
+                          speed_check=speed_check, on_record=on_record)
     try:
         reference = ir.run(model, inputs)
     except Exception as exc:  # onnxruntime's pybind errors: the exporter wrote a graph the runtime refuses

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import graphopt
 from graphopt.onnx.ir import OnnxModel, session
 from graphopt.passes.onnx import SkipPadding
+from graphopt.rules import Reason
 from graphopt.verify import LOSSLESS, compare
 from graphopt.zoo import MeanPooledEncoder
 
@@ -145,6 +146,17 @@ def test_a_model_without_a_mask_input_says_so(tmp_path):
     path = graphopt.export_onnx(model, (torch.randn(5, 8),), tmp_path / "mlp.onnx", skip_padding=False)
     result = SkipPadding([{"input": np.zeros((5, 8), np.float32)}]).run(OnnxModel.from_proto(onnx.load(str(path))))
     assert not result.modified and "no integer or boolean" in result.stats["rejected"][0]
+
+
+def test_a_graph_the_torch_side_already_packed_is_recognised_not_rewritten_twice(tmp_path):
+    model, example = _encoder(seed=4, pooling="mean")
+    opt = graphopt.optimize(model, (), example_kwargs=example, level="O1", measure_latency=False, progress=False)
+    assert opt.report["skip_padding"].modified                 # packed on the torch side
+    path = graphopt.export_onnx(opt, (), tmp_path / "packed.onnx", example_kwargs=example)
+    passes = {p["name"]: p for p in opt.report.meta["export_passes"]}
+    assert not passes["onnx_skip_padding"]["rolled_back"] and not passes["onnx_skip_padding"]["modified"]
+    result = SkipPadding([_feeds(example)]).run(OnnxModel.from_proto(onnx.load(str(path))))
+    assert result.stats["reasons"] == {Reason.ALREADY_DONE: 1} and "'attention_mask'" in result.stats["rejected"][0]
 
 
 def test_optimize_onnx_skips_padding_in_a_file_exported_without_it(tmp_path):

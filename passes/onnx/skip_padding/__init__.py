@@ -45,6 +45,7 @@ import numpy as np
 from graphopt.errors import first_line
 from graphopt.onnx.ir import OnnxModel, random_inputs
 from graphopt.pass_manager import RewriteLog
+from graphopt.rules import Reason, Reject
 
 from ..base import OnnxPass
 from .check import check, probe_feeds
@@ -70,6 +71,12 @@ class SkipPadding(OnnxPass):
         masks = mask_candidates(model, feed)
         if not masks:
             log.rejected("skip padding", "model", "no integer or boolean [batch, sequence] input to read padding from")
+            return None
+        packed = _packed_by(model, masks)
+        if packed:
+            log.rejected("skip padding", packed, Reject(Reason.ALREADY_DONE, (
+                f"the graph already gathers the real tokens of {packed!r} (a NonZero on it: graphopt's torch-side "
+                "skip_padding, or the model's own packing)")))
             return None
         try:
             seq, shapes = row_shapes(model, feed, feed[masks[0]].shape[1])
@@ -100,5 +107,21 @@ class SkipPadding(OnnxPass):
             return {"mask_input": mask, "segment_nodes": len(plan.nodes), "first_position_kept": plan.keep_first}
         return None
 
+
+def _packed_by(model: OnnxModel, masks: Sequence[str]) -> str | None:
+    """The mask input a NonZero already reads (within a few ops: compare, or, reshape), if any."""
+    def reaches(variable: Any, depth: int) -> str | None:
+        if variable.name in masks:
+            return variable.name
+        if depth == 0:
+            return None
+        return next((found for producer in variable.inputs for source in producer.inputs
+                     if (found := reaches(source, depth - 1))), None)
+    return next((found for node in model.graph.nodes if node.op == "NonZero"
+                 if (found := reaches(node.inputs[0], PACKING_DEPTH))), None)
+
+
+#: How many ops back from a NonZero the mask input may be (Equal, Not, Or, Cast, Reshape, …).
+PACKING_DEPTH = 8
 
 __all__ = ["SkipPadding"]
