@@ -7,7 +7,8 @@
     trained for ``--train-seconds`` on the Python standard library's documentation text
     (``pydoc_data.topics``, real English and code, ~0.8 MB). Held out: the last 10 % of the text. Rows:
     fp32, graphopt int8-weight-only, int4-weight-only RTN and int4 calibrated (activation-aware scales on
-    training-text calibration batches), each through ``graphopt.optimize``. Columns: held-out perplexity,
+    training-text calibration batches), each through ``graphopt.optimize``; LLM pruning (MLP channels, and
+    KV groups) through ``optimize(generation=True, prune=…)``, before and after ``graphopt.finetune``. Columns: held-out perplexity,
     its change against fp32 (goals: int8 ≤ +0.5 %, int4 calibrated ≤ +3 %), and greedy token agreement over
     64 generated tokens from held-out prompts (share of positions equal to fp32's greedy tokens).
 (b) Decode throughput on this CPU, a ~1B Llama-shaped model from config (hidden 2048, 22 layers, GQA 32/8,
@@ -125,6 +126,8 @@ def accuracy(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, 
         wrapped, example, quantize="int4-weight-only", quantize_options={"awq": False}, **quiet)
     variants["graphopt int4-weight-only calibrated (g128)"] = graphopt.optimize(
         wrapped, example, quantize="int4-weight-only", calibration_data=calibration, **quiet)
+    pruning = prune_rows(model, train_data, calibration, prompts, g, args.quick)
+    variants.update(pruning["variants"])
     rows, reference_tokens, base = [], None, None
     for name, module in variants.items():
         ppl = perplexity(module, eval_batches)
@@ -134,7 +137,38 @@ def accuracy(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, 
         rows.append({"model": name, "held-out perplexity": ppl, "Δ perplexity %": 100 * (ppl / base - 1),
                      f"greedy agreement ({steps} steps)": float((tokens == reference_tokens).float().mean())})
         print(rows[-1], flush=True)
-    return rows, trained
+    return rows, {**trained, "pruning": pruning["notes"]}
+
+
+#: LLM pruning rows: {name: prune=} (the small model has 2 KV groups per layer: 0.5 removes one).
+PRUNINGS = {"MLP channels 25 %": {"*mlp": 0.25}, "MLP channels 25 % + KV groups 50 %": {"*mlp": 0.25, "*self_attn": 0.5}}
+
+
+def prune_rows(model: nn.Module, train_data: torch.Tensor, calibration: list[torch.Tensor], prompts: torch.Tensor,
+               g: torch.Generator, quick: bool) -> dict[str, Any]:
+    """graphopt's LLM pruning (generation=True, prune=…) on calibration text, then `graphopt.finetune` of the
+    generation module by distillation from the unpruned model on training-text token batches."""
+    variants, notes = {}, []
+    recovery = [windows(train_data, 8, SEQ, g) for _ in range(4 if quick else 150)]
+    for name, prune in PRUNINGS.items():
+        start = time.perf_counter()
+        lm = graphopt.optimize(model, example_kwargs={"input_ids": prompts[:2]}, generation=True, max_cache_len=SEQ,
+                               level="O3", prune=prune, quantize=None, calibration_data=calibration,
+                               measure_latency=False, speed_check=False, progress=False)
+        record = lm.report["structured_pruning"]
+        variants[f"graphopt pruned: {name}"] = CausalLMLogits(lm.source.model).eval()
+        tuned = graphopt.finetune(lm, recovery, teacher=model, epochs=1, lr=3e-4, progress=False)
+        variants[f"graphopt pruned: {name} + finetune ({len(recovery)} batches of 8×{SEQ})"] = \
+            CausalLMLogits(tuned.source.model).eval()
+        stats = record.stats
+        costs = ", ".join(f"{group.removeprefix('model.layers.')} {layer['pruned_units']}/{layer['units']} "
+                          f"{layer['kind']} +{layer['perplexity_cost']:.2f}"
+                          for group, layer in stats["layers"].items() if layer["pruned_units"])
+        notes.append(f"{name}: params {stats['params_before'] / 1e6:.2f}M → {stats['params_after'] / 1e6:.2f}M, "
+                     f"calibration perplexity {stats['perplexity_before']:.2f} → {stats['perplexity_after']:.2f}; "
+                     f"perplexity cost per group (pruned alone): {costs}; prune + finetune "
+                     f"{time.perf_counter() - start:.0f} s")
+    return {"variants": variants, "notes": notes}
 
 
 class QuantizedLinear(nn.Module):
@@ -234,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     name = "llm_quick" if args.quick else "llm"
     notes = (f"(a) trained {trained['steps']} steps in {trained['seconds']} s, final train loss "
              f"{trained['final train loss']:.3f}; held-out = last 10 % of pydoc_data.topics, byte-level.\n"
+             f"LLM pruning (graphopt.optimize(generation=True, level='O3', prune=…, calibration_data=8 windows "
+             f"of 4×{SEQ}), then graphopt.finetune(lm, …, teacher=model, epochs=1, lr=3e-4)):\n"
+             + "\n".join(f"- {line}" for line in trained["pruning"]) + "\n"
              f"(b) decode tokens/s = batch × (new − 1) / (generate time − 1-token generate time).\n"
              f"Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; threads {threads}.")
     path = write_results(name, "LLM weight-only quantization: perplexity and CPU decode", rows + decode_rows, notes)
