@@ -162,7 +162,7 @@ def prune_rows(model: nn.Module, train_data: torch.Tensor, calibration: list[tor
             CausalLMLogits(tuned.source.model).eval()
         stats = record.stats
         costs = ", ".join(f"{group.removeprefix('model.layers.')} {layer['pruned_units']}/{layer['units']} "
-                          f"{layer['kind']} +{layer['perplexity_cost']:.2f}"
+                          f"{layer['kind']} {layer['perplexity_cost']:+.2f}"
                           for group, layer in stats["layers"].items() if layer["pruned_units"])
         notes.append(f"{name}: params {stats['params_before'] / 1e6:.2f}M → {stats['params_after'] / 1e6:.2f}M, "
                      f"calibration perplexity {stats['perplexity_before']:.2f} → {stats['perplexity_after']:.2f}; "
