@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from graphopt import ir
 from graphopt.errors import InputError, OptionError, UnsupportedError
 from graphopt.report import PassRecord
 
@@ -57,6 +58,11 @@ class Block:
     group_heads: int = 1          # attention: query heads per KV group (n_rep)
     head_dim: int = 1
     ratio: float = 0.0
+
+    def output_layer(self, model: nn.Module) -> nn.Linear:
+        """The projection whose input columns the units own: down_proj (MLP) or o_proj (attention)."""
+        module = model.get_submodule(self.name)
+        return module.down_proj if self.kind == "mlp" else module.o_proj
 
     def keep_count(self) -> int:
         if self.kind == "mlp":
@@ -90,7 +96,7 @@ def prune_lm(model: nn.Module, prune: float | Mapping[str, float], calibration_d
     keep = {b.name: _top(scores[b.name], b.keep_count()) for b in blocks}
     base = perplexity(_logits_of(work), batches)
     costs = _costs(work, blocks, keep, batches, base, progress) if opts["sensitivity"] else {}
-    params_before, bytes_before = _param_count(work), _param_bytes(work)
+    params_before, bytes_before = ir.param_count(work), ir.param_bytes(work)
     for block in blocks:
         if len(keep[block.name]) < block.units:
             _slice(work.get_submodule(block.name), block, keep[block.name])
@@ -99,8 +105,8 @@ def prune_lm(model: nn.Module, prune: float | Mapping[str, float], calibration_d
                        "units": b.units, "unit_channels": 1 if b.kind == "mlp" else b.group_heads * b.head_dim,
                        "pruned_units": b.units - len(keep[b.name]), "ratio": b.ratio,
                        **({"perplexity_cost": costs[b.name]} if b.name in costs else {})} for b in blocks}
-    params_after = _param_count(work)
-    record = PassRecord("structured_pruning", time.perf_counter() - start, 0, _param_bytes(work), modified=True,
+    params_after = ir.param_count(work)
+    record = PassRecord("structured_pruning", time.perf_counter() - start, 0, ir.param_bytes(work), modified=True,
                         stats={"layers": layers, "params_before": float(params_before),
                                "params_after": float(params_after), "perplexity_before": base,
                                "perplexity_after": after, "calibration_tokens": sum(int(m.sum()) for _, m in batches),
@@ -165,8 +171,7 @@ def importance(model: nn.Module, blocks: list[Block], batches: list[tuple[torch.
 
     handles = []
     for block in blocks:
-        module = model.get_submodule(block.name)
-        layer = module.down_proj if block.kind == "mlp" else module.o_proj
+        layer = block.output_layer(model)
         handles.append(layer.register_forward_pre_hook(hook(block, layer)))
     from tqdm.auto import tqdm
     try:
@@ -191,8 +196,7 @@ def _costs(model: nn.Module, blocks: list[Block], keep: Mapping[str, list[int]],
                disable=None if progress else True)
     for block in bar:
         bar.set_postfix_str(block.name)
-        module = model.get_submodule(block.name)
-        layer = module.down_proj if block.kind == "mlp" else module.o_proj
+        layer = block.output_layer(model)
         original = layer.weight
         columns = torch.ones(original.shape[1], dtype=torch.bool)
         columns[_columns(block, keep[block.name])] = False
@@ -274,11 +278,3 @@ def _check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     if sensitivity not in (True, False, "auto"):
         raise OptionError(f"prune_options sensitivity={sensitivity!r}: choose True, False or 'auto'")
     return {"sensitivity": sensitivity is not False}   # calibration text is always given here
-
-
-def _param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _param_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
