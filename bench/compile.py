@@ -57,7 +57,7 @@ class Case:
 
 
 def digits_case() -> Case:
-    from graphopt.zoo import batches, trained_digits_resnet
+    from graphopt.data.zoo import batches, trained_digits_resnet
     model, data = trained_digits_resnet()
     chunks = data.x_test.split(150)   # 450 images: 3 batches of one shape, no recompile per batch
 
@@ -89,7 +89,7 @@ def embedding_case(name: str, encoder: nn.Module, batches: list[tuple]) -> Case:
 def bert_case() -> Case:
     from transformers import BertConfig, BertModel
 
-    from graphopt.zoo import MeanPooledEncoder
+    from graphopt.data.zoo import MeanPooledEncoder
     torch.manual_seed(0)
     config = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
     encoder = MeanPooledEncoder(BertModel(config).eval()).eval()
@@ -107,7 +107,7 @@ def minilm_case() -> Case:
     from transformers import AutoModel, AutoTokenizer
 
     from bench.int8 import sentences
-    from graphopt.zoo import MeanPooledEncoder
+    from graphopt.data.zoo import MeanPooledEncoder
     path = get_model_path()
     tokens = AutoTokenizer.from_pretrained(path)(sentences(64), padding="max_length", truncation=True,
                                                  max_length=128, return_tensors="pt")

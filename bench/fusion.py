@@ -23,7 +23,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import graphopt
-from graphopt.verify import compare
+from graphopt.engine.verify import compare
 from graphopt.passes import fusion
 
 from .harness import pin_threads, time_call, write_results

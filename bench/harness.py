@@ -22,8 +22,8 @@ from typing import Any, Callable
 import torch
 
 from graphopt.report import cpu_name
-from graphopt.speed import interleaved_timer
-from graphopt.timing import Timing, measure
+from graphopt.engine.speed import interleaved_timer
+from graphopt.engine.timing import Timing, measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGES = ("torch", "onnx", "onnxruntime", "onnx-graphsurgeon", "triton", "transformers", "numpy",
@@ -45,7 +45,7 @@ def time_call(fn: Callable[[], object], warmup: int = 3, repeats: int = 20, max_
 
 
 def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, Timing]:
-    """Round-robin timing with graphopt's interleaved timer (`graphopt.speed.interleaved_timer`: one call of
+    """Round-robin timing with graphopt's interleaved timer (`graphopt.engine.speed.interleaved_timer`: one call of
     each function per round, order rotating, `rounds` rounds after a warm-up call of each), so load on a
     shared machine hits every candidate alike. Threads pinned, autograd off."""
     pin_threads()

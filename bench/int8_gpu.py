@@ -29,7 +29,7 @@ import torch.nn as nn
 
 import graphopt
 from bench.harness import RESULTS, machine_info
-from graphopt.zoo import MeanPooledEncoder
+from graphopt.data.zoo import MeanPooledEncoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

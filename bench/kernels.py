@@ -47,7 +47,7 @@ import triton
 from tqdm import tqdm
 
 import graphopt.kernels as gk
-from graphopt.timing import measure_interleaved
+from graphopt.engine.timing import measure_interleaved
 from bench.harness import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"

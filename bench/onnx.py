@@ -186,7 +186,7 @@ def _export(model: torch.nn.Module, args: tuple, path: Path, kwargs: dict | None
 
 
 def digits_case(work: Path, quick: bool) -> Case:
-    from graphopt.zoo import trained_digits_resnet
+    from graphopt.data.zoo import trained_digits_resnet
     model, data = trained_digits_resnet(progress=False)
     path = _export(model, (data.x_test[:32],), work / "digits.onnx")
     x, y = data.x_test.numpy(), data.y_test.numpy()
@@ -237,7 +237,7 @@ def minilm_case(work: Path, quick: bool) -> Case:
     from transformers import AutoModel, AutoTokenizer
 
     from bench.int8 import sentences
-    from graphopt.zoo import MeanPooledEncoder
+    from graphopt.data.zoo import MeanPooledEncoder
     model_path = get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoder = MeanPooledEncoder(AutoModel.from_pretrained(model_path).eval()).eval()

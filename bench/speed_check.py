@@ -3,7 +3,7 @@ the default speed check (int8-dynamic), then the result timed against the model 
 
 Columns: passes rolled back for speed (with the measured ratio), int8 layers kept float because their
 int8 form is slower here (layer_speed), the speed check's own verdict of the result against the captured
-graph, and the final speedup over eager with its 95 % bootstrap interval (graphopt.timing.Interleaved).
+graph, and the final speedup over eager with its 95 % bootstrap interval (graphopt.engine.timing.Interleaved).
 Hugging Face architectures are built from small configs (random weights: fidelity is not the point here,
 the verification budget still applies); the digits CNN is the bundled trained one.
 
@@ -21,7 +21,7 @@ import transformers as tf
 
 import graphopt
 from bench.harness import pin_threads, write_results
-from graphopt.timing import measure_interleaved
+from graphopt.engine.timing import measure_interleaved
 
 TEXT = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024)
 
@@ -42,7 +42,7 @@ def vision_model(config: Any, size: int = 64) -> Callable[[], tuple[torch.nn.Mod
 
 
 def digits() -> tuple[torch.nn.Module, tuple, dict]:
-    from graphopt.zoo import trained_digits_resnet
+    from graphopt.data.zoo import trained_digits_resnet
     model, data = trained_digits_resnet(progress=False)
     return model.eval(), (data.x_test[:256],), {}
 

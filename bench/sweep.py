@@ -164,7 +164,7 @@ def run_model(name: str, stages: tuple[str, ...] = STAGES,
     import torch.utils._pytree as pytree
 
     import graphopt
-    from graphopt.verify import compare
+    from graphopt.engine.verify import compare
 
     model, args, kwargs = MODELS[name]()
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """graphopt.tune vs the best fixed level vs Olive's search, under the same accuracy budget and target.
 
-    digits CNN (graphopt.zoo, bundled weights)  score: test accuracy in %, budget 0.5 points
+    digits CNN (graphopt.data.zoo, bundled weights)  score: test accuracy in %, budget 0.5 points
     all-MiniLM-L6-v2 (real weights)             score: min cosine of the pooled embeddings to fp32 over
                                                 real sentences, budget 0.01
 
@@ -29,7 +29,7 @@ import torch
 
 import graphopt
 from bench.harness import pin_threads, write_results
-from graphopt.speed import SpeedCheck
+from graphopt.engine.speed import SpeedCheck
 
 OLIVE_WHY: str | None = None
 
@@ -52,7 +52,7 @@ def olive_status() -> str | None:
 
 
 def digits(quick: bool) -> dict[str, Any]:
-    from graphopt.zoo import accuracy, batches, trained_digits_resnet
+    from graphopt.data.zoo import accuracy, batches, trained_digits_resnet
     model, data = trained_digits_resnet()
     example = (data.x_test[:256],)
     calibration = [(xb,) for xb, _ in batches(data.x_train, data.y_train, 64, seed=1)][:8]
@@ -97,7 +97,8 @@ def _time(original: Callable, candidate: Callable, quick: bool) -> Any:
 
 
 def run_case(case: dict[str, Any], trials: int, quick: bool) -> list[dict[str, Any]]:
-    from graphopt import ir, recipe
+    from graphopt.engine import ir
+    from graphopt.search import recipe
     model, args, kwargs = case["model"], case["args"], dict(case["kwargs"] or {})
     reference = case["evaluate"](model)
     call = lambda m: (lambda: m(*args, **kwargs))  # noqa: E731
@@ -146,7 +147,7 @@ def run_case(case: dict[str, Any], trials: int, quick: bool) -> list[dict[str, A
 
 
 def _describe(result: Any) -> str:
-    from graphopt.tune_report import describe_config
+    from graphopt.search.report import describe_config
     return describe_config(result.config, result.finetune)
 
 
@@ -155,7 +156,7 @@ def _ci(verdict: Any) -> str:
 
 
 def _size(module: Any) -> int:
-    from graphopt.tune_target import _param_bytes
+    from graphopt.search.target import _param_bytes
     return _param_bytes(module)
 
 
@@ -175,7 +176,7 @@ def main() -> None:
             rows += run_case(case(args.quick), trials, args.quick)
     name = "tune_quick" if args.quick else "tune"
     notes = (f"Budget: 0.5 accuracy points (digits), 0.01 min cosine (MiniLM). Target torch (CPU). "
-             f"Latency: interleaved A/B ratio against the original (graphopt.speed.SpeedCheck), 95 % bootstrap "
+             f"Latency: interleaved A/B ratio against the original (graphopt.engine.speed.SpeedCheck), 95 % bootstrap "
              f"interval. Olive: {OLIVE_WHY or 'installed'}.")
     print(write_results(name, "graphopt.tune vs fixed levels vs Olive", rows, notes).read_text())
 

@@ -19,7 +19,7 @@ from .report import PassRecord, Report
 
 #: Public names loaded on first use, and the module each comes from.
 _LAZY = {"optimize": ".api", "OptimizedModule": ".api", "export_onnx": ".onnx", "optimize_onnx": ".onnx",
-         "finetune": ".finetuning", "tune": ".tuner", "TuneResult": ".tuner"}
+         "finetune": ".training.finetuning", "tune": ".search.tuner", "TuneResult": ".search.tuner"}
 
 __all__ = [
     "optimize", "OptimizedModule", "export_onnx", "optimize_onnx", "finetune", "tune", "TuneResult", "Report", "PassRecord",

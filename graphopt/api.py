@@ -19,15 +19,15 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .capture import capture
 from .compile.runner import InductorRunner
-from .config import Options, parse_options
+from .engine.config import Options, parse_options
+from .engine.pass_manager import FxIR, PassManager
+from .engine.pipeline import build_passes
+from .engine.verify import run_on
 from .errors import InputError
-from .inputs import verification_inputs
-from .pass_manager import FxIR, PassManager
-from .pipeline import build_passes
+from .frontend.capture import capture
+from .frontend.inputs import verification_inputs
 from .report import Report
-from .verify import run_on
 
 
 class OptimizedModule(torch.nn.Module):
@@ -145,7 +145,7 @@ def optimize(model: torch.nn.Module, example_inputs: tuple | None = None, *,
     the model float at any level.
     Further options: enable=/disable= (pass names), accuracy_budget=,
     backend=, reproducer_dir=, verify_samples=, measure_latency=, progress=, seed=,
-    speed_check= (True: default; False: off; a dict of graphopt.speed.SpeedCheck fields, e.g.
+    speed_check= (True: default; False: off; a dict of graphopt.engine.speed.SpeedCheck fields, e.g.
     {"min_gain": 0.05}), on_record= (called with each pass's PassRecord as it finishes),
     generation=True with max_cache_len= (a causal LM for .generate(): see graphopt.llm).
     """

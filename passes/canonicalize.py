@@ -22,9 +22,9 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.pass_manager import Pass, PassResult, RewriteLog
-from graphopt.rules import Reason, Reject
+from graphopt.engine import ir
+from graphopt.engine.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.engine.rules import Reason, Reject
 
 from .fusion._match import arg
 from .rules import Bindings, Match, Op, Rule, RuleSet, Var

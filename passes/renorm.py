@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from graphopt import ir
+from graphopt.engine import ir
 
 from .fusion.batchnorm import FoldBatchNormRule
 from .rules import Match

@@ -14,7 +14,7 @@ A `Rule` is three parts:
 
 `RuleSet` is the one pass that applies rules: one sweep over the graph in
 order, offering each live node to the rules anchored on its op, logging every
-match and every rejection (`graphopt.rules`), erasing the dead nodes. A
+match and every rejection (`graphopt.engine.rules`), erasing the dead nodes. A
 candidate whose pattern does not match at all is not logged: it was never a
 candidate.
 """
@@ -26,9 +26,9 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.pass_manager import Pass, PassResult, RewriteLog
-from graphopt.rules import Reject
+from graphopt.engine import ir
+from graphopt.engine.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.engine.rules import Reject
 
 aten = torch.ops.aten
 

@@ -238,7 +238,7 @@ def test_int8_on_no_layer_because_the_user_excluded_every_one_is_as_requested():
     one layer left float for another reason still is a problem."""
     from graphopt.cli.optimize import outcome
     from graphopt.report import PassRecord, Report
-    from graphopt.rules import Reason
+    from graphopt.engine.rules import Reason
 
     def report(reasons):
         record = PassRecord("int8_weight_only", 0.0, 5, 100, modified=False, stats={"reasons": reasons})
@@ -253,7 +253,7 @@ def test_int8_on_no_layer_because_the_user_excluded_every_one_is_as_requested():
 def test_a_missing_report_folder_fails_before_any_work(tmp_path, monkeypatch, capsys):
     _onnx_model(tmp_path / "in.onnx")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("graphopt.loaders.load", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr("graphopt.frontend.loaders.load", lambda *a, **k: pytest.fail("loaded the model"))
     assert main(["optimize", "in.onnx", "-o", "out.onnx", "--report", "nowhere/r.html"]) == 2
     assert "nowhere does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out.onnx").exists()

@@ -31,7 +31,7 @@ from torch._dynamo.utils import counters
 import graphopt
 from graphopt.compile import GraphoptBackend
 from graphopt.errors import OptionError
-from graphopt.verify import LOSSLESS_REL_TOL, compare
+from graphopt.engine.verify import LOSSLESS_REL_TOL, compare
 from graphopt.passes.quantize.config import DEFAULT_MIN_COSINE
 from tests.strategies import Transformer, models, randomize_
 

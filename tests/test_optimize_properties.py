@@ -13,7 +13,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 
 import graphopt
-from graphopt.verify import LOSSLESS_REL_TOL, compare
+from graphopt.engine.verify import LOSSLESS_REL_TOL, compare
 from tests.strategies import models, same_digest, tensor_digest
 
 

@@ -16,8 +16,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from ..engine.schemes import Scheme
 from ..errors import GraphoptError
-from ..schemes import Scheme
 
 #: Exit statuses (also in `graphopt --help`).
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_FALLBACK = 0, 1, 2, 3
@@ -193,13 +193,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .. import demo
+    from . import demo
     return int(demo.main(list(args.rest)) or 0)
 
 
 def _report(args: argparse.Namespace) -> int:
     from ..report import load_report
-    from ..report_html import write_html
+    from ..report.html import write_html
     report = load_report(args.run)
     print(report)
     if args.html:

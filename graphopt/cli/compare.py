@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import datasets, loaders
 from ..errors import InputError, OptionError
+from ..frontend import datasets, loaders
 from ..outputs import check_writable, write_atomic
 from ..report import environment
-from ..report_format import format_bytes, size_unit
+from ..report.formatting import format_bytes, size_unit
 from . import EXIT_OK
 from .progress import Console
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     for side, run_one in zip(sides, runners):
         side.peak_memory_bytes = _peak_memory(lambda: run_one(batches[0]))
     console.stage(f"timing A and B interleaved, {args.rounds} rounds")
-    from ..timing import measure_interleaved
+    from ..engine.timing import measure_interleaved
     timed = measure_interleaved({"A": lambda: runners[0](batches[0]), "B": lambda: runners[1](batches[0])},
                                 rounds=args.rounds)
     for side in sides:
@@ -274,7 +274,7 @@ def render_text(result: dict) -> str:
 
 
 def render_html(result: dict) -> str:
-    from ..report_html import _PAGE, _e, _png, _pyplot
+    from ..report.html import _PAGE, _e, _png, _pyplot
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(x)}</td><td>{_e(y)}</td></tr>" for k, x, y in _rows(result))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 2.6))

@@ -16,12 +16,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import datasets, loaders, recipe
+from ..engine.rules import Reason
+from ..engine.schemes import Scheme
 from ..errors import OptionError
+from ..frontend import datasets, loaders
 from ..outputs import apply_umask, check_writable, write_atomic
 from ..report import PassRecord, Report, environment
-from ..rules import Reason
-from ..schemes import Scheme
+from ..search import recipe
 from . import EXIT_FALLBACK, EXIT_OK, SCHEMES
 from .progress import Console
 
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     problems = outcome(report, args.accuracy_budget, args.prune)
     report.meta["outcome"] = problems or ["as requested"]
     if report_path is not None:
-        from ..report_html import write_html
+        from ..report.html import write_html
         write_html(report, report_path)
         write_atomic(report_path.with_suffix(".json"), report.to_json())
     if args.json:

@@ -11,7 +11,7 @@ import sys
 import time
 
 from ..report import PassRecord
-from ..report_format import format_bytes, format_error
+from ..report.formatting import format_bytes, format_error
 
 
 def pass_line(record: PassRecord) -> str:

@@ -13,8 +13,8 @@ import json
 import re
 from pathlib import Path
 
-from .. import datasets, loaders
 from ..errors import OptionError
+from ..frontend import datasets, loaders
 from ..outputs import check_writable, write_atomic
 from . import EXIT_FALLBACK, EXIT_OK
 from .progress import Console

@@ -10,11 +10,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from .. import ir
 from ..api import OptimizedModule
-from ..config import parse_options
+from ..engine import ir
+from ..engine.config import parse_options
+from ..engine.pipeline import build_passes
 from ..errors import GraphoptError, OptionError
-from ..pipeline import build_passes
 from ..report import Report
 from .runner import InductorRunner
 

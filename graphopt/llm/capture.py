@@ -18,7 +18,7 @@ from torch.export import Dim
 from transformers.cache_utils import DynamicCache
 
 from graphopt.errors import CaptureError, InputError
-from graphopt.capture import _first_line, _hint
+from graphopt.frontend.capture import _first_line, _hint
 
 from .decoder import DecoderStep, check_generation_model
 from .generate import CacheSpec, next_inputs, prefill_inputs

@@ -21,13 +21,13 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.config import Options
+from graphopt.engine import ir
+from graphopt.engine.config import Options
 from graphopt.errors import InputError, OptionError
-from graphopt.pass_manager import FxIR, PassManager
-from graphopt.pipeline import build_passes
+from graphopt.engine.pass_manager import FxIR, PassManager
+from graphopt.engine.pipeline import build_passes
 from graphopt.report import Report
-from graphopt.verify import run_on
+from graphopt.engine.verify import run_on
 
 from .capture import capture_decoder, eager_step, verification_inputs
 from .generate import CacheSpec, check_prompt, generate, prefill_inputs, sampling_settings
@@ -90,7 +90,7 @@ class GenerationModule(torch.nn.Module):
                   ) -> "GenerationModule":
         """`graphopt.finetune` of a generation module: distil into the model it was captured from (the pruned
         copy after LLM pruning) on token batches, then capture it and run the graph passes again."""
-        from graphopt.finetuning import finetune
+        from graphopt.training.finetuning import finetune
         tuned = finetune(self.source.model, train_data, teacher, **finetune_options)
         source = self.source
         return _build(tuned, source.original, source.input_ids, source.attention_mask, self.options, source.pruned)

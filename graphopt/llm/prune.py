@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from graphopt import ir
+from graphopt.engine import ir
 from graphopt.errors import InputError, OptionError, UnsupportedError
 from graphopt.report import PassRecord
 

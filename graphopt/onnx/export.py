@@ -41,7 +41,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from graphopt.errors import ExportError, InputError, VerificationError, first_line
-from graphopt.verify import LOSSLESS, Budget, compare
+from graphopt.engine.verify import LOSSLESS, Budget, compare
 
 from .export_speed import export_speed_check, faster_file
 from .files import check_destination, save_model
@@ -96,7 +96,7 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
     tolerance: overrides the scheme's export tolerance (`TOLERANCES`).
     skip_padding: run row-wise work on real tokens only where the outputs ignore padded ones
         (`graphopt.passes.onnx.skip_padding`; exact, checked on random padding masks).
-    speed_check: True, False, a dict of `graphopt.speed.SpeedCheck` fields (default: the optimized module's
+    speed_check: True, False, a dict of `graphopt.engine.speed.SpeedCheck` fields (default: the optimized module's
         own option). Each cleanup pass is timed in ONNX Runtime and rolled back if measurably slower, and
         an int8 file is never measurably slower than the float export of the same model (export_speed.py).
     output_names: a name per output tensor; by default the model's own (`_output_names`): a Hugging
@@ -446,7 +446,7 @@ def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding:
     back if it makes the file measurably slower.
 
     The records go to `report.meta["export_passes"]` when a report is given (the optimized module's)."""
-    from graphopt.pass_manager import PassManager
+    from graphopt.engine.pass_manager import PassManager
     from graphopt.passes.onnx import (ConstantFolding, DeadNodeElimination, Int4Weights, RotaryCachesAtBatch,
                                       SkipPadding)
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from graphopt.speed import SpeedCheck, parse_speed_check
+from graphopt.engine.speed import SpeedCheck, parse_speed_check
 
 from .ir import session
 

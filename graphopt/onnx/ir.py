@@ -4,7 +4,7 @@
 Runtime session; `OnnxIR` implements the pass manager's IR protocol
 (copy, finalize, count_nodes, param_bytes, run, dump). Inputs are
 `((), {input_name: ndarray})` pairs and outputs are tuples of torch tensors,
-so `graphopt.verify.compare_runs` compares them like FX outputs.
+so `graphopt.engine.verify.compare_runs` compares them like FX outputs.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 import torch
 
 from graphopt.errors import UnsupportedError, first_line
-from graphopt.inputs import look_alike
+from graphopt.frontend.inputs import look_alike
 
 from .files import PROTOBUF_LIMIT
 
@@ -194,7 +194,7 @@ def random_inputs(model: OnnxModel, n: int, seed: int = 0, dims: dict[str, int] 
 
     With `like` (a calibration feed), each input is a look-alike of it: its
     shape, floats with its mean and spread, integers within its range
-    (`graphopt.inputs.look_alike`, as for torch models), so verification exercises the
+    (`graphopt.frontend.inputs.look_alike`, as for torch models), so verification exercises the
     value ranges the model is calibrated for. Otherwise symbolic dimensions
     take `dims[name]` when given, else 2 on axis 0 (batch) and 16 elsewhere
     (one value per symbol, so inputs sharing a sequence axis agree); floats

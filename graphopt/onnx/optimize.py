@@ -19,13 +19,13 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from graphopt.config import QUANT_SCHEMES, parse_level
+from graphopt.engine.config import QUANT_SCHEMES, parse_level
 from graphopt.errors import OptionError, UnsupportedError
-from graphopt.pass_manager import PassManager
+from graphopt.engine.pass_manager import PassManager
 from graphopt.passes import onnx as onnx_passes
 from graphopt.report import Report
-from graphopt.schemes import Scheme
-from graphopt.speed import parse_speed_check
+from graphopt.engine.schemes import Scheme
+from graphopt.engine.speed import parse_speed_check
 
 from .files import check_destination, load_model, save_model
 from .ir import OnnxIR, OnnxModel, random_inputs

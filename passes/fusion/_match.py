@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt.engine import ir
 
 from ..rules import is_check
 

@@ -19,8 +19,8 @@ import math
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.rules import Reason, Reject
+from graphopt.engine import ir
+from graphopt.engine.rules import Reason, Reject
 
 from ..rules import Bindings, Match, Op, Rule, Var
 from ._match import call, close, interior, poly_equal, polynomial, scalar

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.rules import Reason, Reject
+from graphopt.engine import ir
+from graphopt.engine.rules import Reason, Reject
 
 from ..rules import Bindings, Match, Op, Rule, Var
 from ._match import arg, call, constant_tensor, interior, permutation, scalar
@@ -108,7 +108,7 @@ class MatmulToLinear(Rule):
 
     def rewrite(self, gm: fx.GraphModule, b: Bindings) -> Match:
         weight, bias, bias_node = b["weight"], b["bias"], b["bias_node"]
-        w_t = ir.add_constant(gm, f"{b['w_node'].name}_t", weight.t().contiguous())
+        w_t = ir.add_constant(gm, ir.owned_name(b["w_node"], f"{b['w_node'].name}_t"), weight.t().contiguous())
         new_bias = None
         if bias is not None:
             new_bias = bias_node if list(bias.shape) == [weight.shape[1]] \
@@ -183,7 +183,8 @@ def _scaled(node: fx.Node, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _retarget(gm: fx.GraphModule, linear: fx.Node, w: torch.Tensor, b: torch.Tensor | None) -> None:
-    w_node = ir.add_constant(gm, f"{linear.name}_scaled_weight", w)
-    b_node = ir.add_constant(gm, f"{linear.name}_scaled_bias", b) if b is not None else None
+    w_node = ir.add_constant(gm, ir.owned_name(linear.args[1], f"{linear.name}_scaled_weight"), w)
+    b_node = ir.add_constant(gm, ir.owned_name(linear.args[1], f"{linear.name}_scaled_bias"), b) \
+        if b is not None else None
     linear.args = (linear.args[0], w_node, b_node)
     linear.kwargs = {}

@@ -24,8 +24,8 @@ import math
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.rules import Reason, Reject
+from graphopt.engine import ir
+from graphopt.engine.rules import Reason, Reject
 
 from ..rules import Bindings, Match, Rule
 from ._match import arg, call, interior, permutation, rank, same_shape, scalar, users

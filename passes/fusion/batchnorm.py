@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.rules import Reason, Reject
+from graphopt.engine import ir
+from graphopt.engine.rules import Reason, Reject
 
 from ..rules import Bindings, Match, Rule
 from ._match import arg, constant_tensor, rank
@@ -80,8 +80,8 @@ class FoldBatchNormRule(Rule):
         groups, transposed = _geometry(layer)
         new_weight, new_bias = fold_affine(weight, b["bias"], b["gamma"], b["beta"], b["mean"], b["var"],
                                            float(arg(bn, 7, "eps", 1e-5)), groups, transposed)
-        w_node = ir.add_constant(gm, f"{layer.name}_bn_weight", new_weight)
-        b_node = ir.add_constant(gm, f"{layer.name}_bn_bias", new_bias)
+        w_node = ir.add_constant(gm, ir.owned_name(layer.args[1], f"{layer.name}_bn_weight"), new_weight)
+        b_node = ir.add_constant(gm, ir.owned_name(layer.args[1], f"{layer.name}_bn_bias"), new_bias)
         args = list(layer.args) + [None] * max(0, 3 - len(layer.args))
         args[1], args[2] = w_node, b_node
         kwargs = {k: v for k, v in layer.kwargs.items() if k != "bias"}

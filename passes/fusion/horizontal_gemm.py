@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.rules import Reason, Reject
+from graphopt.engine import ir
+from graphopt.engine.rules import Reason, Reject
 
 from ..rules import Bindings, Match, Rule
 from ._match import arg, call, constant_tensor

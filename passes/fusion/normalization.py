@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.rules import Reason, Reject
+from graphopt.engine import ir
+from graphopt.engine.rules import Reason, Reject
 
 from ..rules import Bindings, Match, Rule
 from ._match import arg, call, constant_tensor, interior, rank, scalar

@@ -16,8 +16,8 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from graphopt.onnx.ir import STANDARD_DOMAINS, OnnxModel
-from graphopt.pass_manager import Pass, PassResult, RewriteLog
-from graphopt.rules import Reason, Reject
+from graphopt.engine.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.engine.rules import Reason, Reject
 
 
 class OnnxPass(Pass):

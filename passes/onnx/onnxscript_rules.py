@@ -34,8 +34,8 @@ from onnxscript.rewriter.rules import common
 
 from graphopt.errors import first_line
 from graphopt.onnx.ir import OnnxModel
-from graphopt.pass_manager import PassResult, RewriteLog
-from graphopt.rules import Reason, Reject
+from graphopt.engine.pass_manager import PassResult, RewriteLog
+from graphopt.engine.rules import Reason, Reject
 
 from .base import OnnxPass, upgrade_opset
 

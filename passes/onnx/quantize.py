@@ -44,10 +44,10 @@ import torch
 from graphopt.errors import OptionError
 from graphopt.onnx.calibrate import tensor_ranges
 from graphopt.onnx.ir import OnnxModel
-from graphopt.pass_manager import RewriteLog
-from graphopt.rules import Reason, Reject
-from graphopt.schemes import SHORT_NAMES, Scheme
-from graphopt.verify import Budget
+from graphopt.engine.pass_manager import RewriteLog
+from graphopt.engine.rules import Reason, Reject
+from graphopt.engine.schemes import SHORT_NAMES, Scheme
+from graphopt.engine.verify import Budget
 from graphopt.passes.quantize import fallback
 from graphopt.passes.quantize.config import Fidelity
 

@@ -19,8 +19,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.onnx.ir import OnnxModel
-from graphopt.pass_manager import RewriteLog
-from graphopt.rules import Reason, Reject
+from graphopt.engine.pass_manager import RewriteLog
+from graphopt.engine.rules import Reason, Reject
 
 from .base import OnnxPass, is_standard
 

@@ -46,9 +46,9 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.pass_manager import Pass, PassResult, RewriteLog
-from graphopt.rules import Reason, Reject
+from graphopt.engine import ir
+from graphopt.engine.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.engine.rules import Reason, Reject
 
 from .check import check, probe_inputs
 from .emit import apply

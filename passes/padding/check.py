@@ -10,8 +10,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.pass_manager import FxIR, Pass, PassManager, PassResult, RewriteLog
-from graphopt.rules import Reason, Reject
+from graphopt.engine.pass_manager import FxIR, Pass, PassManager, PassResult, RewriteLog
+from graphopt.engine.rules import Reason, Reject
 
 from .emit import apply
 from .plan import Plan, plan_rewrite

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.rules import Reason, Reject
+from graphopt.engine import ir
+from graphopt.engine.rules import Reason, Reject
 
 from .rows import Args, Rows, is_product, row_wise
 

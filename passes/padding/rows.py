@@ -29,7 +29,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt.engine import ir
 
 aten = torch.ops.aten
 

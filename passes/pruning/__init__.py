@@ -57,11 +57,11 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt import ir
+from graphopt.engine import ir
 from graphopt.errors import OptionError
-from graphopt.pass_manager import Pass, PassResult, RewriteLog
-from graphopt.rules import Reason, Reject
-from graphopt.verify import Budget
+from graphopt.engine.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.engine.rules import Reason, Reject
+from graphopt.engine.verify import Budget
 
 from . import allocate, importance, recalibrate as calibration, slice as slicing
 from .groups import Analysis, analyze, matching_groups

@@ -34,7 +34,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt.engine import ir
 
 from .model import Analysis, Group, Seg
 

@@ -48,7 +48,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt.engine import ir
 
 from .model import Analysis, Group, Member, Seg, dims_of, flat, is_attr, tensor_args
 from .op_rules import ELEMENTWISE, RULES

@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from graphopt import ir
+from graphopt.engine import ir
 from graphopt.errors import OptionError
 
 from .model import Analysis, Group, Member

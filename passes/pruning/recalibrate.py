@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt import ir
+from graphopt.engine import ir
 
 aten = torch.ops.aten
 CONVS = (aten.conv1d, aten.conv2d, aten.conv3d)

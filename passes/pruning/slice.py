@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt.engine import ir
 
 from .model import Analysis, Seg, dims_of
 

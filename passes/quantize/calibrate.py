@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 
 from graphopt.errors import InputError
-from graphopt.inputs import batch_as_inputs
+from graphopt.frontend.inputs import batch_as_inputs
 
 Inputs = tuple[tuple, dict]
 Callback = Callable[[torch.Tensor], None]

@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from graphopt.errors import InputError, OptionError
-from graphopt.schemes import NAMES
+from graphopt.engine.schemes import NAMES
 
 from .observers import OBSERVERS, WEIGHT_OBSERVERS, default_weight_bits
 
@@ -95,7 +95,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     max_calibration_batches: int = 32
     progress: bool = True
-    speed: Any = None            # graphopt.speed.SpeedCheck: layers whose int8 form is slower here stay float
+    speed: Any = None            # graphopt.engine.speed.SpeedCheck: layers whose int8 form is slower here stay float
     group_size: int = 128
     awq: bool = False
     head: str = "int8"

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.pass_manager import Pass, PassResult, RewriteLog
-from graphopt.rules import Reason, Reject
-from graphopt.verify import Budget
+from graphopt.engine import ir
+from graphopt.engine.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.engine.rules import Reason, Reject
+from graphopt.engine.verify import Budget
 
 from .calibrate import layer_name
 from .config import QuantConfig

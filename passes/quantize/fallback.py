@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from graphopt.verify import compare
+from graphopt.engine.verify import compare
 
 from .calibrate import Inputs, run_batches
 from .config import Fidelity

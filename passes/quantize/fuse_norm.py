@@ -26,10 +26,10 @@ import torch
 import torch.fx as fx
 
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.*)
-from graphopt import ir
-from graphopt.pass_manager import Pass, PassResult, RewriteLog
-from graphopt.rules import Reason, Reject
-from graphopt.verify import Budget
+from graphopt.engine import ir
+from graphopt.engine.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.engine.rules import Reason, Reject
+from graphopt.engine.verify import Budget
 
 aten = torch.ops.aten
 PATTERN = "layer_norm → quantize_per_token"

@@ -2,7 +2,7 @@
 
 For each distinct layer signature (rows M of the example inputs, K, N, bias, dtype, scheme) the float
 layer, ``linear(x, W, b)``, is timed against its int8 form on random data of that shape, interleaved
-by the speed check (graphopt/speed.py):
+by the speed check (graphopt/engine/speed.py):
 
     W8A8 (dynamic and static)   quantize_per_token(x) → int8_linear(x_q, W_q, s_x, s_W, b)
     weight-only                 w8a16_linear(x, W_q, s_W, b)
@@ -28,8 +28,8 @@ except ImportError:   # torch < 2.13 (e.g. the GPU machines' 2.11) names it hint
     from torch.fx.experimental.symbolic_shapes import hint_int as optimization_hint
 
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.*)
-from graphopt import ir
-from graphopt.speed import SpeedCheck
+from graphopt.engine import ir
+from graphopt.engine.speed import SpeedCheck
 
 from .int4 import quantize_int4
 from .observers import quantize_weight

@@ -40,11 +40,11 @@ import torch
 import torch.fx as fx
 
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.*)
-from graphopt import ir
-from graphopt.pass_manager import Pass, PassResult, RewriteLog
-from graphopt.rules import Reason, Reject
-from graphopt.schemes import Scheme
-from graphopt.verify import Budget
+from graphopt.engine import ir
+from graphopt.engine.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.engine.rules import Reason, Reject
+from graphopt.engine.schemes import Scheme
+from graphopt.engine.verify import Budget
 
 from . import fallback, layer_speed
 from .calibrate import as_inputs, calibrate, layer_name, run_batches

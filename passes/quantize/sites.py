@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.rules import Reason, Reject
+from graphopt.engine import ir
+from graphopt.engine.rules import Reason, Reject
 
 from .calibrate import layer_name
 

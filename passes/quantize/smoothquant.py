@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.pass_manager import Pass, PassResult, RewriteLog
-from graphopt.rules import Reason, Reject
+from graphopt.engine import ir
+from graphopt.engine.pass_manager import Pass, PassResult, RewriteLog
+from graphopt.engine.rules import Reason, Reject
 
 from .calibrate import as_inputs, calibrate
 from .config import QuantConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from bench import sweep
-from graphopt.verify import LOSSLESS_REL_TOL
+from graphopt.engine.verify import LOSSLESS_REL_TOL
 
 pytest.importorskip("transformers")
 

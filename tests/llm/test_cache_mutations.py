@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import graphopt
-from graphopt import ir
+from graphopt.engine import ir
 
 
 class WritesACache(torch.nn.Module):

@@ -128,7 +128,7 @@ def test_finetune_recovers_a_pruned_generation_module_on_token_batches():
 
 
 def test_an_input_ids_attention_mask_pair_is_two_inputs_not_labels():
-    from graphopt.finetuning import _split
+    from graphopt.training.finetuning import _split
     ids, mask = prompt(2, 6), torch.ones(2, 6, dtype=torch.long)
     assert _split((ids, mask)) == ((ids, mask), {}, None)
     images, labels = torch.randn(2, 3), torch.tensor([1, 0])

@@ -9,8 +9,8 @@ import torch
 
 import graphopt
 from graphopt.onnx.export import TOLERANCES
-from graphopt.verify import LOSSLESS_REL_TOL, Budget
-from graphopt.zoo import DigitsResNet
+from graphopt.engine.verify import LOSSLESS_REL_TOL, Budget
+from graphopt.data.zoo import DigitsResNet
 
 from .helpers import cosine, rel_err
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.verify import LOSSLESS_REL_TOL
+from graphopt.engine.verify import LOSSLESS_REL_TOL
 
 from .helpers import rel_err, run
 

@@ -10,7 +10,7 @@ from torch import nn
 import graphopt
 from graphopt.errors import InputError
 from graphopt.onnx.export import TOLERANCES
-from graphopt.verify import compare
+from graphopt.engine.verify import compare
 
 QUIET = dict(measure_latency=False, progress=False, verify_samples=1)
 FOUR_BIT = (onnx.TensorProto.UINT4, onnx.TensorProto.INT4)

@@ -8,8 +8,8 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.errors import OptionError
-from graphopt.speed import SpeedCheck
-from graphopt.timing import Interleaved
+from graphopt.engine.speed import SpeedCheck
+from graphopt.engine.timing import Interleaved
 
 QUIET = {"measure_latency": False, "progress": False, "verify_samples": 1}
 

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt.verify import LOSSLESS_REL_TOL
-from graphopt.rules import Reason
+from graphopt.engine.verify import LOSSLESS_REL_TOL
+from graphopt.engine.rules import Reason
 
 from .graphs import onnx_graphs
 from .helpers import op_types, rel_err, run, save
@@ -206,7 +206,7 @@ def test_a_rule_that_raises_inside_onnxscript_leaves_the_graph_as_it_was():
 
     from graphopt.onnx.ir import OnnxModel
     from graphopt.passes.onnx.onnxscript_rules import matmul_add_to_gemm
-    from graphopt.rules import Reason
+    from graphopt.engine.rules import Reason
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 1)).astype(np.float32), "w")
     graph = helper.make_graph(

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt.passes.onnx.quantize import QuantizeInt8
 from graphopt.passes.quantize.observers import quantize_weight
-from graphopt.rules import Reason
+from graphopt.engine.rules import Reason
 
 from .graphs import onnx_graphs
 from .helpers import cosine, op_types, run, save

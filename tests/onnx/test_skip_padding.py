@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 import graphopt
 from graphopt.onnx.ir import OnnxModel, session
 from graphopt.passes.onnx import SkipPadding
-from graphopt.rules import Reason
-from graphopt.verify import LOSSLESS, compare
-from graphopt.zoo import MeanPooledEncoder
+from graphopt.engine.rules import Reason
+from graphopt.engine.verify import LOSSLESS, compare
+from graphopt.data.zoo import MeanPooledEncoder
 
 VOCAB, SEQ, BATCH = 50, 10, 3
 POOLINGS_THAT_IGNORE_PADDING = ("mean", "max", "first")     # "first": position 0 is computed too

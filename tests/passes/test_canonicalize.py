@@ -12,14 +12,14 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
-from graphopt import ir
-from graphopt.capture import capture
-from graphopt.inputs import verification_inputs
-from graphopt.pass_manager import PassManager
+from graphopt.engine import ir
+from graphopt.frontend.capture import capture
+from graphopt.frontend.inputs import verification_inputs
+from graphopt.engine.pass_manager import PassManager
 from graphopt.passes.canonicalize import (DeadCodeElimination, EliminateCommonSubexpressions, FoldConstants,
                                           RemoveNoOps, passes)
-from graphopt.verify import LOSSLESS_REL_TOL, compare, run_on
-from graphopt.rules import Reason
+from graphopt.engine.verify import LOSSLESS_REL_TOL, compare, run_on
+from graphopt.engine.rules import Reason
 
 aten = torch.ops.aten
 STEPS = ["mul1", "add0", "dropout", "clone", "contiguous", "reshape_same", "cast_same", "dup_tanh", "const_bias",

@@ -9,14 +9,14 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import graphopt
-from graphopt import ir
-from graphopt.capture import capture
+from graphopt.engine import ir
+from graphopt.frontend.capture import capture
 from graphopt.onnx.export import TOLERANCES
-from graphopt.pass_manager import FxIR, PassManager
+from graphopt.engine.pass_manager import FxIR, PassManager
 from graphopt.passes.padding import SkipPadding
-from graphopt.rules import Reason
-from graphopt.verify import LOSSLESS, compare, run_on
-from graphopt.zoo import MeanPooledEncoder
+from graphopt.engine.rules import Reason
+from graphopt.engine.verify import LOSSLESS, compare, run_on
+from graphopt.data.zoo import MeanPooledEncoder
 
 from ..strategies import MaskedEncoder, masked_encoder_cases, randomize_
 

@@ -44,8 +44,8 @@ import numpy as np
 
 from graphopt.errors import first_line
 from graphopt.onnx.ir import OnnxModel, random_inputs
-from graphopt.pass_manager import RewriteLog
-from graphopt.rules import Reason, Reject
+from graphopt.engine.pass_manager import RewriteLog
+from graphopt.engine.rules import Reason, Reject
 
 from ..base import OnnxPass
 from .check import check, probe_feeds

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from graphopt.onnx.ir import OnnxIR, OnnxModel
-from graphopt.pass_manager import PassManager, RewriteLog
+from graphopt.engine.pass_manager import PassManager, RewriteLog
 
 from ..base import OnnxPass
 from .emit import apply

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt.engine import ir
 
 from ..index import grouped_layout
 from ..model import Seg, dims_of, is_attr

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt.engine import ir
 
 from ..index import as_list, factor, static
 from ..model import Seg, dims_of, flat

@@ -7,7 +7,7 @@ import torch
 from hypothesis import Phase, settings
 
 import graphopt
-from graphopt.verify import LOSSLESS_REL_TOL, compare
+from graphopt.engine.verify import LOSSLESS_REL_TOL, compare
 
 
 def fuse(model: torch.nn.Module, make_inputs: Callable[[int], tuple], seeds: tuple[int, ...] = (101, 202)):
@@ -31,7 +31,7 @@ def rejections(opt, pass_name: str) -> list[str]:
 
 
 def reasons(opt, pass_name: str) -> set[str]:
-    """The rejection codes (graphopt.rules.Reason) of the passes whose name starts with `pass_name`."""
+    """The rejection codes (graphopt.engine.rules.Reason) of the passes whose name starts with `pass_name`."""
     return {code for r in opt.report.records if r.name.startswith(pass_name) for code in r.reasons}
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from graphopt.rules import Reason
+from graphopt.engine.rules import Reason
 
 from .helpers import count, examples, fuse, ops, randn, reasons, rejections
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from graphopt.rules import Reason
+from graphopt.engine.rules import Reason
 
 from .helpers import count, examples, fuse, ops, randn, reasons
 
@@ -55,6 +55,7 @@ def test_conv_batchnorm_folds(case):
     opt = fuse(model, make_inputs)
     assert count(opt, "batchnorm→conv") == 1
     assert "batch_norm" not in ops(opt)
+    assert_folded_weight_kept_its_module(opt)
 
 
 @examples(4)
@@ -65,6 +66,14 @@ def test_linear_batchnorm1d_folds(f_in, f_out, bias, seed):
     opt = fuse(model, lambda s: (randn(3, f_in, seed=s),))
     assert count(opt, "batchnorm→linear") == 1
     assert "batch_norm" not in ops(opt)
+    assert_folded_weight_kept_its_module(opt)
+
+
+def assert_folded_weight_kept_its_module(opt) -> None:
+    """The folded weight lives under the layer's module path (`0.` in these Sequentials), not at the top:
+    pruning patterns, per-layer labels and state_dict keys keep naming the layer."""
+    weights = [name for name, p in opt.graph_module.named_parameters() if p.dim() > 1]
+    assert weights and all(name.startswith("0.") for name in weights), weights
 
 
 class SharedConv(nn.Module):

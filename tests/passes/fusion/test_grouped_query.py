@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from graphopt.rules import Reason
+from graphopt.engine.rules import Reason
 
 from .helpers import count, examples, fuse, ops, randn, reasons
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt import ir
+from graphopt.engine import ir
 from tests.strategies import randomize_
 
 

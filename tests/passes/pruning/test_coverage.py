@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import graphopt
-from graphopt import ir
-from graphopt.capture import capture
+from graphopt.engine import ir
+from graphopt.frontend.capture import capture
 from graphopt.passes.pruning import analyze
 from graphopt.passes.pruning import slice as slicing
-from graphopt.verify import compare
+from graphopt.engine.verify import compare
 
 from .test_pruning import TOL, random_plan
 

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphopt
-from graphopt import ir
-from graphopt.capture import capture
+from graphopt.engine import ir
+from graphopt.frontend.capture import capture
 from graphopt.errors import OptionError
 from graphopt.passes.pruning import StructuredPruning, allocate, analyze, importance
 from graphopt.passes.pruning import slice as slicing
-from graphopt.verify import LOSSLESS_REL_TOL, compare
+from graphopt.engine.verify import LOSSLESS_REL_TOL, compare
 
 from .models import prunable_models
 
@@ -149,6 +149,36 @@ def test_pattern_ratio_that_matches_nothing_lists_candidates():
     gm = capture(DeadChannels().eval(), (torch.randn(2, 8),)).module
     with pytest.raises(OptionError, match="candidates: down, up"):
         StructuredPruning({"encoder.*": 0.5}).run(gm)
+
+
+def test_pattern_ratios_name_layers_whose_batchnorm_was_folded():
+    """O3 folds each BatchNorm into its convolution before pruning; the folded weight stays under the
+    convolution's module path, so a pattern naming the container still selects its channels."""
+    def block() -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("stem", nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()))
+    model.add_module("body", block())
+    model.add_module("head", nn.Sequential(nn.Flatten(), nn.Linear(16 * 25, 4)))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = graphopt.optimize(model, (torch.randn(2, 3, 5, 5),), level="O3", prune={"stem.*": 0.5},
+                                measure_latency=False, speed_check=False, progress=False)
+    assert opt.report["fold_batchnorm"].modified and not opt.report["fold_batchnorm"].rolled_back
+    weights = {name: p.shape for name, p in opt.graph_module.named_parameters() if p.dim() == 4}
+    body = [shape for name, shape in weights.items() if name.startswith("body.0.")]
+    stem = [shape for name, shape in weights.items() if name.startswith("stem.0.")]
+    assert body and stem, sorted(weights)
+    # the stem's output channels halved (and the body's inputs with them); the body's outputs kept
+    assert stem[0][0] == 8 and body[0][:2] == (16, 8), weights
+    for batch in (1, 3):
+        assert opt(torch.randn(batch, 3, 5, 5)).shape == (batch, 4)
 
 
 def test_no_prunable_group_leaves_the_model_unchanged():

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphopt
-from graphopt.capture import capture
+from graphopt.frontend.capture import capture
 from graphopt.errors import OptionError
 from graphopt.passes.pruning import StructuredPruning, allocate, analyze
 from graphopt.passes.pruning import recalibrate as calibration

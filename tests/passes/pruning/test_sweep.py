@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from graphopt.capture import capture
+from graphopt.frontend.capture import capture
 from graphopt.passes.pruning import _drop_fn, allocate, analyze, importance
 from graphopt.passes.pruning import slice as slicing
 from tests.strategies import randomize_

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import graphopt
 from graphopt.passes.quantize.embedding import MIN_ELEMENTS
-from graphopt.rules import Reason
+from graphopt.engine.rules import Reason
 from tests.passes.quantize.helpers import QUIET
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphopt
-from graphopt.rules import Reason
+from graphopt.engine.rules import Reason
 from graphopt.passes.quantize.fuse_norm import FuseLayerNormQuantize
 from tests.passes.quantize.helpers import QUIET, graph_targets
 

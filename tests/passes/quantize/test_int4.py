@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import graphopt
 from graphopt.errors import OptionError
 from graphopt.passes.quantize.int4 import awq_scale, fake_quantize_int4, int4_codes
-from graphopt.zoo import CausalLMLogits
+from graphopt.data.zoo import CausalLMLogits
 from tests.passes.quantize.helpers import QUIET, cosine, graph_targets
 
 transformers = pytest.importorskip("transformers")

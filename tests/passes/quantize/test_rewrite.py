@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphopt
-from graphopt.rules import Reason
+from graphopt.engine.rules import Reason
 from tests.passes.quantize.helpers import QUIET, cosine, count_int8_ops, graph_targets, int8_record
 from tests.strategies import attention_cases, mlp_cases
 

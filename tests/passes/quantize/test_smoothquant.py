@@ -6,11 +6,11 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphopt.capture import capture
-from graphopt.config import parse_options
+from graphopt.frontend.capture import capture
+from graphopt.engine.config import parse_options
 from graphopt.passes.quantize.config import parse
 from graphopt.passes.quantize.smoothquant import SmoothQuant, smoothing_factors
-from graphopt.verify import LOSSLESS_REL_TOL, compare
+from graphopt.engine.verify import LOSSLESS_REL_TOL, compare
 from tests.strategies import attention_cases, mlp_cases
 
 
