@@ -7,7 +7,10 @@
 Rows per model: the original; each fixed level (O1; O2 int8-dynamic with calibration; O3 = the demo's
 recipe: prune, fine-tune by distillation, for the CNN; for MiniLM prune 0.3 without fine-tune) with its
 score and whether it is within budget; the best fixed level within budget; tune's best after `--trials`
-(default 30) trials; Olive's search (olive-ai) when it can run here, else the reason it was not run.
+(default 30) trials. For the digits CNN also the same search on ONNX Runtime (`target="onnxruntime"`) against
+Olive's joint TPE search over its ONNX quantization passes (bench/olive_digits.py: same budget, sample count,
+CPU execution provider), each candidate scored by the same accuracy and timed against the original exported to
+ONNX, then head to head; where Olive cannot run or finds nothing, its row says why (the error its log printed).
 Every latency is the project's interleaved A/B timer against the original in the same run (ratio with a
 95 % interval; absolute ms only as context), then the fastest candidates timed against each other.
 Goal (issue 16): tune's best ≥ 1.2× faster than the best fixed level within budget.
@@ -63,9 +66,14 @@ def digits(quick: bool) -> dict[str, Any]:
         "O3 prune 0.5 + finetune 3 + int8": ({"level": "O3", "prune": 0.5, "quantize": "int8-dynamic"},
                                              {"epochs": 3}),
     }
+    def olive(budget: float, trials: int, folder: Any) -> dict[str, Any]:
+        from bench import olive_digits
+        floor = accuracy(model, data.x_test, data.y_test) - budget
+        return olive_digits.search_in_subprocess(floor, trials, (1, *example[0].shape[1:]), str(folder))
+
     return {"name": "digits CNN", "model": model, "args": example, "kwargs": None, "budget": 0.5,
             "evaluate": lambda m: accuracy(m, data.x_test, data.y_test), "score": "accuracy %",
-            "calibration": calibration, "train": train, "fixed": fixed}
+            "calibration": calibration, "train": train, "fixed": fixed, "olive": olive}
 
 
 def minilm(quick: bool) -> dict[str, Any]:
@@ -141,9 +149,87 @@ def run_case(case: dict[str, Any], trials: int, quick: bool) -> list[dict[str, A
     else:
         rows.append({"model": case["name"], "method": f"tune ({trials} trials): no trial within budget",
                      "search s": wall})
-    rows.append({"model": case["name"], "method": "Olive search",
-                 "95% CI": OLIVE_WHY or "olive-ai installed: its workflow is not wired into this benchmark yet"})
+    if "olive" not in case:
+        rows.append({"model": case["name"], "method": "Olive search", "95% CI": "not wired for this model"})
+    elif OLIVE_WHY:
+        rows.append({"model": case["name"], "method": "Olive search", "95% CI": OLIVE_WHY})
+    else:
+        rows += olive_rows(case, trials, quick)
     return rows
+
+
+def olive_rows(case: dict[str, Any], trials: int, quick: bool) -> list[dict[str, Any]]:
+    """graphopt.tune and Olive's search on the same target (ONNX Runtime, CPU), budget and trial count; every
+    candidate scored by the case's own evaluate and timed by the project's A/B timer against the original
+    exported to ONNX."""
+    import tempfile
+    from pathlib import Path
+
+    from graphopt.frontend.loaders import file_bytes
+    model, args, name, score = case["model"], case["args"], case["name"], case["score"]
+    folder = Path(tempfile.mkdtemp(prefix="bench-tune-olive-"))
+    graphopt.export_onnx(model, args, folder / "original.onnx")   # the baseline, exported as tune's target does
+    original = _onnx_run(folder / "original.onnx", args)
+    start = time.perf_counter()
+    result = graphopt.tune(model, args, evaluate=case["evaluate"], accuracy_budget=case["budget"], trials=trials,
+                           target="onnxruntime", calibration_data=case["calibration"], train_data=case["train"],
+                           speed_check={"min_rounds": 5, "max_rounds": 10 if quick else 30,
+                                        "max_seconds": 5 if quick else 20})
+    graphopt_wall = time.perf_counter() - start
+    rows: list[dict[str, Any]] = []
+    runs: dict[str, Callable] = {}
+    if result.best is not None:
+        path = folder / "graphopt.onnx"
+        graphopt.export_onnx(result.best, args, path)
+        runs["graphopt"] = _onnx_run(path, args)
+        verdict = _time(original, runs["graphopt"], quick)
+        rows.append({"model": name, "method": f"tune on onnxruntime ({trials} trials): " + _describe(result),
+                     score: case["evaluate"](_OnnxModule(path)), "within budget": True,
+                     "× faster than original": 1 / verdict.ratio, "95% CI": _ci(verdict),
+                     "size KiB": file_bytes(path) / 1024, "search s": graphopt_wall})
+    olive = case["olive"](case["budget"], trials, folder / "olive")
+    if olive["path"] is None:
+        rows.append({"model": name, "method": f"Olive search ({trials} samples)", "95% CI": olive["why"],
+                     "search s": olive["wall_s"]})
+        return rows
+    olive_score = case["evaluate"](_OnnxModule(olive["path"]))
+    runs["Olive"] = _onnx_run(olive["path"], args)
+    verdict = _time(original, runs["Olive"], quick)
+    rows.append({"model": name, "method": f"Olive search ({trials} samples, TPE): {_olive_describe(olive['config'])}",
+                 score: olive_score, "within budget": case["evaluate"](model) - olive_score <= case["budget"],
+                 "× faster than original": 1 / verdict.ratio, "95% CI": _ci(verdict),
+                 "size KiB": file_bytes(olive["path"]) / 1024, "search s": olive["wall_s"]})
+    if len(runs) == 2:
+        head = _time(runs["Olive"], runs["graphopt"], quick)
+        rows.append({"model": name, "method": "tune (onnxruntime) vs Olive's best (head to head)",
+                     "95% CI": f"{1 / head.ratio:.2f}× faster ({1 / head.high:.2f}–{1 / head.low:.2f})"})
+    return rows
+
+
+class _OnnxModule(torch.nn.Module):
+    """An ONNX file as a callable module for the case's evaluate (one tensor in, the first output out)."""
+
+    def __init__(self, path: Any) -> None:
+        super().__init__()
+        from graphopt.onnx.ir import session
+        self.session = session(path)
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+
+
+def _onnx_run(path: Any, args: tuple) -> Callable[[], object]:
+    from graphopt.onnx.ir import session
+    runtime = session(path, spin=False)   # sessions take turns on the cores: no spinning threads
+    feeds = {i.name: a.numpy() for i, a in zip(runtime.get_inputs(), args)}
+    return lambda: runtime.run(None, feeds)
+
+
+def _olive_describe(config: dict[str, Any]) -> str:
+    """The searched pass settings of Olive's best candidate, as far as its model config records them."""
+    passes = (config.get("config") or {}).get("model_attributes", {}) if isinstance(config, dict) else {}
+    return ", ".join(f"{k}={v}" for k, v in sorted(passes.items())[:6]) or "see Olive's output folder"
 
 
 def _describe(result: Any) -> str:
@@ -175,7 +261,8 @@ def main() -> None:
         if args.only in (None, key):
             rows += run_case(case(args.quick), trials, args.quick)
     name = "tune_quick" if args.quick else "tune"
-    notes = (f"Budget: 0.5 accuracy points (digits), 0.01 min cosine (MiniLM). Target torch (CPU). "
+    notes = (f"Budget: 0.5 accuracy points (digits), 0.01 min cosine (MiniLM). Target torch (CPU), and for the "
+             f"digits CNN also onnxruntime (CPU) against Olive. "
              f"Latency: interleaved A/B ratio against the original (graphopt.engine.speed.SpeedCheck), 95 % bootstrap "
              f"interval. Olive: {OLIVE_WHY or 'installed'}.")
     print(write_results(name, "graphopt.tune vs fixed levels vs Olive", rows, notes).read_text())
