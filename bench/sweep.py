@@ -128,7 +128,8 @@ MODELS: dict[str, Factory] = {
                     conv_kernel=(10, 4), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
     "whisper": _hf("WhisperModel", "WhisperConfig", _features, vocab_size=99, num_mel_bins=16, d_model=32,
                    encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                   encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=20, max_target_positions=32),
+                   encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=20, max_target_positions=32,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1),   # inside the vocabulary
     # vision
     "vit": _hf("ViTModel", "ViTConfig", _pixels(), **_VISION),
     "deit": _hf("DeiTModel", "DeiTConfig", _pixels(), **_VISION),
@@ -142,7 +143,7 @@ MODELS: dict[str, Factory] = {
                   depths=[1, 1, 1, 1], groups_width=8),
     "mobilenet_v2": _hf("MobileNetV2Model", "MobileNetV2Config", _pixels(), image_size=32, depth_multiplier=0.25),
     "efficientnet": _hf("EfficientNetModel", "EfficientNetConfig", _pixels(), image_size=32, width_coefficient=0.25,
-                        depth_coefficient=0.25, hidden_dim=64),
+                        depth_coefficient=0.25, hidden_dim=320),   # the top conv's width: round_filters(1280 × 0.25)
     "deeplabv3_mobilenet_v2": _hf("MobileNetV2ForSemanticSegmentation", "MobileNetV2Config", _pixels(64),
                                   image_size=64, depth_multiplier=0.25, num_labels=3),
     "segformer": _hf("SegformerModel", "SegformerConfig", _pixels(), num_encoder_blocks=2, depths=[1, 1],

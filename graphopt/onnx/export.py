@@ -411,11 +411,22 @@ def _without_quadratic_rewrites() -> Iterator[None]:
 
 def _name_dynamic_axes(proto: onnx.ModelProto, args: tuple, kwargs: dict,
                        dynamic_axes: str | Mapping[str, Mapping[int, str]] | None) -> None:
-    """Rename the exporter's symbols (s0, s72, …) to `batch`, `sequence` or the requested names."""
+    """Rename the exporter's symbols (s0, s72, …) to `batch`, `sequence` or the requested names.
+
+    ONNX Runtime takes axes that share a dim_param to have one size (and plans buffers on it). The exporter
+    gives inputs that always agree (a mask beside its token ids) separate symbols too, so the default names
+    join symbols whose example sizes agree; a symbol whose example size differs from the one a name already
+    stands for (an encoder-decoder's `decoder_input_ids` after `input_ids`: two sequence lengths) is named
+    after its input and axis instead."""
     if dynamic_axes is None:
         return
     rename: dict[str, str] = {}
+    size_of_name: dict[str, int] = {}
+    named = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    positional = iter(t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor))
     for graph_input in proto.graph.input:
+        example = named.get(graph_input.name)
+        example = example if example is not None else next(positional, None)
         dims = graph_input.type.tensor_type.shape.dim
         floating = graph_input.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                                                onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
@@ -427,6 +438,9 @@ def _name_dynamic_axes(proto: onnx.ModelProto, args: tuple, kwargs: dict,
             else:
                 wanted = "batch" if axis == 0 else "sequence" if axis == 1 and not floating \
                     else f"{graph_input.name}_{axis}"
+                size = example.shape[axis] if example is not None and axis < example.dim() else None
+                if size_of_name.setdefault(wanted, size) != size:
+                    wanted = f"{graph_input.name}_{axis}"
             rename[dim.dim_param] = wanted
     for info in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
         for dim in info.type.tensor_type.shape.dim:

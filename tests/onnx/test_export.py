@@ -145,6 +145,34 @@ def test_int8_transformer_export_runs_at_another_batch(tmp_path):
         assert rel_err(got, want) <= budget.max_rel_err and cosine(got, want) >= budget.min_cosine, level
 
 
+class _TwoSequences(torch.nn.Module):
+    """An encoder-decoder's inputs in miniature: two token inputs of independent lengths, one embedding table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
+        memory = self.embed(input_ids)
+        return self.embed(decoder_input_ids) @ memory.transpose(1, 2)
+
+
+def test_independent_sequence_lengths_keep_distinct_axis_names(tmp_path):
+    """Naming both token inputs' axis 1 `sequence` told ONNX Runtime the two lengths are equal: it reused one
+    buffer for both embeddings and failed on BART ({2,4,32} != {2,8,32})."""
+    torch.manual_seed(0)
+    model = _TwoSequences().eval()
+    kwargs = {"input_ids": torch.randint(0, 50, (2, 8)), "decoder_input_ids": torch.randint(0, 50, (2, 4))}
+    path = graphopt.export_onnx(model, (), tmp_path / "two.onnx", example_kwargs=kwargs)
+    assert _dims(path) == [["batch", "sequence"], ["batch", "decoder_input_ids_1"]]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, encoder, decoder in ((2, 8, 4), (3, 5, 9)):
+        ids = {"input_ids": torch.randint(0, 50, (batch, encoder)),
+               "decoder_input_ids": torch.randint(0, 50, (batch, decoder))}
+        got = session.run(None, {k: v.numpy() for k, v in ids.items()})[0]
+        np.testing.assert_allclose(got, model(**ids).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
 class _Nested(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> dict:
         return {"scores": x * 2, "extra": (x + 1, x.relu())}
