@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, split_k
 from .checks import check_out, check_w4a16_args
 from .launch import dot_dtype, finish_split_k, split_k_output, triton_kernel
 
@@ -48,19 +48,9 @@ def _w4a16_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCK_K // 2
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    first_block = pid_s * per_split
-    last_block = tl.minimum(first_block + per_split, k_blocks)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_s, first_block, last_block, offs_m, offs_n, mask_m, mask_n = split_k.tile(
+        M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     offs_j = tl.arange(0, HALF)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
     s_rows = s_ptr + offs_n.to(tl.int64) * stride_sn
@@ -83,12 +73,8 @@ def _w4a16_kernel(
         part = tl.dot(x_odd.to(DOT_DTYPE), high, part, input_precision=INPUT_PRECISION)
         acc += part * scale[None, :]
 
-    y = acc
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)
-        y += tl.where(pid_s == 0, bias, 0.0)[None, :]
-    out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    split_k.store(acc, out_ptr, bias_ptr, pid_s, offs_m, offs_n, mask_m, mask_n, stride_os, stride_om, stride_b,
+                  HAS_BIAS)
 
 
 def triton_w4a16_linear(

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, split_k
 from .checks import check_out, check_w8a16_args
 from .launch import dot_dtype, finish_split_k, split_k_output, triton_kernel
 
@@ -53,19 +53,9 @@ def _w8a16_kernel(
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    first_block = pid_s * per_split
-    last_block = tl.minimum(first_block + per_split, k_blocks)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_s, first_block, last_block, offs_m, offs_n, mask_m, mask_n = split_k.tile(
+        M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
 
@@ -78,11 +68,8 @@ def _w8a16_kernel(
         acc = tl.dot(a.to(DOT_DTYPE), b.to(tl.float32).to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
     y = acc * tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=0.0)[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)
-        y += tl.where(pid_s == 0, bias, 0.0)[None, :]
-    out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    split_k.store(y, out_ptr, bias_ptr, pid_s, offs_m, offs_n, mask_m, mask_n, stride_os, stride_om, stride_b,
+                  HAS_BIAS)
 
 
 def triton_w8a16_linear(
