@@ -113,18 +113,3 @@ def dot_dtype(x: torch.Tensor) -> Any:
     if x.dtype == torch.bfloat16 and not interpreting(x.device):
         return tl.bfloat16
     return tl.float32
-
-
-def split_k_output(out: torch.Tensor, split_k: int) -> tuple[torch.Tensor, int]:
-    """Where a split-K launch writes: ``out`` itself for one slice, else a float32 [split_k, M, N]
-    workspace of partial sums (returned with its slice stride) for ``finish_split_k``."""
-    if split_k == 1:
-        return out, 0
-    target = torch.empty((split_k, *out.shape), dtype=torch.float32, device=out.device)
-    return target, target.stride(0)
-
-
-def finish_split_k(out: torch.Tensor, target: torch.Tensor) -> None:
-    """Sum the partial slices in a fixed order (deterministic, unlike atomics) into ``out``."""
-    if target is not out:
-        out.copy_(target.sum(dim=0))

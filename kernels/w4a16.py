@@ -25,12 +25,11 @@ from dataclasses import replace
 from typing import Optional
 
 import torch
-import triton
 import triton.language as tl
 
 from . import configs, split_k
 from .checks import check_out, check_w4a16_args
-from .launch import dot_dtype, finish_split_k, split_k_output, triton_kernel
+from .launch import triton_kernel
 
 
 @triton_kernel
@@ -99,28 +98,10 @@ def triton_w4a16_linear(
     if m == 0 or n == 0:
         return out
     kernel = _w4a16_kernel.on(x.device)
-    dot = dot_dtype(x)
 
     def run(cfg: configs.BlockConfig) -> None:
-        target, stride_split = split_k_output(out, cfg.split_k)
-        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-        kernel[grid](
-            x, w_packed, scales, zeros, bias, target,
-            m, n, k,
-            x.stride(0), w_packed.stride(0), scales.stride(0), zeros.stride(0), stride_split, target.stride(-2),
-            0 if bias is None else bias.stride(0),
-            GROUP_SIZE=group_size,
-            HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_K=min(cfg.block_k, group_size),
-            SPLIT_K=cfg.split_k,
-            DOT_DTYPE=dot,
-            INPUT_PRECISION="ieee" if dot == tl.float32 else "tf32",
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-        finish_split_k(out, target)
+        split_k.launch(kernel, cfg, x, (w_packed, scales, zeros), bias, out, k, min(cfg.block_k, group_size),
+                       GROUP_SIZE=group_size)
 
     if config is None:
         table = tuple((largest, replace(c, block_k=min(c.block_k, group_size))) for largest, c in configs.W4A16_TABLE)

@@ -32,19 +32,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 import triton.language as tl
 
 from . import configs, split_k
 from .checks import check_out, check_w8a16_args
-from .launch import dot_dtype, finish_split_k, split_k_output, triton_kernel
+from .launch import triton_kernel
 
 
 @triton_kernel
 def _w8a16_kernel(
     x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     M, N, K,
-    stride_xm, stride_wn, stride_os, stride_om, stride_ws, stride_b,
+    stride_xm, stride_wn, stride_ws, stride_os, stride_om, stride_b,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -92,27 +91,9 @@ def triton_w8a16_linear(
     if m == 0 or n == 0:
         return out
     kernel = _w8a16_kernel.on(x.device)
-    dot = dot_dtype(x)
 
     def run(cfg: configs.BlockConfig) -> None:
-        target, stride_split = split_k_output(out, cfg.split_k)
-        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-        kernel[grid](
-            x, w_q, w_scale, bias, target,
-            m, n, k,
-            x.stride(0), w_q.stride(0), stride_split, target.stride(-2),
-            w_scale.stride(0), 0 if bias is None else bias.stride(0),
-            HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k,
-            SPLIT_K=cfg.split_k,
-            DOT_DTYPE=dot,
-            INPUT_PRECISION="ieee" if dot == tl.float32 else "tf32",
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-        finish_split_k(out, target)
+        split_k.launch(kernel, cfg, x, (w_q, w_scale), bias, out, k, cfg.block_k)
 
     if config is None:
         config = configs.pick(
