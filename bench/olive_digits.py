@@ -13,6 +13,7 @@ Olive's best candidate is then scored and timed by bench/tune.py itself, as ever
 """
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -29,7 +30,9 @@ LOG_LEVEL = 2           # Olive's logger: 0 verbose … 4 fatal (2: its warnings
 TIME_LIMIT_S = 600
 
 
+@functools.lru_cache(maxsize=1)
 def _digits() -> Any:
+    """The trained digits CNN and its data split, loaded once per process (model loader and datasets share it)."""
     from graphopt.data.zoo import trained_digits_resnet
     return trained_digits_resnet(progress=False)
 

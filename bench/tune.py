@@ -170,8 +170,10 @@ def olive_rows(case: dict[str, Any], trials: int, quick: bool) -> list[dict[str,
     from graphopt.frontend.loaders import file_bytes
     model, args, name, score = case["model"], case["args"], case["name"], case["score"]
     folder = Path(tempfile.mkdtemp(prefix="bench-tune-olive-"))
+    from graphopt.search.target import Target
+    target = Target("onnxruntime", model, args, None, SpeedCheck())
     graphopt.export_onnx(model, args, folder / "original.onnx")   # the baseline, exported as tune's target does
-    original = _onnx_run(folder / "original.onnx", args)
+    original = target.onnx_runner(folder / "original.onnx")
     start = time.perf_counter()
     result = graphopt.tune(model, args, evaluate=case["evaluate"], accuracy_budget=case["budget"], trials=trials,
                            target="onnxruntime", calibration_data=case["calibration"], train_data=case["train"],
@@ -183,7 +185,7 @@ def olive_rows(case: dict[str, Any], trials: int, quick: bool) -> list[dict[str,
     if result.best is not None:
         path = folder / "graphopt.onnx"
         graphopt.export_onnx(result.best, args, path)
-        runs["graphopt"] = _onnx_run(path, args)
+        runs["graphopt"] = target.onnx_runner(path)
         verdict = _time(original, runs["graphopt"], quick)
         rows.append({"model": name, "method": f"tune on onnxruntime ({trials} trials): " + _describe(result),
                      score: case["evaluate"](_OnnxModule(path)), "within budget": True,
@@ -195,7 +197,7 @@ def olive_rows(case: dict[str, Any], trials: int, quick: bool) -> list[dict[str,
                      "search s": olive["wall_s"]})
         return rows
     olive_score = case["evaluate"](_OnnxModule(olive["path"]))
-    runs["Olive"] = _onnx_run(olive["path"], args)
+    runs["Olive"] = target.onnx_runner(olive["path"])
     verdict = _time(original, runs["Olive"], quick)
     rows.append({"model": name, "method": f"Olive search ({trials} samples, TPE): {_olive_describe(olive['config'])}",
                  score: olive_score, "within budget": case["evaluate"](model) - olive_score <= case["budget"],
@@ -219,13 +221,6 @@ class _OnnxModule(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
-
-
-def _onnx_run(path: Any, args: tuple) -> Callable[[], object]:
-    from graphopt.onnx.ir import session
-    runtime = session(path, spin=False)   # sessions take turns on the cores: no spinning threads
-    feeds = {i.name: a.numpy() for i, a in zip(runtime.get_inputs(), args)}
-    return lambda: runtime.run(None, feeds)
 
 
 def _olive_describe(config: dict[str, Any]) -> str:

@@ -80,16 +80,19 @@ class Target:
     def _onnx(self, module: torch.nn.Module) -> tuple[Callable[[], object], int]:
         from ..frontend.loaders import file_bytes
         from ..onnx import export_onnx
-        from ..onnx.ir import session
         self._count += 1
         path = Path(self._directory.name) / f"model{self._count}.onnx"
         export_onnx(module, self.args, path, example_kwargs=self.kwargs)
+        return self.onnx_runner(path), file_bytes(path)
+
+    def onnx_runner(self, path: str | Path) -> Callable[[], object]:
+        """One call of the ONNX file at `path` on the example inputs, in a session fit for interleaved timing."""
+        from ..onnx.ir import session
         runtime = session(path, spin=False)   # interleaved sessions: no spinning threads slowing the other
         names = [i.name for i in runtime.get_inputs()]
         leaves = [t for t in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)]
         feeds = {name: leaf.detach().cpu().numpy() for name, leaf in zip(names, leaves)}
-        size = file_bytes(path)
-        return (lambda: runtime.run(None, feeds)), size
+        return lambda: runtime.run(None, feeds)
 
     def close(self) -> None:
         self._directory.cleanup()
