@@ -139,6 +139,41 @@ def test_bad_options_are_clear_errors():
         graphopt.tune(model, example, evaluate=lambda m: "good", accuracy_budget=1)
 
 
+@pytest.mark.parametrize("sqlstate", ["23505", "42710", "42P07"])
+def test_a_worker_that_loses_the_schema_race_retries(monkeypatch, tmp_path, sqlstate):
+    """Two workers on an empty PostgreSQL database both CREATE Optuna's schema; the loser's statement fails
+    with unique_violation, duplicate_object (the studydirection enum type) or duplicate_table, and must retry
+    against the winner's schema instead of failing its whole tune."""
+    import optuna
+    import sqlalchemy.exc
+    from graphopt.search import tuner
+
+    class Duplicate(Exception):
+        pgcode = sqlstate
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.ProgrammingError("CREATE TYPE studydirection", {}, Duplicate("exists"))
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(tuner.time, "sleep", lambda s: None)
+    assert tuner._storage(tmp_path / "study.db") is not None and len(calls) == 2
+
+    def refused(url, **kwargs):
+        calls.append(url)
+        raise sqlalchemy.exc.OperationalError("connect", {}, ConnectionRefusedError("refused"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", refused)
+    calls.clear()
+    with pytest.raises(graphopt.OptionError, match="OperationalError"):
+        tuner._storage("postgresql+psycopg2://tune:secret@127.0.0.1:1/db")
+    assert len(calls) == 1   # a refused connection is not a race: no retry
+
+
 def test_cli_tune_on_onnxruntime_then_optimize_with_the_config(tmp_path, capsys):
     (tmp_path / "models.py").write_text("from tests.search.tune_models import agreement, mlp\n")
     models = str(tmp_path / "models.py")
