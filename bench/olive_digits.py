@@ -49,16 +49,17 @@ except ImportError:         # olive-ai not installed: bench/tune.py says why and
 
 if Registry is not None:
     @Registry.register_dataset()
-    def digits_calibration(data_name: str | None = None, **kwargs: Any) -> list[tuple[np.ndarray, int]]:
-        """(image, label) pairs from the training split: calibration for static quantization, latency inputs."""
+    def digits_calibration(data_name: str | None = None, **kwargs: Any) -> list[tuple[dict[str, np.ndarray], int]]:
+        """({"x": image}, label) pairs from the training split: calibration for static quantization (Olive's
+        calibration reader takes only named inputs), latency inputs."""
         data = _digits()[1]
-        return [(data.x_train[i].numpy(), int(data.y_train[i])) for i in range(CALIBRATION_SAMPLES)]
+        return [({"x": data.x_train[i].numpy()}, int(data.y_train[i])) for i in range(CALIBRATION_SAMPLES)]
 
     @Registry.register_dataset()
-    def digits_test(data_name: str | None = None, **kwargs: Any) -> list[tuple[np.ndarray, int]]:
+    def digits_test(data_name: str | None = None, **kwargs: Any) -> list[tuple[dict[str, np.ndarray], int]]:
         """The test split, which bench/tune.py's accuracy reads too."""
         data = _digits()[1]
-        return [(data.x_test[i].numpy(), int(data.y_test[i])) for i in range(len(data.y_test))]
+        return [({"x": data.x_test[i].numpy()}, int(data.y_test[i])) for i in range(len(data.y_test))]
 
 
 def search(min_accuracy: float, trials: int, example_shape: tuple[int, ...], workdir: str | None = None) -> dict[str, Any]:
@@ -99,6 +100,7 @@ def search(min_accuracy: float, trials: int, example_shape: tuple[int, ...], wor
         "cache_dir": str(Path(workdir) / "cache"), "output_dir": str(Path(workdir) / "output"),
         "log_severity_level": LOG_LEVEL, "evaluate_input_model": False,
     }
+    _set_footprint_fields_by_alias()
     start = time.perf_counter()
     output = olive_run(config)
     wall = time.perf_counter() - start
@@ -109,6 +111,21 @@ def search(min_accuracy: float, trials: int, example_shape: tuple[int, ...], wor
     if path.is_dir():
         path = next(path.glob("*.onnx"))
     return {"path": str(path), "wall_s": wall, "config": best.olive_model_config, "metrics": best.metrics_value}
+
+
+def _set_footprint_fields_by_alias() -> None:
+    """Olive 0.13.0 records a cached pass run with `FootprintNode.update(model_config=…)`, a plain setattr by the
+    field's alias (the field is `model_config_data`), which pydantic ≥ 2.12 refuses (`"FootprintNode" object
+    has no field "model_config"`), so every search point after the first failed and no search finished. This
+    maps each alias to its field name before setting it: Olive's own intent, nothing else changed."""
+    from olive.engine.footprint import FootprintNode
+
+    def update(self: Any, **kwargs: Any) -> None:
+        names = {field.alias: name for name, field in type(self).model_fields.items() if field.alias}
+        for key, value in kwargs.items():
+            setattr(self, names.get(key, key), value)
+
+    FootprintNode.update = update
 
 
 def search_in_subprocess(min_accuracy: float, trials: int, example_shape: tuple[int, ...], workdir: str) -> dict[str, Any]:

@@ -53,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FALLBACK
     write_atomic(output, json.dumps(result.to_json(), indent=2) + "\n")
     row = result.best_row
-    print(f"best: trial {row['trial']}: {row['latency_ratio']:.3f}× the original's latency on {args.target} "
-          f"({row['verdict']}), score {row['score']:.4g} (original {result.reference_score:.4g})")
+    timed = result.final[0] if result.final else row
+    print(f"best: trial {row['trial']}: {timed['latency_ratio']:.3f}× the original's latency on {args.target} "
+          f"({timed['verdict']}{', in the final' if result.final else ''}), score {row['score']:.4g} "
+          f"(original {result.reference_score:.4g})")
     print(f"wrote {output} (graphopt optimize MODEL --config {output} …) and {report_path}")
     return EXIT_OK
 

@@ -87,7 +87,7 @@ class SpeedCheck:
             batch = self.timer(calls, rounds)
             for name in samples:
                 samples[name] += batch.samples[name]
-            verdict = self._judge(Interleaved(samples))
+            verdict = self.judge(Interleaved(samples))
             spent = sum(samples["before"]) + sum(samples["after"])
             done = len(samples["before"])
             if verdict.kind != "not measurable" or done >= self.max_rounds or spent >= self.max_seconds:
@@ -95,7 +95,8 @@ class SpeedCheck:
             per_round = spent / done
             rounds = max(1, min(done, self.max_rounds - done, int((self.max_seconds - spent) / per_round)))
 
-    def _judge(self, timings: Interleaved) -> Verdict:
+    def judge(self, timings: Interleaved) -> Verdict:
+        """The verdict on samples keyed "before" and "after" (see the module docstring)."""
         ratio, low, high = timings.ratio("after", "before")
         up, down = 1 + self.tolerance, 1 - self.tolerance
         if low > up:

@@ -22,6 +22,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..engine.speed import SpeedCheck, Verdict
+from ..engine.timing import Interleaved
 from ..errors import OptionError
 
 TARGETS = ("torch", "inductor", "onnxruntime")
@@ -69,13 +70,31 @@ class Target:
         return "inductor" if self.name == "inductor" else None
 
     def time(self, module: torch.nn.Module) -> Timing:
+        run, size = self._runner(module)
+        return _timing(self.speed_check.compare(self._baseline(), run), size)
+
+    def race(self, modules: Mapping[int, torch.nn.Module], seconds: float) -> dict[int, Timing]:
+        """Time several modules and the original in one interleaved run (one call of each per round, the order
+        rotating), for about `seconds` (between the speed check's min_rounds and max_rounds rounds): each
+        module's ratio to the original, all under the same load, so they compare with each other too."""
+        runs = {key: self._runner(module) for key, module in modules.items()}
+        calls = {"original": self._baseline(), **{key: run for key, (run, _) in runs.items()}}
+        check = self.speed_check
+        first = check.timer(calls, check.min_rounds)
+        per_round = sum(sum(samples) for samples in first.samples.values()) / check.min_rounds
+        more = min(check.max_rounds, int(seconds / max(per_round, 1e-9))) - check.min_rounds
+        samples = {name: list(values) for name, values in first.samples.items()}
+        if more > 0:
+            for name, values in check.timer(calls, more).samples.items():
+                samples[name] += values
+        return {key: _timing(check.judge(Interleaved({"before": samples["original"], "after": samples[key]})), size)
+                for key, (_, size) in runs.items()}
+
+    def _runner(self, module: torch.nn.Module) -> tuple[Callable[[], object], int]:
+        """One call of `module` on the target, and its size in bytes."""
         if self.name == "onnxruntime":
-            run, size = self._onnx(module)
-        else:
-            run, size = (lambda: module(*self.args, **self.kwargs)), _param_bytes(module)
-        verdict: Verdict = self.speed_check.compare(self._baseline(), run)
-        return Timing(verdict.ratio, verdict.low, verdict.high, verdict.after.median_ms, verdict.before.median_ms,
-                      verdict.describe(), verdict.after.samples, size)
+            return self._onnx(module)
+        return (lambda: module(*self.args, **self.kwargs)), _param_bytes(module)
 
     def _onnx(self, module: torch.nn.Module) -> tuple[Callable[[], object], int]:
         from ..frontend.loaders import file_bytes
@@ -96,6 +115,11 @@ class Target:
 
     def close(self) -> None:
         self._directory.cleanup()
+
+
+def _timing(verdict: Verdict, size: int) -> Timing:
+    return Timing(verdict.ratio, verdict.low, verdict.high, verdict.after.median_ms, verdict.before.median_ms,
+                  verdict.describe(), verdict.after.samples, size)
 
 
 def _param_bytes(module: torch.nn.Module) -> int:

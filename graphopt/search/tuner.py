@@ -22,6 +22,11 @@ A trial that raises is recorded as failed with its error, and the search goes on
 new study is O1 (lossless) when O1 is in the space, so there is a result within budget whenever
 evaluate is deterministic.
 
+The final: the search keeps its fastest trial, but that measurement is one draw among many (the winner's
+curse: the trial that looked fastest is often the one its timing flattered). So the up to `FINALISTS`
+fastest trials whose intervals overlap the fastest one's are timed again together with the original, in one
+interleaved run, and `best` is the fastest there (`TuneResult.final` holds that run's figures).
+
 Storage: None keeps the study in memory; a path (`tune.db`) is a SQLite file; any SQLAlchemy URL
 Optuna accepts (`postgresql://user@host/db`) shares the study: the same call on N machines divides
 `trials` (the study's total, counted over all workers) among them. Running again with the same storage
@@ -52,6 +57,7 @@ from .target import TARGETS, Target
 
 OBJECTIVES = {"latency": "minimize", "size": "minimize", "fidelity": "maximize"}
 HEARTBEAT_S = 60
+FINALISTS = 3
 
 
 @dataclass
@@ -67,6 +73,8 @@ class TuneResult:
     accuracy_budget: float
     target: str
     best_trial: int | None = None
+    final: list[dict[str, Any]] = field(default_factory=list)   # the finalists timed together, fastest first:
+                                                                 # trial, latency_ratio, low, high, verdict
     _importance: dict[str, float] | None = field(default=None, repr=False)
 
     @property
@@ -86,7 +94,8 @@ class TuneResult:
         return {"optimize": self.config, "finetune": self.finetune, "trial": self.best_trial,
                 "score": row.get("score"), "reference_score": self.reference_score,
                 "accuracy_budget": self.accuracy_budget, "target": self.target,
-                "latency_ratio": row.get("latency_ratio"), "size_bytes": row.get("size_bytes")}
+                "latency_ratio": row.get("latency_ratio"), "size_bytes": row.get("size_bytes"),
+                "final": self.final}
 
     def to_html(self, path: str | os.PathLike) -> Path:
         from .report import write_html
@@ -264,7 +273,7 @@ class _Run:
         self.budget, self.reference, self.objectives = budget, reference, objectives
         self.sampler, self.runtime, self.calibration, self.train, self.say = sampler, runtime, calibration, train, say
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.best: tuple[float, int, Any] | None = None    # (latency ratio, trial number, module) of this process
+        self.kept: dict[int, tuple[float, Any]] = {}    # this process's fastest trials: number → (ratio, module)
 
     def build(self, config: dict[str, Any], finetune: dict[str, Any] | None,
               on_epoch: Callable[[int, Any], None] | None = None) -> Any:
@@ -299,10 +308,15 @@ class _Run:
             raise
         finally:
             trial.set_user_attr("wall_s", time.perf_counter() - start)
-        if self.best is None or timing.ratio < self.best[0]:
-            self.best = (timing.ratio, trial.number, module)
+        self._keep(trial.number, timing.ratio, module)
         values = {"latency": timing.ratio, "size": float(timing.size_bytes), "fidelity": score}
         return tuple(values[o] for o in self.objectives)
+
+    def _keep(self, number: int, ratio: float, module: Any) -> None:
+        """Hold the module while it is among this process's FINALISTS fastest (the final needs no rebuild)."""
+        self.kept[number] = (ratio, module)
+        if len(self.kept) > FINALISTS:
+            del self.kept[max(self.kept, key=lambda n: (self.kept[n][0], n))]
 
     def _reuse(self, trial: optuna.Trial, earlier: optuna.trial.FrozenTrial) -> tuple[float, ...]:
         """A config measured before (the conditional space makes repeats likely, e.g. O1): its result, not a rerun."""
@@ -358,21 +372,39 @@ class _Run:
 
     def result(self, study: Any) -> TuneResult:
         rows = [_row(t) for t in study.get_trials(deepcopy=False)]
-        best = _best_trial(study.get_trials(deepcopy=False))
-        module = config = finetune = None
+        finalists = _finalists(study.get_trials(deepcopy=False))
+        modules = {t.number: module for t in finalists if (module := self._module(t)) is not None}
+        final: list[dict[str, Any]] = []
+        if len(modules) > 1:
+            seconds = self.runtime.speed_check.max_seconds * len(modules)
+            self.say(f"final: trials {', '.join(map(str, modules))} (within each other's 95 % intervals) timed "
+                     f"together with the original, ~{seconds:.0f} s")
+            timings = self.runtime.race(modules, seconds)
+            final = sorted(({"trial": n, "latency_ratio": t.ratio, "low": t.low, "high": t.high, "verdict": t.verdict}
+                            for n, t in timings.items()), key=lambda r: (r["latency_ratio"], r["trial"]))
+            self.say("final: " + "; ".join(f"trial {r['trial']} {r['latency_ratio']:.3f}× of original ({r['verdict']})"
+                                           for r in final))
+        best = final[0]["trial"] if final else next(iter(modules), None)
+        config = finetune = None
         if best is not None:
-            config, finetune = best.user_attrs["config"], best.user_attrs["finetune"]
-            if self.best is not None and self.best[1] == best.number:
-                module = self.best[2]
-            else:   # measured by an earlier run or another worker: rebuilt from its config, and checked
-                module = self.build(config, finetune)
-                score = _score(self.evaluate, module, f"trial {best.number} rebuilt")
-                if self.reference - score > self.budget:
-                    warnings.warn(f"graphopt.tune: trial {best.number} rebuilt from its config scores {score:.4g}, "
-                                  f"over budget (it scored {best.user_attrs['score']:.4g} when measured): is "
-                                  "evaluate deterministic?")
-        return TuneResult(module, config, finetune, pareto(rows), rows, study, self.reference, self.budget,
-                          self.runtime.name, best.number if best is not None else None)
+            attrs = next(t for t in finalists if t.number == best).user_attrs
+            config, finetune = attrs["config"], attrs["finetune"]
+        return TuneResult(modules.get(best), config, finetune, pareto(rows), rows, study, self.reference,
+                          self.budget, self.runtime.name, best, final)
+
+    def _module(self, trial: Any) -> Any:
+        """The trial's module: held since it was measured, or rebuilt from its config (measured by an earlier
+        run or another worker) and scored again; None when the rebuilt module is over budget."""
+        if trial.number in self.kept:
+            return self.kept[trial.number][1]
+        module = self.build(trial.user_attrs["config"], trial.user_attrs["finetune"])
+        score = _score(self.evaluate, module, f"trial {trial.number} rebuilt")
+        if self.reference - score > self.budget:
+            warnings.warn(f"graphopt.tune: trial {trial.number} rebuilt from its config scores {score:.4g}, over "
+                          f"budget (it scored {trial.user_attrs['score']:.4g} when measured): is evaluate "
+                          "deterministic? It is left out of the final")
+            return None
+        return module
 
 
 def _same_config(trial: optuna.Trial, config: dict[str, Any], finetune: dict[str, Any] | None) -> Any:
@@ -386,6 +418,18 @@ def _same_config(trial: optuna.Trial, config: dict[str, Any], finetune: dict[str
 def _best_trial(trials: list[Any]) -> Any:
     done = [t for t in trials if t.state.name == "COMPLETE" and "latency_ratio" in t.user_attrs]
     return min(done, key=lambda t: (t.user_attrs["latency_ratio"], t.number), default=None)
+
+
+def _finalists(trials: list[Any]) -> list[Any]:
+    """The up to FINALISTS fastest measured trials (distinct configs) whose 95 % interval reaches the fastest
+    one's: the search cannot tell them apart from it."""
+    done = sorted((t for t in trials if t.state.name == "COMPLETE" and "latency_ratio" in t.user_attrs
+                   and "reused" not in t.user_attrs.get("note", "")),
+                  key=lambda t: (t.user_attrs["latency_ratio"], t.number))
+    if not done:
+        return []
+    reach = done[0].user_attrs["high"]
+    return [t for t in done if t.user_attrs["low"] <= reach][:FINALISTS]
 
 
 def _row(trial: Any) -> dict[str, Any]:
