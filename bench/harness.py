@@ -92,6 +92,17 @@ def write_results(name: str, title: str, rows: list[dict[str, Any]], notes: str 
     return md
 
 
+def earlier_rows(name: str, running: list[str]) -> list[dict[str, Any]]:
+    """The rows of an earlier run's bench/results/NAME.json for models not in `running` (their "model" column),
+    tagged in a "run" column with the commit and date they came from: a run of some models keeps the others."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    stamp = f"{earlier['machine'].get('graphopt_commit', '?')} {earlier['machine'].get('date', '?')}"
+    return [{**row, "run": row.get("run", stamp)} for row in earlier["rows"] if row["model"] not in running]
+
+
 def _table(columns: list[str], rows: list[dict[str, Any]]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):

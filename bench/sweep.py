@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     missing = [n for n in names if n not in MODELS]
     if missing:
         parser.error(f"unknown models {missing}; choose from {', '.join(MODELS)}")
-    kept = _kept_rows(options.name, names) if options.keep else []
+    from bench.harness import earlier_rows
+    kept = earlier_rows(options.name, names) if options.keep else []
     rows: list[dict[str, Any]] = []
     load = [os.getloadavg()[0]]
     start = time.perf_counter()
@@ -295,18 +296,6 @@ def _commit() -> str:
     from bench.harness import machine_info
     info = machine_info()
     return f"{info.get('graphopt_commit', '?')} {info['date']}"
-
-
-def _kept_rows(name: str, running: list[str]) -> list[dict[str, Any]]:
-    """The rows of an earlier run's bench/results/NAME.json for models not in `running`, tagged with
-    the commit and date they came from."""
-    from bench.harness import RESULTS
-    path = RESULTS / f"{name}.json"
-    if not path.exists():
-        return []
-    earlier = json.loads(path.read_text())
-    stamp = f"{earlier['machine'].get('graphopt_commit', '?')} {earlier['machine'].get('date', '?')}"
-    return [{**row, "run": row.get("run", stamp)} for row in earlier["rows"] if row["model"] not in running]
 
 
 def _write(name: str, rows: list[dict[str, Any]], kept: list[dict[str, Any]], stages: tuple[str, ...],

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 import graphopt
-from bench.harness import pin_threads, write_results
+from bench.harness import earlier_rows, pin_threads, write_results
 from graphopt.engine.speed import SpeedCheck
 
 OLIVE_WHY: str | None = None
@@ -247,7 +247,8 @@ def main() -> None:
     global OLIVE_WHY
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 trials, short timings (no figures)")
-    parser.add_argument("--only", choices=["digits", "minilm"], default=None)
+    parser.add_argument("--only", choices=["digits", "minilm"], default=None,
+                        help="run one model; the table keeps the other model's rows from its last run")
     parser.add_argument("--trials", type=int, default=None, help="tune trials (default 30, --quick 4)")
     args = parser.parse_args()
     pin_threads()
@@ -258,6 +259,8 @@ def main() -> None:
         if args.only in (None, key):
             rows += run_case(case(args.quick), trials, args.quick)
     name = "tune_quick" if args.quick else "tune"
+    if args.only:   # the other model's rows stay, tagged with the run they came from
+        rows = earlier_rows(name, sorted({row["model"] for row in rows})) + rows
     notes = (f"Budget: 0.5 accuracy points (digits), 0.01 min cosine (MiniLM). Target torch (CPU), and for the "
              f"digits CNN also onnxruntime (CPU) against Olive. "
              f"Latency: interleaved A/B ratio against the original (graphopt.engine.speed.SpeedCheck), 95 % bootstrap "

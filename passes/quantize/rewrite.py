@@ -133,8 +133,9 @@ class QuantizeLinears(Pass):
                 row.update(sensitivity=selection.sensitivity[site.node.name],
                            error_share=selection.share[site.node.name])
             layers.append(row)
+        unsmoothed = unsmooth_float_layers(gm, [site for site in sites if site.node.name not in chosen])
         ir.drop_unused_attributes(gm)
-        stats: dict[str, Any] = {"layers": layers, "scheme": config.scheme,
+        stats: dict[str, Any] = {"layers": layers, "scheme": config.scheme, "unsmoothed": unsmoothed,
                                  "weight_bytes": {"before": bytes_before, "after": bytes_after}}
         if selection is not None:
             stats["accuracy"] = {"budget": config.fidelity.describe(), "met": selection.met,
@@ -261,6 +262,33 @@ def weight_bits(config: QuantConfig, weight: torch.Tensor) -> int:
     if config.weight_bits is None and bits == 7 and _on_int8_grid(weight, WEIGHT_QMAX[8]):
         return 8
     return bits
+
+
+def unsmooth_float_layers(gm: fx.GraphModule, float_sites: list[Site]) -> list[str]:
+    """SmoothQuant's div(x, s) in front of layers that all stay float goes back into their weights:
+
+        (x / s) (W · s)ᵀ = x Wᵀ      (per input channel k: x_k / s_k · W[n, k] s_k)
+
+    so a float layer pays no elementwise pass over its input for a smoothing nothing quantizes. A divide
+    that also feeds an int8 layer was absorbed into that layer's quantization already, and the others
+    keep theirs. Returns the layers whose weights were restored."""
+    groups: dict[fx.Node, tuple[fx.Node, torch.Tensor, list[Site]]] = {}
+    for site in float_sites:
+        x, smooth = _unsmoothed_input(gm, site)
+        if smooth is not None:
+            groups.setdefault(site.x, (x, smooth, []))[2].append(site)
+    restored = []
+    for div, (x, smooth, group) in groups.items():
+        if set(div.users) != {site.node for site in group} or ir.is_mutated(div):
+            continue
+        for site in group:
+            target = str(site.weight_node.target)
+            site.set_weight(gm, site.weight(gm) / smooth.to(site.weight(gm).dtype),
+                            name=target.removesuffix("_smoothed") if target.endswith("_smoothed") else None)
+            site.node.replace_input_with(div, x)
+            restored.append(site.name)
+        gm.graph.erase_node(div)
+    return restored
 
 
 def _unsmoothed_input(gm: fx.GraphModule, site: Site) -> tuple[fx.Node, torch.Tensor | None]:

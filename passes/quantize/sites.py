@@ -50,10 +50,11 @@ class Site:
         w = ir.get_attr_value(gm, self.weight_node).detach()
         return w.t() if self.transposed else w
 
-    def set_weight(self, gm: fx.GraphModule, w_nk: torch.Tensor) -> None:
-        """Point the site at a new float weight given as [N, K]."""
+    def set_weight(self, gm: fx.GraphModule, w_nk: torch.Tensor, name: str | None = None) -> None:
+        """Point the site at a new float weight given as [N, K] (a constant named `name`, by default the old
+        weight's name + "_smoothed")."""
         value = w_nk.t() if self.transposed else w_nk
-        new = ir.add_constant(gm, f"{self.weight_node.target}_smoothed", value.to(ir.dtype(self.weight_node)),
+        new = ir.add_constant(gm, name or f"{self.weight_node.target}_smoothed", value.to(ir.dtype(self.weight_node)),
                               before=self.node)
         self.node.replace_input_with(self.weight_node, new)
 
