@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 SCRIPT = Path(__file__).resolve()
-CALIBRATION_SAMPLES = 512
+CALIBRATION_SAMPLES = 512   # in batches of 64: what graphopt.tune calibrates on (bench/tune.py)
 LOG_LEVEL = 2           # Olive's logger: 0 verbose … 4 fatal (2: its warnings name each failed search point)
 TIME_LIMIT_S = 600
 
@@ -73,7 +73,7 @@ def search(min_accuracy: float, trials: int, example_shape: tuple[int, ...], wor
     from olive import run as olive_run
     workdir = workdir or tempfile.mkdtemp(prefix="olive-digits-")
     calibration = {"name": "digits", "user_script": str(SCRIPT),
-                   "load_dataset_config": {"type": "digits_calibration"}, "dataloader_config": {"batch_size": 1}}
+                   "load_dataset_config": {"type": "digits_calibration"}, "dataloader_config": {"batch_size": 64}}
     test = {"name": "digits_test", "user_script": str(SCRIPT), "load_dataset_config": {"type": "digits_test"},
             "post_process_data_config": {"type": "text_classification_post_process"},
             "dataloader_config": {"batch_size": 64}}
@@ -95,7 +95,10 @@ def search(min_accuracy: float, trials: int, example_shape: tuple[int, ...], wor
         "passes": {"conversion": {"type": "OnnxConversion", "target_opset": 17},
                    "peephole": {"type": "OnnxPeepholeOptimizer"},
                    "quantization": {"type": "OnnxQuantization", "data_config": "digits"}},
-        "search_strategy": {"execution_order": "joint", "sampler": "tpe", "max_samples": trials, "seed": 0},
+        # max_samples alone did not stop Olive 0.13.0's joint search (a 4-sample try ran ~30 search points in
+        # 15 min); max_iter counts every point it draws, max_time ends it with its best so far before our limit
+        "search_strategy": {"execution_order": "joint", "sampler": "tpe", "max_samples": trials, "seed": 0,
+                            "max_iter": trials, "max_time": TIME_LIMIT_S - 120},
         "evaluator": "digits", "host": "local", "target": "local",
         "cache_dir": str(Path(workdir) / "cache"), "output_dir": str(Path(workdir) / "output"),
         "log_severity_level": LOG_LEVEL, "evaluate_input_model": False,
@@ -110,7 +113,20 @@ def search(min_accuracy: float, trials: int, example_shape: tuple[int, ...], wor
     path = Path(best.model_path)
     if path.is_dir():
         path = next(path.glob("*.onnx"))
-    return {"path": str(path), "wall_s": wall, "config": best.olive_model_config, "metrics": best.metrics_value}
+    return {"path": str(path), "wall_s": wall, "config": _chosen_settings(workdir, best.model_id),
+            "metrics": best.metrics_value}
+
+
+#: The quantization settings Olive searched, as its footprint records them for a candidate.
+SEARCHED = ("quant_mode", "precision", "quant_format", "activation_type", "per_channel", "reduce_range",
+            "calibrate_method")
+
+
+def _chosen_settings(workdir: str, model_id: str) -> dict[str, Any]:
+    """The searched pass settings of the candidate `model_id`, read from Olive's footprint of the run."""
+    footprint = json.loads((Path(workdir) / "output" / "footprint.json").read_text())
+    settings = (footprint.get(model_id) or {}).get("pass_run_config") or {}
+    return {key: settings[key] for key in SEARCHED if key in settings and not isinstance(settings[key], dict)}
 
 
 def _set_footprint_fields_by_alias() -> None:

@@ -224,9 +224,8 @@ class _OnnxModule(torch.nn.Module):
 
 
 def _olive_describe(config: dict[str, Any]) -> str:
-    """The searched pass settings of Olive's best candidate, as far as its model config records them."""
-    passes = (config.get("config") or {}).get("model_attributes", {}) if isinstance(config, dict) else {}
-    return ", ".join(f"{k}={v}" for k, v in sorted(passes.items())[:6]) or "see Olive's output folder"
+    """The quantization settings of Olive's best candidate (bench/olive_digits.py reads them from its footprint)."""
+    return ", ".join(f"{key}={value}" for key, value in config.items()) or "settings not in Olive's footprint"
 
 
 def _describe(result: Any) -> str:
