@@ -1,15 +1,17 @@
-"""Olive's search on the digits CNN, for bench/tune.py: the same model, data, budget and trial count as
-`graphopt.tune` with target="onnxruntime".
+"""Olive's search on the digits CNN, for bench/tune.py: the same model, data (512 calibration images in batches
+of 64), budget and number of search points as `graphopt.tune` with target="onnxruntime".
 
 Olive (olive-ai) loads its model, data and metric from a user script; this module is that script
 (`load_model`, the `digits_calibration` and `digits_test` datasets) and runs the workflow (`search`). Olive's
-own accuracy metric (torchmetrics, on the test split) carries the budget as a max-degradation goal:
+own accuracy metric (torchmetrics, on the test split) carries the budget as an absolute accuracy goal:
 
     PyTorch model ─ OnnxConversion ─ OnnxPeepholeOptimizer ─ OnnxQuantization (searched: dynamic or static,
     per-channel, formats, calibration method, …) ─ ranked by latency (Olive's ONNX Runtime timer), candidates
     within the accuracy goal (at most `budget` points below the original) only.
 
-Olive's best candidate is then scored and timed by bench/tune.py itself, as every other row.
+Olive's best candidate is then scored and timed by bench/tune.py itself, as every other row. Two workarounds
+for olive-ai 0.13.0 are applied here and named where they are made: its footprint's update by field alias,
+which pydantic ≥ 2.12 refuses, and a search bound by `max_iter` (its `max_samples` did not stop the search).
 """
 from __future__ import annotations
 

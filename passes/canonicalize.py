@@ -192,7 +192,8 @@ class FoldConstants(CanonicalPass):
                 log.rejected("fold", node, Reject(Reason.SIZE_LIMIT, f"would grow the model by {growth} bytes "
                                                                      f"(limit {self.max_growth_bytes})"))
                 continue
-            folded = ir.add_constant(gm, f"folded_{node.name}", value, parameter=False)
+            folded = ir.add_constant(gm, ir.owned_name(_first_attribute(node), f"folded_{node.name}"), value,
+                                     parameter=False)
             ir.replace_all_uses(node, folded)
             log.matched("fold")
         gm.graph.eliminate_dead_code(is_impure_node=_keeps_effects)
@@ -222,6 +223,20 @@ class FoldConstants(CanonicalPass):
                 value = node.target(*args, **kwargs)
         values[node] = value
         return value
+
+
+def _first_attribute(node: fx.Node) -> fx.Node | None:
+    """The first parameter or buffer a folded value is computed from (walking its inputs breadth-first): the
+    folded constant is registered under that attribute's module, so layer names and patterns still find it."""
+    pending, seen = list(node.all_input_nodes), set()
+    while pending:
+        current = pending.pop(0)
+        if current.op == "get_attr":
+            return current
+        if current not in seen:
+            seen.add(current)
+            pending += current.all_input_nodes
+    return None
 
 
 def _inputs_constant(node: fx.Node, constant: set[fx.Node]) -> bool:

@@ -112,7 +112,7 @@ class MatmulToLinear(Rule):
         new_bias = None
         if bias is not None:
             new_bias = bias_node if list(bias.shape) == [weight.shape[1]] \
-                else ir.add_constant(gm, f"{bias_node.name}_v", bias)
+                else ir.add_constant(gm, ir.owned_name(bias_node, f"{bias_node.name}_v"), bias)
         new = call(gm.graph, aten.linear.default, (b["x"], w_t, new_bias), before=b["out"])
         ir.replace_all_uses(b["out"], new)
         return Match("matmul + bias → linear" if new_bias is not None else "matmul → linear", b["dead"])

@@ -58,10 +58,13 @@ class MergeGemmsRule(Rule):
         first = group[0]
         weights = [constant_tensor(gm, n.args[1]) for n in group]
         biases = [_bias(gm, n, w) for n, w in zip(group, weights)]
-        merged_w = ir.add_constant(gm, f"{first.name}_merged_weight", torch.cat(weights, 0))
+        # under the first layer's module (q of q, k, v): layer patterns and state_dict keys keep its path
+        merged_w = ir.add_constant(gm, ir.owned_name(first.args[1], f"{first.name}_merged_weight"),
+                                   torch.cat(weights, 0))
         merged_b = None
         if any(arg(n, 2, "bias") is not None for n in group):
-            merged_b = ir.add_constant(gm, f"{first.name}_merged_bias", torch.cat(biases, 0))
+            merged_b = ir.add_constant(gm, ir.owned_name(first.args[1], f"{first.name}_merged_bias"),
+                                       torch.cat(biases, 0))
         args = [x, merged_w, merged_b, *first.args[3:]]
         merged = call(gm.graph, first.target, tuple(args), {}, before=first)
         dim = -1 if ir.is_op(first, aten.linear) else 1

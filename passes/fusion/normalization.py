@@ -190,4 +190,4 @@ def _param(gm: fx.GraphModule, op: fx.Node, value: fx.Node, shape: list, dtype: 
         return None
     if list(tensor.shape) == list(shape):
         return other
-    return ir.add_constant(gm, f"{other.name}_affine", tensor.reshape(shape), before=op)
+    return ir.add_constant(gm, ir.owned_name(other, f"{other.name}_affine"), tensor.reshape(shape), before=op)

@@ -31,6 +31,9 @@ def test_parallel_linears_merge(width, branches, reshape_heads, seed):
     opt = fuse(model, lambda s: (randn(2, 3, width, seed=s),))
     assert opt.report.matches().get(f"merged {len(branches)}× linear") == 1
     assert ops(opt).count("linear") == 1
+    # the merged weight stays under the first branch's module: layer names, patterns, state_dict keys
+    merged = [name for name, _ in opt.graph_module.named_parameters() if "merged_weight" in name]
+    assert len(merged) == 1 and merged[0].startswith("branches.0."), merged
 
 
 class Inception(nn.Module):

@@ -181,6 +181,36 @@ def test_pattern_ratios_name_layers_whose_batchnorm_was_folded():
         assert opt(torch.randn(batch, 3, 5, 5)).shape == (batch, 4)
 
 
+class SiblingBlock(nn.Module):
+    """Two linears reading one input (q and k of attention, an inception block's branches): O1 merges them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch = nn.ModuleDict({"a": nn.Linear(12, 16), "b": nn.Linear(12, 16)})
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.branch["a"](x)) * torch.sigmoid(self.branch["b"](x)))
+
+
+def test_pattern_ratios_name_layers_that_a_fusion_merged():
+    """Horizontal GEMM merging runs before pruning; the merged weight stays under the first branch's module,
+    so a pattern naming the branches' container still selects their channels (it matched no layer before,
+    as tune's per-group patterns on MiniLM's attention.self.* showed)."""
+    torch.manual_seed(0)
+    model = SiblingBlock().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = graphopt.optimize(model, (torch.randn(4, 12),), level="O3", prune={"branch.*": 0.5},
+                                measure_latency=False, speed_check=False, progress=False)
+    assert opt.report.matches().get("merged 2× linear") == 1, opt.report.matches()
+    out = dict(opt.graph_module.named_parameters())
+    assert [p.shape for name, p in out.items() if name.startswith("out.") and p.dim() == 2] == [(3, 8)], out.keys()
+    for batch in (1, 5):
+        x = torch.randn(batch, 12)
+        assert opt(x).shape == (batch, 3)
+
+
 def test_no_prunable_group_leaves_the_model_unchanged():
     model = nn.Linear(8, 4).eval()
     gm = capture(model, (torch.randn(2, 8),)).module
