@@ -20,7 +20,7 @@ int8-static, pruning options only at O3, fine-tune epochs only at O3 with traini
 
 The default space is built from the model: one `float.*` switch per kind of linear layer (module paths
 with their block numbers replaced by `*`, so 36 linears of a 6-layer encoder make 6 switches) and one
-`prune_group.*` ratio per kind of layer container.
+`prune_group.*` ratio per kind of layer container, counting only layers the captured graph uses.
 """
 from __future__ import annotations
 
@@ -42,22 +42,37 @@ def _kind(path: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", path)
 
 
-def float_patterns(model: torch.nn.Module) -> list[str]:
-    """One fnmatch pattern per kind of int8-eligible linear layer."""
+def float_patterns(model: torch.nn.Module, live: set[str] | None = None) -> list[str]:
+    """One fnmatch pattern per kind of int8-eligible linear layer (of those in `live`, when given)."""
     return sorted({_kind(name) for name, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and m.in_features > MIN_IN_FEATURES})
+                   if isinstance(m, torch.nn.Linear) and m.in_features > MIN_IN_FEATURES
+                   and (live is None or name in live)})
 
 
-def prune_patterns(model: torch.nn.Module) -> list[str]:
-    """One fnmatch pattern per kind of container of convolutions and linears (`stage1.*`, `encoder.layer.*.intermediate.*`)."""
+def prune_patterns(model: torch.nn.Module, live: set[str] | None = None) -> list[str]:
+    """One fnmatch pattern per kind of container of convolutions and linears (`stage1.*`,
+    `encoder.layer.*.intermediate.*`), of the layers in `live` when given."""
     kinds = set()
     for name, m in model.named_modules():
-        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)) and "." in name:
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)) and "." in name \
+                and (live is None or name in live):
             kinds.add(_kind(name.rpartition(".")[0]) + ".*")
     return sorted(kinds)
 
 
-def default_space(model: torch.nn.Module) -> dict[str, Any]:
+def live_modules(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] | None) -> set[str]:
+    """Paths of the modules whose parameters the model's graph reads on the example, once dead code is gone.
+    A layer that runs but whose result nothing uses (BERT's pooler under a mean-pooling head) is dropped
+    before any pass sees it, so a switch or prune ratio drawn for it would name no layer."""
+    from ..frontend.capture import capture
+    graph = capture(model, args, dict(kwargs or {})).module.graph
+    graph.eliminate_dead_code()
+    return {str(node.target).rpartition(".")[0] for node in graph.nodes if node.op == "get_attr" and node.users}
+
+
+def default_space(model: torch.nn.Module, live: set[str] | None = None) -> dict[str, Any]:
+    """The space over every option; the per-layer entries only for the modules in `live` when given
+    (`live_modules`: those the captured graph still reads)."""
     space: dict[str, Any] = {
         "level": list(LEVELS),
         "quantize": [*SCHEMES, None],            # None at O2/O3: float (O3 then prunes only)
@@ -70,8 +85,8 @@ def default_space(model: torch.nn.Module) -> dict[str, Any]:
         "prune_options.sensitivity": [True, False],
         "finetune.epochs": (0, 3),
     }
-    space.update({f"float.{p}": [False, True] for p in float_patterns(model)})
-    space.update({f"prune_group.{p}": (0.0, 0.6) for p in prune_patterns(model)})
+    space.update({f"float.{p}": [False, True] for p in float_patterns(model, live)})
+    space.update({f"prune_group.{p}": (0.0, 0.6) for p in prune_patterns(model, live)})
     return space
 
 

@@ -52,7 +52,7 @@ import torch
 from ..engine.speed import SpeedCheck, parse_speed_check
 from ..errors import InputError, OptionError
 from . import recipe
-from .space import Sampler, default_space, merge
+from .space import Sampler, default_space, live_modules, merge
 from .target import TARGETS, Target
 
 OBJECTIVES = {"latency": "minimize", "size": "minimize", "fidelity": "maximize"}
@@ -140,7 +140,7 @@ def tune(model: torch.nn.Module, example_inputs: tuple | None = None, *, evaluat
 
     if target not in TARGETS:
         raise OptionError(f"target={target!r}: choose one of {', '.join(TARGETS)}")
-    space = merge(default_space(model), search_space)
+    space = merge(default_space(model, live_modules(model, example_inputs, example_kwargs)), search_space)
     reference = _score(evaluate, model, "the original model")
     study = _study(storage, study_name, objectives, seed, trials, accuracy_budget, reference, target)
     if isinstance(space.get("level"), list) and len(space["level"]) > 1 and "O1" in space["level"] \

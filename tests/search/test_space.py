@@ -1,0 +1,62 @@
+"""tune's default search space names only layers the optimized graph has: a layer that runs but whose result
+nothing uses (BERT's pooler under a mean-pooling head, as in bench/tune.py's MiniLM) is gone after dead-code
+elimination, and a per-group prune ratio or float switch drawn for it failed its trial ("matches no layer")."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt.search.space import default_space, float_patterns, live_modules, prune_patterns
+
+
+class WithUnusedPooler(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 24))
+        self.pooler = nn.Sequential(nn.Linear(24, 24), nn.Tanh())   # computed, its result unused
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.body(x)
+        self.pooler(hidden)
+        return self.head(hidden)
+
+
+def example(batch: int = 4) -> tuple[torch.Tensor]:
+    return (torch.randn(batch, 24, generator=torch.Generator().manual_seed(batch)),)
+
+
+def test_the_default_space_leaves_out_layers_whose_result_nothing_uses():
+    torch.manual_seed(0)
+    model = WithUnusedPooler().eval()
+    live = live_modules(model, example(), None)
+    assert {"body.0", "body.2", "head"} <= live and "pooler.0" not in live
+    assert "pooler.*" in prune_patterns(model)                    # what the space drew from before
+    assert prune_patterns(model, live) == ["body.*"]
+    assert float_patterns(model, live) == ["body.*", "head"] and "pooler.*" in float_patterns(model)
+    space = default_space(model, live)
+    assert not [path for path in space if "pooler" in path]
+    assert {"prune_group.body.*", "float.body.*", "float.head"} <= set(space)
+
+
+def test_every_drawn_prune_pattern_names_a_layer_of_the_graph():
+    """The per-group ratios of the default space go through optimize (O3, per group) without an OptionError, and
+    the pruned module runs at other batch sizes; the unused pooler's pattern would have been refused."""
+    torch.manual_seed(0)
+    model = WithUnusedPooler().eval()
+    live = live_modules(model, example(), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = graphopt.optimize(model, example(), level="O3", prune={p: 0.5 for p in prune_patterns(model, live)},
+                                measure_latency=False, speed_check=False, progress=False)
+        with pytest.raises(graphopt.OptionError, match="pooler"):
+            graphopt.optimize(model, example(), level="O3", prune={"pooler.*": 0.5}, measure_latency=False,
+                              speed_check=False, progress=False)
+    body = dict(opt.graph_module.named_parameters())
+    assert [tuple(p.shape) for name, p in body.items() if name.startswith("body.0")][0][0] == 16, sorted(body)
+    for batch in (1, 7):
+        assert opt(*example(batch)).shape == (batch, 5)
