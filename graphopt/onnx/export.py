@@ -5,8 +5,9 @@
 1. `torch.onnx.export(..., dynamo=True)` of the optimized graph, with
    graphopt's custom int8 ops translated to standard ONNX operators
    (`graphopt.onnx.translations`), so ONNX Runtime (CPU, CUDA) and TensorRT
-   run the file without vendor domains. `contiguous` nodes go to torch.onnx as
-   clones (see `_contiguous_as_clone`), on a copy of the graph.
+   run the file without vendor domains. The module is captured by torch.export
+   here, its `contiguous` nodes written as clones (see `_capture`), and the
+   program handed to torch.onnx.
 2. Cleanup through the ONNX passes, run by the pass manager (verified on the
    example inputs, rolled back if a pass changes the outputs; the records go
    to the optimized module's `report.meta["export_passes"]`): constant folding
@@ -37,6 +38,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.fx.experimental._config
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
@@ -197,28 +199,37 @@ def _exportable(opt: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.
     if graph_module is None:
         return opt.eval() if not opt.training else _eval_copy(opt), None
     options = getattr(opt, "options", None)
-    return _contiguous_as_clone(graph_module), _scheme(graph_module, getattr(options, "quantize", None))
+    return graph_module, _scheme(graph_module, getattr(options, "quantize", None))
 
 
-def _contiguous_as_clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of `gm` (sharing its tensors) whose `contiguous(x)` nodes are `clone(x, contiguous_format)`.
+def _capture(module: torch.nn.Module, args: tuple, kwargs: dict,
+             dynamic_shapes: Any) -> torch.nn.Module | torch.export.ExportedProgram:
+    """What torch.onnx.export is given: `module` captured as torch.onnx's first strategy does (torch.export,
+    non-strict), with every `contiguous(x)` node written as `clone(x, contiguous_format)`.
 
     The same values: both return x's elements in a fresh contiguous tensor. torch.onnx's decomposition
     step retraces the graph more than once, and `contiguous` is dropped on a trace where x's strides say
     it is already contiguous: the strides of a kept scaled_dot_product_attention differ between those
     traces (its CPU kernel's layout on one, the standard one on the next), so the reshape after
     `transpose(attention).contiguous()` becomes a `view` of the transposed output, which the next trace
-    refuses ("Cannot view a tensor with shape [B, S, H, D] …", T5). A clone is never dropped."""
+    refuses ("Cannot view a tensor with shape [B, S, H, D] …": T5's attention, Swin's windows). A clone is
+    never dropped. The program is a fresh one: the module's own graph is not touched.
+
+    Where torch.export fails, the module itself (torch.onnx then tries its other capture strategies and
+    reports their errors)."""
+    try:
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):   # as torch.onnx: 0/1-sized axes
+            program = torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes,
+                                          strict=False)
+    except Exception:  # noqa: BLE001  (torch.onnx's own strategies take over and raise what they find)
+        return module
     contiguous = torch.ops.aten.contiguous.default
-    if not any(node.target is contiguous for node in gm.graph.nodes):
-        return gm
-    import copy
-    graph = copy.deepcopy(gm.graph)
-    for node in graph.nodes:
+    for node in program.graph.nodes:
         if node.target is contiguous:
             node.target = torch.ops.aten.clone.default
             node.kwargs = {"memory_format": node.kwargs.get("memory_format", torch.contiguous_format)}
-    return torch.fx.GraphModule(gm, graph)
+    program.graph_module.recompile()
+    return program
 
 
 def _budget(opt: torch.nn.Module, scheme: str | None) -> Budget:
@@ -326,7 +337,8 @@ def _torch_export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sh
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True,
+            program = torch.onnx.export(_capture(module, args, kwargs, dynamic_shapes), args,
+                                        kwargs=kwargs or None, dynamo=True,
                                         dynamic_shapes=dynamic_shapes, opset_version=opset,
                                         custom_translation_table=translation_table(opset),
                                         verbose=False, optimize=False,

@@ -71,6 +71,25 @@ def test_t5_attention_contiguity_survives_the_export(tmp_path):
     assert rel_err(got, want) <= LOSSLESS_REL_TOL
 
 
+def test_swin_window_attention_contiguity_survives_the_export_of_the_plain_model(tmp_path):
+    """Swin's attention with several windows per image ([B·windows, 49, heads, D] transposed, contiguous, then
+    reshaped): torch.onnx alone fails on the plain model ("Cannot view a tensor with shape [8, 49, 2, 12]");
+    export_onnx captures it with the contiguity kept, and the file runs at another batch."""
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(image_size=56, patch_size=4, embed_dim=24, depths=[1, 1], num_heads=[2, 4],
+                                     window_size=7)
+    model = transformers.SwinModel(config).eval()
+    example = (torch.randn(2, 3, 56, 56),)
+    with pytest.raises(Exception, match="Cannot view a tensor"):            # the failure this test is about
+        torch.onnx.export(model, example, dynamo=True, verbose=False)
+    path = graphopt.export_onnx(model, example, tmp_path / "swin.onnx")
+    other = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        want = model(other).last_hidden_state.numpy()
+    got = run(path, {"pixel_values": other.numpy()})[0]
+    assert rel_err(got, want) <= LOSSLESS_REL_TOL
+
+
 def test_a_rotary_form_the_default_runtime_refuses_is_written_without_rotary_embedding(tmp_path, rotary_decoder,
                                                                                         monkeypatch):
     """Where ONNX Runtime's default (full) optimizations refuse the opset-23 RotaryEmbedding form (the sweep saw
