@@ -16,6 +16,7 @@ Weights are random: an export's time depends on the graph and the tensor sizes, 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -61,7 +62,8 @@ def main() -> None:
                     call()
                     calls[engine] = call
                 except Exception as exc:   # an engine that cannot export this model gets its error as its row
-                    failed[engine] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                    text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))   # torch's colour codes
+                    failed[engine] = f"{type(exc).__name__}: {text[:200]}"
             timed = measure_interleaved(calls, rounds=ROUNDS, warmup=0, max_seconds=float("inf")) if calls else None
             sizes = {engine: (Path(folder) / file).stat().st_size / 2**20
                      for engine, file in (("torch.onnx.export", "torch.onnx"), ("graphopt.export_onnx", "graphopt.onnx"))

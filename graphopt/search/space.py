@@ -18,6 +18,11 @@ A path is drawn only where it applies (conditional search space): quantize optio
 is drawn, SmoothQuant's α only for W8A8 with calibration data, the static observer only for
 int8-static, pruning options only at O3, fine-tune epochs only at O3 with training data.
 
+The search starts from the fixed levels (`level_seeds`): a new study's first trials are O1 and O2 with
+graphopt.optimize's defaults, where the space can draw them. With one switch per layer kind the random
+start almost never draws "every layer int8" (1 in 2⁶ for a 6-kind encoder), so without them the search
+could end slower than the level a user gets by default.
+
 The default space is built from the model: one `float.*` switch per kind of linear layer (module paths
 with their block numbers replaced by `*`, so 36 linears of a 6-layer encoder make 6 switches) and one
 `prune_group.*` ratio per kind of layer container, counting only layers the captured graph uses.
@@ -33,6 +38,7 @@ from ..errors import OptionError
 
 LEVELS = ["O1", "O2", "O3"]
 SCHEMES = ["int8-dynamic", "int8-static", "int8-weight-only"]
+DEFAULT_SCHEME = "int8-dynamic"   # graphopt.optimize's quantize="auto" at O2 and O3
 CRITERIA = ["l2", "l1", "bn_scale", "activation"]   # "taylor" needs a loss or labels: add it with them
 MIN_IN_FEATURES = 16    # the int8 pass's default: smaller linears stay float, no switch needed
 
@@ -83,11 +89,28 @@ def default_space(model: torch.nn.Module, live: set[str] | None = None) -> dict[
         "prune": (0.1, 0.7),
         "prune_options.criterion": list(CRITERIA),
         "prune_options.sensitivity": [True, False],
-        "finetune.epochs": (0, 3),
+        "finetune.epochs": (0, 5),
     }
     space.update({f"float.{p}": [False, True] for p in float_patterns(model, live)})
     space.update({f"prune_group.{p}": (0.0, 0.6) for p in prune_patterns(model, live)})
     return space
+
+
+def level_seeds(space: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Optuna params of the fixed levels' defaults that `space` can draw, in order: O1, then O2 with the
+    default scheme, every layer int8 (each `float.*` switch off) and no SmoothQuant. Empty where the
+    level is not searched."""
+    levels = space.get("level")
+    if not isinstance(levels, list) or len(levels) < 2:
+        return []
+    seeds: list[dict[str, Any]] = [{"level": "O1"}] if "O1" in levels else []
+    schemes = space.get("quantize")
+    if "O2" in levels and isinstance(schemes, list) and DEFAULT_SCHEME in schemes:
+        off = {path: False for path, values in space.items()
+               if (path.startswith("float.") or path == "quantize_options.smoothquant")
+               and isinstance(values, list) and False in values}
+        seeds.append({"level": "O2", "quantize": DEFAULT_SCHEME, **off})
+    return seeds
 
 
 def merge(default: dict[str, Any], user: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -183,7 +206,7 @@ class Sampler:
             else:
                 config[path] = value
         if config["level"] in ("O2", "O3") and "quantize" not in config:
-            config["quantize"] = "int8-dynamic"
+            config["quantize"] = DEFAULT_SCHEME
         if config["level"] in ("O0", "O1"):
             config["quantize"] = None
         if config.get("quantize") is None:

@@ -18,9 +18,10 @@ budget, timed against the original on the target with the project's interleaved 
   that epoch (`BudgetPruner`; Optuna supports intermediate values for single-objective studies only);
 - when its final score is over budget (it is never timed).
 
-A trial that raises is recorded as failed with its error, and the search goes on. The first trial of a
-new study is O1 (lossless) when O1 is in the space, so there is a result within budget whenever
-evaluate is deterministic.
+A trial that raises is recorded as failed with its error, and the search goes on. The first trials of a
+new study are the fixed levels' defaults (`space.level_seeds`: O1, then O2 with every layer int8): O1 is
+lossless, so there is a result within budget whenever evaluate is deterministic, and the search starts
+from what a user gets without it.
 
 The final: the search keeps its fastest trial, but that measurement is one draw among many (the winner's
 curse: the trial that looked fastest is often the one its timing flattered). So the up to `FINALISTS`
@@ -52,12 +53,14 @@ import torch
 from ..engine.speed import SpeedCheck, parse_speed_check
 from ..errors import InputError, OptionError
 from . import recipe
-from .space import Sampler, default_space, live_modules, merge
+from .space import Sampler, default_space, level_seeds, live_modules, merge
 from .target import TARGETS, Target
 
 OBJECTIVES = {"latency": "minimize", "size": "minimize", "fidelity": "maximize"}
 HEARTBEAT_S = 60
 FINALISTS = 3
+#: The trials that count towards `trials`: every worker's, finished or running; not the enqueued ones still waiting.
+STARTED = tuple(state for state in optuna.trial.TrialState if state != optuna.trial.TrialState.WAITING)
 
 
 @dataclass
@@ -143,21 +146,22 @@ def tune(model: torch.nn.Module, example_inputs: tuple | None = None, *, evaluat
     space = merge(default_space(model, live_modules(model, example_inputs, example_kwargs)), search_space)
     reference = _score(evaluate, model, "the original model")
     study = _study(storage, study_name, objectives, seed, trials, accuracy_budget, reference, target)
-    if isinstance(space.get("level"), list) and len(space["level"]) > 1 and "O1" in space["level"] \
-            and not study.trials:
-        study.enqueue_trial({"level": "O1"}, skip_if_exists=True)
+    if not study.trials:
+        for params in level_seeds(space)[:trials]:
+            study.enqueue_trial(params, skip_if_exists=True)
     runtime = Target(target, model, example_inputs, example_kwargs, checker)
     sampler = Sampler(space, has_calibration=bool(calibration), has_train=bool(train), backend=runtime.backend)
     state = _Run(model, example_inputs, example_kwargs, evaluate, accuracy_budget, reference, objectives, sampler,
                  runtime, calibration, train, say)
     try:
-        if len(study.trials) < trials or any(t.state.name == "WAITING" for t in study.trials):
-            finished = sum(t.state.is_finished() for t in study.trials)
+        started = [t for t in study.trials if t.state != optuna.trial.TrialState.WAITING]
+        if len(started) < trials:
+            finished = sum(t.state.is_finished() for t in started)
             say(f"study {study.study_name!r}: {finished} trial(s) so far, running up to {trials}; original scores "
                 f"{reference:.4g}, budget {accuracy_budget:g} (floor {reference - accuracy_budget:.4g}), "
                 f"target {target}")
             study.optimize(state.objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
-                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=None), state.report])
+                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=STARTED), state.report])
         return state.result(study)
     finally:
         runtime.close()

@@ -60,3 +60,32 @@ def test_every_drawn_prune_pattern_names_a_layer_of_the_graph():
     assert [tuple(p.shape) for name, p in body.items() if name.startswith("body.0")][0][0] == 16, sorted(body)
     for batch in (1, 7):
         assert opt(*example(batch)).shape == (batch, 5)
+
+
+def test_a_new_study_starts_from_the_fixed_levels_with_every_layer_int8():
+    """The first trials are O1 and O2 at graphopt.optimize's defaults (int8-dynamic, no layer kept float, no
+    SmoothQuant), drawn from the full default space: its random start would almost never switch every
+    `float.*` off at once. A space that cannot draw a level gets no seed for it."""
+    from graphopt.search.space import level_seeds
+    from tests.search.tune_models import agreement, mlp, quick
+    model, example_ = mlp()
+    space = default_space(model, live_modules(model, example_, None))
+    seeds = level_seeds(space)
+    assert seeds[0] == {"level": "O1"}
+    assert seeds[1]["level"] == "O2" and seeds[1]["quantize"] == "int8-dynamic"
+    assert {p for p, v in seeds[1].items() if v is False} == {p for p in space if p.startswith("float.")} \
+        | {"quantize_options.smoothquant"}
+    assert level_seeds({**space, "level": ["O1", "O3"]}) == [{"level": "O1"}]
+    assert level_seeds({**space, "quantize": ["int8-static"]}) == [{"level": "O1"}]
+    assert level_seeds({**space, "level": ["O2"]}) == []
+
+    result = graphopt.tune(model, example_, evaluate=agreement, accuracy_budget=100.0, trials=2,
+                           calibration_data=[example_], speed_check=quick(), progress=False)
+    first, second = (row["config"] for row in result.trials)
+    assert first["level"] == "O1"
+    assert second["level"] == "O2" and second["quantize"] == "int8-dynamic"
+    assert "exclude" not in second.get("quantize_options", {}) and not second["quantize_options"].get("smoothquant")
+    from tests.passes.quantize.helpers import int8_record
+    opt = graphopt.optimize(model, example_, **second, measure_latency=False)
+    rows = int8_record(opt).stats["layers"]
+    assert rows and all(row["scheme"] != "float" for row in rows), rows   # the rewrite fired on every layer
