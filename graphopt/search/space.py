@@ -76,9 +76,14 @@ def live_modules(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] 
     return {str(node.target).rpartition(".")[0] for node in graph.nodes if node.op == "get_attr" and node.users}
 
 
-def default_space(model: torch.nn.Module, live: set[str] | None = None) -> dict[str, Any]:
+def default_space(model: torch.nn.Module, live: set[str] | None = None, target: str = "torch") -> dict[str, Any]:
     """The space over every option; the per-layer entries only for the modules in `live` when given
-    (`live_modules`: those the captured graph still reads)."""
+    (`live_modules`: those the captured graph still reads).
+
+    Trials build with the speed check off (the trial is timed whole), but on torch and inductor they keep
+    the int8 pass's per-layer timing (`quantize_options.layer_speed`), as a fixed level does: a layer whose
+    int8 form is slower stays float without a switch having to be drawn for it. ONNX Runtime runs other
+    kernels than those timed, so there the `float.*` switches alone decide."""
     space: dict[str, Any] = {
         "level": list(LEVELS),
         "quantize": [*SCHEMES, None],            # None at O2/O3: float (O3 then prunes only)
@@ -91,6 +96,8 @@ def default_space(model: torch.nn.Module, live: set[str] | None = None) -> dict[
         "prune_options.sensitivity": [True, False],
         "finetune.epochs": (0, 5),
     }
+    if target != "onnxruntime":
+        space["quantize_options.layer_speed"] = [True]
     space.update({f"float.{p}": [False, True] for p in float_patterns(model, live)})
     space.update({f"prune_group.{p}": (0.0, 0.6) for p in prune_patterns(model, live)})
     return space

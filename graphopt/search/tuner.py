@@ -143,7 +143,7 @@ def tune(model: torch.nn.Module, example_inputs: tuple | None = None, *, evaluat
 
     if target not in TARGETS:
         raise OptionError(f"target={target!r}: choose one of {', '.join(TARGETS)}")
-    space = merge(default_space(model, live_modules(model, example_inputs, example_kwargs)), search_space)
+    space = merge(default_space(model, live_modules(model, example_inputs, example_kwargs), target), search_space)
     reference = _score(evaluate, model, "the original model")
     study = _study(storage, study_name, objectives, seed, trials, accuracy_budget, reference, target)
     if not study.trials:

@@ -36,6 +36,9 @@
                         head                 int4: the output head (last linear before an output, e.g.
                                              lm_head): "int8" weight-only per channel (default) | "float"
                                              | "int4"
+                        layer_speed          True | False: time each layer's int8 form against the float layer
+                                             here and keep the slower ones float (layer_speed.py); default:
+                                             where speed_check is on
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ import torch
 
 from graphopt.errors import InputError, OptionError
 from graphopt.engine.schemes import NAMES
+from graphopt.engine.speed import SpeedCheck
 
 from .observers import OBSERVERS, WEIGHT_OBSERVERS, default_weight_bits
 
@@ -95,7 +99,8 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     max_calibration_batches: int = 32
     progress: bool = True
-    speed: Any = None            # graphopt.engine.speed.SpeedCheck: layers whose int8 form is slower here stay float
+    speed: SpeedCheck | None = None   # times each layer: those whose int8 form is slower here stay float
+    layer_speed: bool | None = None   # see the module docstring; parse() turns it into `speed`
     group_size: int = 128
     awq: bool = False
     head: str = "int8"
@@ -110,7 +115,8 @@ class QuantConfig:
 
 
 KNOBS = ("observer", "percentile", "averaging_constant", "weight_observer", "weight_bits", "smoothquant", "alpha",
-         "alpha_grid", "min_in_features", "exclude", "max_calibration_batches", "group_size", "awq", "head")
+         "alpha_grid", "min_in_features", "exclude", "max_calibration_batches", "group_size", "awq", "head",
+         "layer_speed")
 INT4_KNOBS = ("group_size", "awq", "head")
 
 
@@ -126,6 +132,10 @@ def parse(options: Any) -> QuantConfig:
     config = QuantConfig(scheme=scheme, progress=getattr(options, "progress", True),
                          speed=getattr(options, "speed_check", None))
     _set_knobs(config, knobs)
+    if config.layer_speed is False:
+        config.speed = None
+    elif config.layer_speed and config.speed is None:
+        config.speed = SpeedCheck()
     if options.calibration_data is not None:
         config.batches = _read_batches(options.calibration_data, config.max_calibration_batches)
     config.fidelity = parse_budget(options.accuracy_budget)
@@ -168,8 +178,9 @@ def _set_knobs(config: QuantConfig, knobs: dict[str, Any]) -> None:
     if "averaging_constant" in knobs:
         check("averaging_constant", _number(knobs["averaging_constant"]) and 0 < knobs["averaging_constant"] <= 1,
               "a number in (0, 1]")
-    if "smoothquant" in knobs:
-        check("smoothquant", isinstance(knobs["smoothquant"], bool), "True or False")
+    for name in ("smoothquant", "layer_speed"):
+        if name in knobs:
+            check(name, isinstance(knobs[name], bool), "True or False")
     if "alpha" in knobs:
         alpha = knobs["alpha"]
         check("alpha", alpha == "search" or (_number(alpha) and 0 <= alpha <= 1), 'a number in [0, 1] or "search"')
