@@ -59,7 +59,8 @@ from .target import TARGETS, Target
 OBJECTIVES = {"latency": "minimize", "size": "minimize", "fidelity": "maximize"}
 HEARTBEAT_S = 60
 FINALISTS = 3
-#: The trials that count towards `trials`: every worker's, finished or running; not the enqueued ones still waiting.
+#: The trials that count towards `trials`: every worker's, finished or running, that measured a config (not the
+#: enqueued ones still waiting, nor repeats answered with an earlier trial's result: `measured`).
 STARTED = tuple(state for state in optuna.trial.TrialState if state != optuna.trial.TrialState.WAITING)
 
 
@@ -115,8 +116,9 @@ def tune(model: torch.nn.Module, example_inputs: tuple | None = None, *, evaluat
     """Search graphopt's options for the fastest module whose `evaluate` score drops by at most
     `accuracy_budget` from the original's (see the module docstring).
 
-    evaluate(module) -> float, higher is better. `trials`: the study's total number of trials (a resumed
-    or shared study runs only what is missing). `timeout`: seconds for this call. `speed_check`: how
+    evaluate(module) -> float, higher is better. `trials`: how many configs the study measures in all (a resumed
+    or shared study runs only what is missing; a config drawn again is answered with its first result and
+    does not count). `timeout`: seconds for this call. `speed_check`: how
     each trial is timed (a graphopt.engine.speed.SpeedCheck, or a dict of its fields; default SpeedCheck()).
     `progress`: True prints a line per trial to stderr; a callable receives each line.
     """
@@ -154,17 +156,30 @@ def tune(model: torch.nn.Module, example_inputs: tuple | None = None, *, evaluat
     state = _Run(model, example_inputs, example_kwargs, evaluate, accuracy_budget, reference, objectives, sampler,
                  runtime, calibration, train, say)
     try:
-        started = [t for t in study.trials if t.state != optuna.trial.TrialState.WAITING]
-        if len(started) < trials:
-            finished = sum(t.state.is_finished() for t in started)
+        if len(measured(study)) < trials:
+            finished = sum(t.state.is_finished() for t in measured(study))
             say(f"study {study.study_name!r}: {finished} trial(s) so far, running up to {trials}; original scores "
                 f"{reference:.4g}, budget {accuracy_budget:g} (floor {reference - accuracy_budget:.4g}), "
                 f"target {target}")
             study.optimize(state.objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
-                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=STARTED), state.report])
+                           callbacks=[state.report, lambda study, _: _stop_at(study, trials)])
         return state.result(study)
     finally:
         runtime.close()
+
+
+def measured(study: Any) -> list[Any]:
+    """The trials that count towards `trials` (see STARTED)."""
+    return [t for t in study.get_trials(deepcopy=False, states=STARTED) if "reused_from" not in t.user_attrs]
+
+
+def _stop_at(study: Any, trials: int) -> None:
+    """Stop once `trials` configs are measured. A repeat of a measured config costs nothing (its result is
+    reused) and does not count, so a sampler that has settled on a few points does not use up the search;
+    once as many repeats as `trials` have come, the sampler has nothing new to propose and the search ends."""
+    repeats = sum("reused_from" in t.user_attrs for t in study.get_trials(deepcopy=False))
+    if len(measured(study)) >= trials or repeats >= trials:
+        study.stop()
 
 
 def _printer(progress: bool | Callable[[str], None]) -> Callable[[str], None]:
@@ -327,6 +342,7 @@ class _Run:
         for key, value in earlier.user_attrs.items():
             if key not in ("worker", "wall_s", "note"):
                 trial.set_user_attr(key, value)
+        trial.set_user_attr("reused_from", earlier.number)
         note = f"same config as trial {earlier.number}: its result reused"
         if earlier.state == optuna.trial.TrialState.PRUNED:
             trial.set_user_attr("note", f"{note} ({earlier.user_attrs.get('note', 'pruned')})")
@@ -416,7 +432,7 @@ def _same_config(trial: optuna.Trial, config: dict[str, Any], finetune: dict[str
     done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                           optuna.trial.TrialState.PRUNED))
     return next((t for t in done if t.user_attrs.get("config") == config and t.user_attrs.get("finetune") == finetune
-                 and "reused" not in t.user_attrs.get("note", "")), None)
+                 and "reused_from" not in t.user_attrs), None)
 
 
 def _best_trial(trials: list[Any]) -> Any:
@@ -428,7 +444,7 @@ def _finalists(trials: list[Any]) -> list[Any]:
     """The up to FINALISTS fastest measured trials (distinct configs) whose 95 % interval reaches the fastest
     one's: the search cannot tell them apart from it."""
     done = sorted((t for t in trials if t.state.name == "COMPLETE" and "latency_ratio" in t.user_attrs
-                   and "reused" not in t.user_attrs.get("note", "")),
+                   and "reused_from" not in t.user_attrs),
                   key=lambda t: (t.user_attrs["latency_ratio"], t.number))
     if not done:
         return []

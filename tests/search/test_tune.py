@@ -107,6 +107,23 @@ def test_a_raising_trial_is_recorded_as_failed_and_the_search_goes_on():
     assert result.best is not None and result.best_trial != 1
 
 
+def test_a_repeated_config_is_answered_with_its_result_and_does_not_count():
+    """MLP_SPACE holds three configs (O1, O2 with either scheme) and the search asks for five: each config is
+    built and timed once; a draw of a measured config gets its result without counting towards `trials`, and
+    once five such repeats have come the sampler has nothing new and the search ends."""
+    model, example = mlp()
+    lines: list[str] = []
+    result = graphopt.tune(model, example, evaluate=agreement, accuracy_budget=100.0, trials=5,
+                           search_space=MLP_SPACE, speed_check=quick(), progress=lines.append)
+    measured = [r for r in result.trials if "reused" not in (r["note"] or "")]
+    repeats = [r for r in result.trials if "reused" in (r["note"] or "")]
+    configs = [json.dumps(r["config"], sort_keys=True) for r in measured]
+    assert len(configs) == len(set(configs)) <= 3                     # no config built twice
+    assert len(repeats) == 5 and len(result.trials) == len(measured) + 5
+    assert {r["latency_ratio"] for r in repeats} <= {r["latency_ratio"] for r in measured}
+    assert sum("its result reused" in line for line in lines) == 5
+
+
 def scripted_timer(search: list[list[float]], final: dict[int, float]):
     """A timer whose figures the test chooses: the i-th search comparison (trial i) gets the samples search[i]
     against an original of 1.0 each round; in the final each trial gets its figure ± 1 %. Nothing is run."""
