@@ -50,6 +50,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import optuna
 import torch
 
+from graphopt.passes.quantize.layer_speed import shared_verdicts
+
 from ..engine.speed import SpeedCheck, parse_speed_check
 from ..errors import InputError, OptionError
 from . import recipe
@@ -161,8 +163,9 @@ def tune(model: torch.nn.Module, example_inputs: tuple | None = None, *, evaluat
             say(f"study {study.study_name!r}: {finished} trial(s) so far, running up to {trials}; original scores "
                 f"{reference:.4g}, budget {accuracy_budget:g} (floor {reference - accuracy_budget:.4g}), "
                 f"target {target}")
-            study.optimize(state.objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
-                           callbacks=[state.report, lambda study, _: _stop_at(study, trials)])
+            with shared_verdicts():   # the trials agree on which int8 layers pay here, each timed once
+                study.optimize(state.objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
+                               callbacks=[state.report, lambda study, _: _stop_at(study, trials)])
         return state.result(study)
     finally:
         runtime.close()

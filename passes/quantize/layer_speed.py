@@ -13,11 +13,17 @@ form is the dearer of the two, so a layer that pays dynamically pays statically.
 int8 form is measurably slower keeps its layers float, with the measured ratio as the reason. Small
 layers often lose: quantizing the activation is a pass over M × K that a small product does not repay.
 The decision is local; the pass manager still times the whole rewritten graph.
+
+Inside `shared_verdicts()` each signature is timed once and its verdict reused by every later int8 pass in
+the block: graphopt.tune's trials then agree on which layers pay, instead of each trial drawing its own noise,
+and only the first trial pays for the timing.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,17 +44,31 @@ from .sites import Site
 ops = torch.ops.graphopt
 
 
+_SHARED: ContextVar[dict[tuple, str | None] | None] = ContextVar("graphopt_layer_verdicts", default=None)
+
+
+@contextmanager
+def shared_verdicts() -> Iterator[None]:
+    """Time each layer signature once within this block (see the module docstring)."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 def slower_layers(gm: torch.fx.GraphModule, sites: list[Site], scheme: str, bits_of: Callable[[torch.Tensor], int],
                   check: SpeedCheck, group_size: int = 128) -> dict[str, str]:
     """{linear node name: why it stays float} for the sites whose int8 form is measurably slower here."""
-    verdicts: dict[tuple, str | None] = {}
+    shared = _SHARED.get()
+    verdicts: dict[tuple, str | None] = shared if shared is not None else {}
     slower: dict[str, str] = {}
     for site in sites:
         weight = site.weight(gm)
         rows = _rows(site)
         if rows is None or weight.device.type != "cpu":
             continue
-        key = (rows, *weight.shape, site.bias is not None, weight.dtype, scheme)
+        key = (rows, *weight.shape, site.bias is not None, weight.dtype, scheme, bits_of(weight), group_size)
         if key not in verdicts:
             verdicts[key] = _time(rows, weight, site.bias is not None, scheme, bits_of(weight), check, group_size)
         if verdicts[key] is not None:

@@ -61,3 +61,19 @@ def test_layer_speed_must_be_a_bool():
     with pytest.raises(graphopt.OptionError, match="layer_speed"):
         graphopt.optimize(mlp(), (torch.randn(2, 32),), quantize="int8-dynamic",
                           quantize_options={"layer_speed": "yes"}, **QUIET)
+
+
+def test_within_shared_verdicts_each_signature_is_timed_once(scripted):
+    """graphopt.tune's trials run inside `shared_verdicts()`: a later build reuses the first one's verdicts (the
+    same layers stay float), where two builds outside it time every signature again."""
+    model, x = mlp(), torch.randn(4, 32)
+    options = {"quantize": "int8-dynamic", "speed_check": False, "quantize_options": {"layer_speed": True}, **QUIET}
+    with layer_speed.shared_verdicts():
+        first = graphopt.optimize(model, (x,), **options)
+        second = graphopt.optimize(model, (x,), **options)
+    assert len(scripted) == 3                                   # three signatures, each timed once
+    assert [r["scheme"] for r in int8_record(first).stats["layers"]] == \
+        [r["scheme"] for r in int8_record(second).stats["layers"]]
+    graphopt.optimize(model, (x,), **options)
+    graphopt.optimize(model, (x,), **options)
+    assert len(scripted) == 9                                   # outside the block: timed per build
