@@ -72,7 +72,7 @@ def main() -> None:
         for engine in calls:
             timing = timed.timing(engine)
             rows.append({"model": name, "batch": BATCH, "engine": engine, "median s": timing.median_s,
-                         "min–max s": f"{min(timed.samples[engine]):.1f}–{max(timed.samples[engine]):.1f}",
+                         "spread (min–max) s": f"{min(timed.samples[engine]):.1f}–{max(timed.samples[engine]):.1f}",
                          "× torch.onnx": timing.median_s / plain if plain else None, "file MiB": sizes[engine]})
         rows += [{"model": name, "batch": BATCH, "engine": engine, "error": error} for engine, error in failed.items()]
         load.append(os.getloadavg()[0])

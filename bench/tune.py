@@ -24,6 +24,7 @@ figures are not results and it writes bench/results/tune_quick.md instead of tun
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -124,7 +125,7 @@ def run_case(case: dict[str, Any], trials: int, quick: bool) -> list[dict[str, A
         verdict = _time(call(model), call(module), quick)
         ok = reference - score <= case["budget"]
         rows.append({"model": case["name"], "method": f"fixed {name}", case["score"]: score, "within budget": ok,
-                     "× faster than original": 1 / verdict.ratio, "95% CI": _ci(verdict),
+                     **_speed(verdict),
                      "size KiB": _size(module) / 1024, "search s": wall})
         if ok:
             candidates[f"fixed {name}"] = module
@@ -141,7 +142,7 @@ def run_case(case: dict[str, Any], trials: int, quick: bool) -> list[dict[str, A
         verdict = _time(call(model), call(result.best), quick)
         rows.append({"model": case["name"], "method": f"tune ({trials} trials): "
                      + _describe(result), case["score"]: row["score"],
-                     "within budget": True, "× faster than original": 1 / verdict.ratio, "95% CI": _ci(verdict),
+                     "within budget": True, **_speed(verdict),
                      "size KiB": row["size_bytes"] / 1024, "search s": wall})
         candidates["tune"] = result.best
         head = _time(call(candidates[fixed_best["method"]]), call(result.best), quick)
@@ -189,7 +190,7 @@ def olive_rows(case: dict[str, Any], trials: int, quick: bool) -> list[dict[str,
         verdict = _time(original, runs["graphopt"], quick)
         rows.append({"model": name, "method": f"tune on onnxruntime ({trials} trials): " + _describe(result),
                      score: case["evaluate"](_OnnxModule(path)), "within budget": True,
-                     "× faster than original": 1 / verdict.ratio, "95% CI": _ci(verdict),
+                     **_speed(verdict),
                      "size KiB": file_bytes(path) / 1024, "search s": graphopt_wall})
     olive = case["olive"](case["budget"], trials, folder / "olive")
     if olive["path"] is None:
@@ -201,7 +202,7 @@ def olive_rows(case: dict[str, Any], trials: int, quick: bool) -> list[dict[str,
     verdict = _time(original, runs["Olive"], quick)
     rows.append({"model": name, "method": f"Olive search ({trials} samples, TPE): {_olive_describe(olive['config'])}",
                  score: olive_score, "within budget": case["evaluate"](model) - olive_score <= case["budget"],
-                 "× faster than original": 1 / verdict.ratio, "95% CI": _ci(verdict),
+                 **_speed(verdict),
                  "size KiB": file_bytes(olive["path"]) / 1024, "search s": olive["wall_s"]})
     if len(runs) == 2:
         head = _time(runs["Olive"], runs["graphopt"], quick)
@@ -233,8 +234,13 @@ def _describe(result: Any) -> str:
     return describe_config(result.config, result.finetune)
 
 
-def _ci(verdict: Any) -> str:
-    return f"{1 / verdict.high:.2f}–{1 / verdict.low:.2f}×"
+def _speed(verdict: Any) -> dict[str, Any]:
+    """A timed row's speed columns: the ratio to the original with its 95 % interval, and both latencies
+    (median, p10–p90 of the interleaved rounds) from the same run."""
+    def latency(timing: Any) -> str:
+        return f"{timing.median_s * 1e3:.3g} ({timing.p10_s * 1e3:.3g}–{timing.p90_s * 1e3:.3g})"
+    return {"× faster than original": 1 / verdict.ratio, "95% CI": f"{1 / verdict.high:.2f}–{1 / verdict.low:.2f}×",
+            "ms (p10–p90)": latency(verdict.after), "original ms (p10–p90)": latency(verdict.before)}
 
 
 def _size(module: Any) -> int:
@@ -263,7 +269,9 @@ def main() -> None:
     notes = (f"Budget: 0.5 accuracy points (digits), 0.01 min cosine (MiniLM). Target torch (CPU), and for the "
              f"digits CNN also onnxruntime (CPU) against Olive. "
              f"Latency: interleaved A/B ratio against the original (graphopt.engine.speed.SpeedCheck), 95 % bootstrap "
-             f"interval. Olive: {OLIVE_WHY or 'installed'}.")
+             f"interval; `ms` and `original ms`: both medians of that same run with their p10–p90 over its rounds. "
+             f"`search s`: the wall time of one search (or one optimize for a fixed level), not a latency. "
+             f"1-minute load average at the start: {os.getloadavg()[0]:.2f}. Olive: {OLIVE_WHY or 'installed'}.")
     print(write_results(name, "graphopt.tune vs fixed levels vs Olive", rows, notes).read_text())
 
 

@@ -61,8 +61,7 @@ from .target import TARGETS, Target
 OBJECTIVES = {"latency": "minimize", "size": "minimize", "fidelity": "maximize"}
 HEARTBEAT_S = 60
 FINALISTS = 3
-#: The trials that count towards `trials`: every worker's, finished or running, that measured a config (not the
-#: enqueued ones still waiting, nor repeats answered with an earlier trial's result: `measured`).
+#: Every worker's trials, finished or running: not the enqueued ones still waiting.
 STARTED = tuple(state for state in optuna.trial.TrialState if state != optuna.trial.TrialState.WAITING)
 
 
@@ -158,8 +157,9 @@ def tune(model: torch.nn.Module, example_inputs: tuple | None = None, *, evaluat
     state = _Run(model, example_inputs, example_kwargs, evaluate, accuracy_budget, reference, objectives, sampler,
                  runtime, calibration, train, say)
     try:
-        if len(measured(study)) < trials:
-            finished = sum(t.state.is_finished() for t in measured(study))
+        done = measured(study.get_trials(deepcopy=False, states=STARTED))
+        if len(done) < trials:
+            finished = sum(t.state.is_finished() for t in done)
             say(f"study {study.study_name!r}: {finished} trial(s) so far, running up to {trials}; original scores "
                 f"{reference:.4g}, budget {accuracy_budget:g} (floor {reference - accuracy_budget:.4g}), "
                 f"target {target}")
@@ -171,17 +171,18 @@ def tune(model: torch.nn.Module, example_inputs: tuple | None = None, *, evaluat
         runtime.close()
 
 
-def measured(study: Any) -> list[Any]:
-    """The trials that count towards `trials` (see STARTED)."""
-    return [t for t in study.get_trials(deepcopy=False, states=STARTED) if "reused_from" not in t.user_attrs]
+def measured(trials: list[Any]) -> list[Any]:
+    """Those of `trials` that count towards tune's `trials`: not repeats answered with an earlier result."""
+    return [t for t in trials if "reused_from" not in t.user_attrs]
 
 
 def _stop_at(study: Any, trials: int) -> None:
     """Stop once `trials` configs are measured. A repeat of a measured config costs nothing (its result is
     reused) and does not count, so a sampler that has settled on a few points does not use up the search;
     once as many repeats as `trials` have come, the sampler has nothing new to propose and the search ends."""
-    repeats = sum("reused_from" in t.user_attrs for t in study.get_trials(deepcopy=False))
-    if len(measured(study)) >= trials or repeats >= trials:
+    started = study.get_trials(deepcopy=False, states=STARTED)
+    count = len(measured(started))
+    if count >= trials or len(started) - count >= trials:
         study.stop()
 
 

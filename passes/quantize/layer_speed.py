@@ -68,9 +68,10 @@ def slower_layers(gm: torch.fx.GraphModule, sites: list[Site], scheme: str, bits
         rows = _rows(site)
         if rows is None or weight.device.type != "cpu":
             continue
-        key = (rows, *weight.shape, site.bias is not None, weight.dtype, scheme, bits_of(weight), group_size)
+        bits = bits_of(weight)
+        key = (rows, *weight.shape, site.bias is not None, weight.dtype, scheme, bits, group_size)
         if key not in verdicts:
-            verdicts[key] = _time(rows, weight, site.bias is not None, scheme, bits_of(weight), check, group_size)
+            verdicts[key] = _time(rows, weight, site.bias is not None, scheme, bits, check, group_size)
         if verdicts[key] is not None:
             slower[site.node.name] = verdicts[key]
     return slower
