@@ -31,9 +31,7 @@ float Conv on this CPU: `graphopt.passes.onnx.quantize.CONV_REASON`);
 """
 from __future__ import annotations
 
-import copy
 import operator
-import warnings
 from typing import Any, Sequence
 
 import torch
@@ -89,7 +87,7 @@ class QuantizeLinears(Pass):
             eligible = [name for name in eligible if name in scales]
         selection = None
         if config.fidelity is not None and eligible:
-            float_gm = copy.deepcopy(gm)
+            float_gm = ir.copy_sharing_tensors(gm)     # rewrites make new tensors: the copies share the weights
             reference = run_batches(float_gm, batches)
             selection = fallback.select(eligible, lambda names: quantized_copy(float_gm, names, config, scales),
                                         config.fidelity, batches, reference, config.progress)
@@ -179,10 +177,8 @@ class QuantizeLinears(Pass):
 
 def quantized_copy(gm: fx.GraphModule, names: Sequence[str], config: QuantConfig,
                    scales: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """A copy of `gm` with the linears named `names` (node names) rewritten to int8."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        copied = copy.deepcopy(gm)
+    """A copy of `gm` (sharing its tensors) with the linears named `names` (node names) rewritten to int8."""
+    copied = ir.copy_sharing_tensors(gm)
     wanted = set(names)
     for site in find_sites(copied, config.min_in_features, config.exclude):
         if site.node.name in wanted:

@@ -33,13 +33,20 @@ def lm(hidden: int, vocab: int) -> torch.nn.Module:
     return tf.AutoModelForCausalLM.from_config(config).eval()
 
 
-def optimize(model: torch.nn.Module, quantize: str | None) -> None:
-    ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(0))
+def optimize(model: torch.nn.Module, mode: str | None) -> None:
+    """mode: a scheme, or "<scheme>+budget": with calibration text and an accuracy budget (the int8 pass's
+    per-layer sensitivity runs, one quantized copy of the graph per layer)."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 90, (1, 6), generator=generator)
+    quantize, _, budget = (mode or "").partition("+")
+    extra = {"calibration_data": [torch.randint(3, 90, (2, 12), generator=generator)], "accuracy_budget": 0.5} \
+        if budget else {}
     graphopt.optimize(model, example_kwargs={"input_ids": ids}, generation=True, max_cache_len=16,
-                      level="O2" if quantize else "O1", quantize=quantize, measure_latency=False, progress=False)
+                      level="O2" if quantize else "O1", quantize=quantize or None, measure_latency=False,
+                      progress=False, **extra)
 
 
-def main(quantize: str | None) -> None:
+def main(quantize: str | None) -> None:   # a mode of `optimize`
     torch.set_num_threads(1)
     optimize(lm(32, 96), quantize)          # warm-up: imports, export machinery
     empty = rss()
