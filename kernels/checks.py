@@ -16,7 +16,7 @@ Constraints and why they exist:
   ``K * 128 * 128`` in magnitude, which must stay below ``2**31``.
 - Scales and smoothing factors are positive and finite (a zero scale would
   silently turn a row or a channel into zeros). This is the only check that
-  reads tensor data: it runs on real tensors (not under fake tracing), is
+  reads tensor data (once per tensor version): it runs on real tensors (not under fake tracing), is
   skipped while a CUDA graph is being captured (it needs a device sync), and
   can be switched off with ``GRAPHOPT_KERNEL_VALUE_CHECKS=0`` for peak GPU
   throughput.
@@ -28,6 +28,7 @@ import os
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .activations import ACTIVATIONS
 
@@ -77,17 +78,25 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
+#: Tensors found positive, with the version counter they had then: a weight's scales are read once, not on
+#: every call (on an LLM's decode step the read cost more than the product of a small layer), and again
+#: only after something writes into them.
+_CHECKED = WeakIdKeyDictionary()
+
+
 def check_positive(name: str, t: torch.Tensor) -> None:
-    """Raise if any element of ``t`` is zero, negative, NaN or infinite (reads data)."""
+    """Raise if any element of ``t`` is zero, negative, NaN or infinite (reads data, once per version)."""
     if os.environ.get("GRAPHOPT_KERNEL_VALUE_CHECKS", "1") == "0":
         return
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    if t.numel() == 0:
+    if t.numel() == 0 or (not t.is_inference() and _CHECKED.get(t) == t._version):
         return
     low, high = torch.stack(torch.aminmax(t)).tolist()  # one read; NaN makes both comparisons false
     if not (low > 0 and high < float("inf")):
         raise ValueError(f"{name} must be positive and finite everywhere (a zero scale loses the row or channel)")
+    if not t.is_inference():      # an inference tensor has no version counter: checked on every call
+        _CHECKED[t] = t._version  # views share their base's counter: a write through any alias is seen
 
 
 def check_product(x_name: str, x: torch.Tensor, x_dtypes: tuple[torch.dtype, ...], w_name: str,

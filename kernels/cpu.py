@@ -132,7 +132,7 @@ def w8a16_linear(
 ) -> torch.Tensor:
     """``(x @ w_q.T) * w_scale[None, :] + bias`` as ``x.dtype[M, N]``, accumulated in float32."""
     m, _, _ = check_w8a16_args(x, w_q, w_scale, bias)
-    if x.device.type == "cpu" and m <= int8mm.FAST_ROWS and int8mm.available():
+    if x.device.type == "cpu" and m <= int8mm.FAST_ROWS and int8mm.AVAILABLE:
         y = int8mm.matmul(x, w_q, w_scale)
     else:
         y = matmul_int8_weight(x.float(), w_q)
@@ -168,7 +168,7 @@ def w4a16_linear(
 ) -> torch.Tensor:
     """``x @ ((q − z) · s).T + bias`` as ``x.dtype[M, N]`` (int4 weights in the format of ``int4pack.py``)."""
     m, _, _ = check_w4a16_args(x, w_packed, scales, zeros, group_size, bias)
-    if x.device.type == "cpu" and m <= int4mm.FAST_ROWS and int4mm.available():
+    if x.device.type == "cpu" and m <= int4mm.FAST_ROWS and int4mm.AVAILABLE:
         y = int4mm.matmul(x, w_packed, scales, zeros, group_size)
     else:
         y = matmul_int4_weight(x.float(), w_packed, scales, zeros, group_size)

@@ -40,9 +40,9 @@ FAST_ROWS = 16
 N_MULTIPLE = 16
 
 
-def available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
-        hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+#: Whether this torch has the kernels (looked up once: an op lookup costs microseconds on every call).
+AVAILABLE = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
+    hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
 def _pack(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,

@@ -3,8 +3,8 @@
 Repacking (reordering a weight into a kernel's blocked layout) costs far more
 than one call, so each weight is packed once. Entries are keyed by the
 identity and version counter of the source tensors (an in-place change
-repacks) plus any hashable parameters, and an entry dies with its first
-source tensor. The module's state stays its plain int8/uint8 and float32
+repacks; an inference tensor has no counter, see ``version``) plus any
+hashable parameters, and an entry dies with its first source tensor. The module's state stays its plain int8/uint8 and float32
 buffers, so ``state_dict`` and ``torch.export`` see no opaque object.
 """
 
@@ -17,6 +17,12 @@ from typing import Any, Callable, Hashable
 import torch
 
 
+def version(t: torch.Tensor) -> int:
+    """``t``'s version counter, which every in-place write moves (through any view). An inference tensor has
+    none: it reads as -1, so a write to one inside ``torch.inference_mode`` is not seen."""
+    return -1 if t.is_inference() else t._version
+
+
 class PackCache:
     """``get(*tensors, *params)`` returns ``pack(*tensors, *params)``, computed once per live source."""
 
@@ -27,7 +33,7 @@ class PackCache:
 
     def get(self, tensors: tuple[torch.Tensor, ...], *params: Hashable) -> Any:
         key = (*map(id, tensors), *params)
-        versions = tuple(t._version for t in tensors)
+        versions = tuple(map(version, tensors))
         with self._lock:
             entry = self._entries.get(key)
         if entry is not None and all(r() is t for r, t in zip(entry[0], tensors)) and entry[1] == versions:

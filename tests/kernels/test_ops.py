@@ -176,6 +176,28 @@ def test_w8a16_rejects_bad_inputs(case: str, impl: str) -> None:
         fn(**arguments)
 
 
+def test_scales_are_checked_again_after_a_write() -> None:
+    """The positivity check runs once per tensor version: a scale zeroed in place after a good call is caught."""
+    _, w_q, _, w_scale = int8_args(5, 6, 33)
+    x = randn((3, 33), generator(0))
+    ops.w8a16_linear(x, w_q, w_scale, None)
+    w_scale[1:2].zero_()                          # through a view: the base's version counter moves too
+    with pytest.raises(ValueError, match="w_scale must be positive"):
+        ops.w8a16_linear(x, w_q, w_scale, None)
+
+
+def test_inference_tensors_have_no_version_counter_and_are_checked_on_every_call() -> None:
+    """Operands made under ``torch.inference_mode`` (activations, or weights of a model loaded there) carry no
+    version counter: the ops still run, and a scale zeroed there is still caught."""
+    with torch.inference_mode():
+        _, w_q, _, w_scale = int8_args(5, 6, 33)
+        x = randn((3, 33), generator(0))
+        assert torch.isfinite(ops.w8a16_linear(x, w_q, w_scale, None)).all()
+        w_scale[1] = 0.0
+        with pytest.raises(ValueError, match="w_scale must be positive"):
+            ops.w8a16_linear(x, w_q, w_scale, None)
+
+
 def test_value_checks_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GRAPHOPT_KERNEL_VALUE_CHECKS", "0")
     x_q, w_q, x_scale, w_scale = int8_args()

@@ -74,7 +74,7 @@ def triton_tolerance(args, expected, dtype, block_k: int, split: int, interprete
 def cpu_tolerance(args, expected, dtype) -> torch.Tensor:
     x, w_packed, scales, zeros, group_size, bias = args
     m, k = x.shape
-    if m <= int4mm.FAST_ROWS and int4mm.available():
+    if m <= int4mm.FAST_ROWS and int4mm.AVAILABLE:
         q = unpack_int4(w_packed, k).double()
         z = zeros.double().repeat_interleave(group_size, dim=1)[:, :k]
         s = scales.double().repeat_interleave(group_size, dim=1)[:, :k]

@@ -48,7 +48,7 @@ U_BF16 = torch.finfo(torch.bfloat16).eps / 2
 
 def cpu_tolerance(x, w_q, w_scale, bias, expected: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
-    if m > int8mm.FAST_ROWS or not int8mm.available():
+    if m > int8mm.FAST_ROWS or not int8mm.AVAILABLE:
         return dot_tolerance(x, w_q, w_scale, bias, expected, x.dtype)
     magnitude = x.double().abs() @ w_q.double().abs().T * w_scale.double()[None, :]
     no_bias = reference_w8a16_linear(x, w_q, w_scale, None).abs()
@@ -91,15 +91,20 @@ def test_matches_reference(m, n, k, dtype, with_bias, config, device, seed) -> N
 @given(
     m=sizes([1, 8, 16, 17], 300),
     n=sizes([1, 7, 33], 160),
-    k=sizes([1, 7, 8, 33, 1100], 1300),
+    k=sizes([1, 7, 8, 16, 24, 33, 1100], 1300),
     dtype=st.sampled_from(X_DTYPES),
     with_bias=st.booleans(),
+    views=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_cpu_op_matches_reference(m, n, k, dtype, with_bias, seed) -> None:
-    """Both CPU paths (the bfloat16 int8 kernel for M ≤ 16, K padded to 8 where it is not; the chunked
-    float32 one beyond), through the registered op."""
+def test_cpu_op_matches_reference(m, n, k, dtype, with_bias, views, seed) -> None:
+    """Both CPU paths (the bfloat16 int8 kernel for M ≤ 16, K padded to the vector block where it is not,
+    unaligned operands copied; the chunked float32 one beyond), through the registered op. ``views``: x and
+    w_q are row slices of larger tensors, so they start off a 32-byte boundary."""
     args = operands(m, n, k, dtype, with_bias, seed)
+    if views:
+        x, w_q, *rest = args
+        args = (torch.cat((x[:1], x))[1:], torch.cat((w_q[:1], w_q))[1:], *rest)
     expected = reference_w8a16_linear(*args)
     out = torch.ops.graphopt.w8a16_linear(*args)
     assert out.dtype == dtype and out.shape == (m, n)
@@ -112,6 +117,7 @@ def test_cpu_decode_path_keeps_no_reference_to_the_weight() -> None:
     import gc
     import weakref
     x, w_q, w_scale, _ = operands(1, 7, 64, torch.float32, False, 3)
+    assert w_q.data_ptr() % 64 == 0
     torch.ops.graphopt.w8a16_linear(x, w_q, w_scale)
     alive = weakref.ref(w_q)
     del w_q
