@@ -59,6 +59,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_name(),
+        "cpu_vector_isa": torch.backends.cpu.get_cpu_capability(),   # which of ATen's kernels run (AVX2, AVX512)
         "cores": pin_threads(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
