@@ -202,7 +202,7 @@ def _graphopt(model: nn.Module, ids: torch.Tensor, max_cache_len: int, **options
               ) -> Callable[[torch.Tensor, int], torch.Tensor]:
     lm = graphopt.optimize(model, example_kwargs={"input_ids": ids}, generation=True, max_cache_len=max_cache_len,
                            progress=False, **options)
-    rolled_back = [record.name for record in lm.report.rolled_back()]
+    rolled_back = [record.name for record in lm.report.rolled_back]
     print(f"  {options}: {lm.report.meta.get('total_s', 0):.0f} s; rolled back: {rolled_back}", flush=True)
     return lambda prompt, new: lm.generate(prompt, max_new_tokens=new, do_sample=False)
 
