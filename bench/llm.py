@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -198,22 +199,22 @@ def _compiled_static(model: nn.Module) -> Callable[[torch.Tensor, int], torch.Te
     return _hf_generate(twin, cache_implementation="static")
 
 
-def _graphopt(model: nn.Module, ids: torch.Tensor, max_cache_len: int, **options: Any
-              ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def _optimized(model: nn.Module, ids: torch.Tensor, max_cache_len: int, **options: Any) -> nn.Module:
     lm = graphopt.optimize(model, example_kwargs={"input_ids": ids}, generation=True, max_cache_len=max_cache_len,
                            progress=False, **options)
     rolled_back = [record.name for record in lm.report.rolled_back]
     print(f"  {options}: {lm.report.meta.get('total_s', 0):.0f} s; rolled back: {rolled_back}", flush=True)
+    return lm
+
+
+def _graphopt(lm: nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
     return lambda prompt, new: lm.generate(prompt, max_new_tokens=new, do_sample=False)
 
 
-def _onnx(model: nn.Module, ids: torch.Tensor, max_cache_len: int, folder: str
-          ) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """graphopt's O1 decoder exported with past key values, generated in ONNX Runtime (graphopt.llm.onnx)."""
+def _onnx(lm: nn.Module, ids: torch.Tensor, folder: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The O1 row's decoder exported with past key values, generated in ONNX Runtime (graphopt.llm.onnx)."""
     from graphopt.llm.generate import generate
     from graphopt.llm.onnx import OnnxDecoderStep
-    lm = graphopt.optimize(model, example_kwargs={"input_ids": ids}, generation=True, max_cache_len=max_cache_len,
-                           level="O1", progress=False, speed_check=False)
     path = os.path.join(folder, "decoder.onnx")
     graphopt.export_onnx(lm, (), path, example_kwargs={"input_ids": ids})
     step = OnnxDecoderStep(path)      # one session for every call
@@ -235,18 +236,20 @@ def decode(args: argparse.Namespace) -> list[dict[str, Any]]:
     prompt, new = (16, 8) if quick else (128, 64)
     example = torch.randint(0, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     cache = prompt + new
+    o1 = functools.cache(lambda: _optimized(model, example, cache, level="O1"))   # its own row and the export's
     builders: dict[str, Callable[[], Callable[[torch.Tensor, int], torch.Tensor]]] = {
         "torch fp32 eager (HF generate)": lambda: _hf_generate(model),
         "HF static cache + torch.compile": lambda: _compiled_static(model),
         "torchao int8-WO (bf16 model)": lambda: _torchao_int8(model),
-        "graphopt O1": lambda: _graphopt(model, example, cache, level="O1"),
-        "graphopt int8-WO": lambda: _graphopt(model, example, cache, level="O2", quantize="int8-weight-only"),
-        "graphopt int4-WO (g128, verify off)": lambda: _graphopt(model, example, cache, level="O2",
-                                                                 quantize="int4-weight-only", verify=False),
+        "graphopt O1": lambda: _graphopt(o1()),
+        "graphopt int8-WO": lambda: _graphopt(_optimized(model, example, cache, level="O2",
+                                                         quantize="int8-weight-only")),
+        "graphopt int4-WO (g128, verify off)": lambda: _graphopt(_optimized(model, example, cache, level="O2",
+                                                                            quantize="int4-weight-only", verify=False)),
     }
-    folder = tempfile.mkdtemp(prefix="bench_llm_")
+    folder = tempfile.TemporaryDirectory(prefix="bench_llm_")   # the export (GBs at full size) goes with it
     if not args.skip_onnx:
-        builders["ONNX Runtime on graphopt's O1 export"] = lambda: _onnx(model, example, cache, folder)
+        builders["ONNX Runtime on graphopt's O1 export"] = lambda: _onnx(o1(), example, folder.name)
     variants, build_s, failed = {}, {}, {}
     for name, build in builders.items():
         start = time.perf_counter()
@@ -281,6 +284,7 @@ def decode(args: argparse.Namespace) -> list[dict[str, Any]]:
                          "tokens equal to fp32": agreement[name], "build s": build_s[name]})
             print(rows[-1], flush=True)
     rows += [{"model": name, "params": params, "failed": reason} for name, reason in failed.items()]
+    folder.cleanup()
     return rows
 
 

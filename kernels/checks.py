@@ -16,9 +16,9 @@ Constraints and why they exist:
   ``K * 128 * 128`` in magnitude, which must stay below ``2**31``.
 - Scales and smoothing factors are positive and finite (a zero scale would
   silently turn a row or a channel into zeros). This is the only check that
-  reads tensor data (once per tensor version): it runs on real tensors (not under fake tracing), is
-  skipped while a CUDA graph is being captured (it needs a device sync), and
-  can be switched off with ``GRAPHOPT_KERNEL_VALUE_CHECKS=0`` for peak GPU
+  reads tensor data (once per tensor version): it runs on real tensors (not
+  under fake tracing), is skipped while a CUDA graph is being captured (it
+  needs a device sync), and can be switched off with ``GRAPHOPT_KERNEL_VALUE_CHECKS=0`` for peak GPU
   throughput.
 """
 

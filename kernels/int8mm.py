@@ -16,9 +16,9 @@ bfloat16 values a step on AVX-512, 8 on AVX2. A K that is not a multiple of the
 block reads past the row (NaNs, garbage, or a crash), and a row that does not
 start on a 32-byte boundary crashes. So a weight with such a K is padded with
 zero columns once (``prepack.PackCache``) and x with zeros per call, and a
-tensor that does not start on a ``ALIGNMENT``-byte boundary (a view into a
-larger tensor) is copied; the scales are converted to bfloat16 once. The price is rounding x, s and the output to
-bfloat16 (unit roundoff u = 2⁻⁹) with float32 accumulation: per output
+tensor that does not start on an ``ALIGNMENT``-byte boundary (a view into a
+larger tensor) is copied; the scales are converted to bfloat16 once. The
+price is rounding x, s and the output to bfloat16 (unit roundoff u = 2⁻⁹) with float32 accumulation: per output
 
     |Δy| ≤ (2u + γ_K) · Σ_k |x_k| |q_k| s + u · |y|
 

@@ -4,8 +4,8 @@ Repacking (reordering a weight into a kernel's blocked layout) costs far more
 than one call, so each weight is packed once. Entries are keyed by the
 identity and version counter of the source tensors (an in-place change
 repacks; an inference tensor has no counter, see ``version``) plus any
-hashable parameters, and an entry dies with its first source tensor. The module's state stays its plain int8/uint8 and float32
-buffers, so ``state_dict`` and ``torch.export`` see no opaque object.
+hashable parameters, and an entry dies with its first source tensor. The
+module's state stays its plain int8/uint8 and float32 buffers, so ``state_dict`` and ``torch.export`` see no opaque object.
 """
 
 from __future__ import annotations
