@@ -7,8 +7,10 @@
     trained for ``--train-seconds`` on the Python standard library's documentation text
     (``pydoc_data.topics``, real English and code, ~0.8 MB). Held out: the last 10 % of the text. Rows:
     fp32, graphopt int8-weight-only, int4-weight-only RTN and int4 calibrated (activation-aware scales on
-    training-text calibration batches), each through ``graphopt.optimize``; LLM pruning (MLP channels, and
-    KV groups) through ``optimize(generation=True, prune=…)``, before and after ``graphopt.finetune``. Columns: held-out perplexity,
+    training-text calibration batches), each through ``graphopt.optimize``; the int8 KV cache
+    (``optimize(generation=True, kv_cache="int8")``, scored through one prefill of its decoder step, which
+    reads every token back from the cache); LLM pruning (MLP channels, and KV groups) through
+    ``optimize(generation=True, prune=…)``, before and after ``graphopt.finetune``. Columns: held-out perplexity,
     its change against fp32 (goals: int8 ≤ +0.5 %, int4 calibrated ≤ +3 %), and greedy token agreement over
     64 generated tokens from held-out prompts (share of positions equal to fp32's greedy tokens).
 (b) Decode throughput on this CPU, a ~1B Llama-shaped model from config (hidden 2048, 22 layers, GQA 32/8,
@@ -27,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import math
 import os
+import resource
 import time
 from typing import Any, Callable
 
@@ -42,6 +46,11 @@ from graphopt.data.zoo import CausalLMLogits
 
 SEQ = 128
 STEPS = 64
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def corpus() -> bytes:
@@ -129,6 +138,14 @@ def accuracy(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, 
         wrapped, example, quantize="int4-weight-only", quantize_options={"awq": False}, **quiet)
     variants["graphopt int4-weight-only calibrated (g128)"] = graphopt.optimize(
         wrapped, example, quantize="int4-weight-only", calibration_data=calibration, **quiet)
+    lm = graphopt.optimize(model, example_kwargs={"input_ids": prompts[:2]}, generation=True, max_cache_len=SEQ,
+                           level="O1", kv_cache="int8", calibration_data=calibration, **quiet)
+    variants["graphopt O1 + int8 KV cache (per head and token)"] = PrefillLogits(lm)
+    cache = lm.report["kv_cache_int8"]
+    kv_note = (f"int8 KV cache: {'kept' if not cache.rolled_back else 'rolled back'}, next-token logits cosine "
+               f"{cache.min_cosine:.5f} to the float cache on the calibration text (budget "
+               f"{cache.stats['budget']}); cache {cache.stats['cache_bytes_per_row'] / 2**10:.0f} KiB per sequence "
+               f"against {cache.stats['float_cache_bytes_per_row'] / 2**10:.0f} KiB in float32")
     pruning = prune_rows(model, train_data, calibration, prompts, g, args.quick)
     variants.update(pruning["variants"])
     rows, reference_tokens, base = [], None, None
@@ -140,7 +157,20 @@ def accuracy(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, 
         rows.append({"model": name, "held-out perplexity": ppl, "Δ perplexity %": 100 * (ppl / base - 1),
                      f"greedy agreement ({steps} steps)": float((tokens == reference_tokens).float().mean())})
         print(rows[-1], flush=True)
-    return rows, {**trained, "pruning": pruning["notes"]}
+    return rows, {**trained, "pruning": pruning["notes"], "kv_cache": kv_note}
+
+
+class PrefillLogits(nn.Module):
+    """A generation module as token ids → logits: one prefill of its decoder step, which reads every token
+    back from its cache (so an int8 cache's rounding is in the logits)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from graphopt.llm.metrics import step_logits
+        return step_logits(self.lm.graph_module, self.lm.spec)(input_ids, None)
 
 
 #: LLM pruning rows: {name: prune=} (the small model has 2 KV groups per layer: 0.5 removes one).
@@ -242,14 +272,16 @@ def decode(args: argparse.Namespace) -> list[dict[str, Any]]:
         "HF static cache + torch.compile": lambda: _compiled_static(model),
         "torchao int8-WO (bf16 model)": lambda: _torchao_int8(model),
         "graphopt O1": lambda: _graphopt(o1()),
+    }
+    folder = tempfile.TemporaryDirectory(prefix="bench_llm_")   # the export (GBs at full size) goes with it
+    if not args.skip_onnx:   # built next to O1, before the other rows' weights fill memory (the export peaks at GBs)
+        builders["ONNX Runtime on graphopt's O1 export"] = lambda: _onnx(o1(), example, folder.name)
+    builders |= {
         "graphopt int8-WO": lambda: _graphopt(_optimized(model, example, cache, level="O2",
                                                          quantize="int8-weight-only")),
         "graphopt int4-WO (g128, verify off)": lambda: _graphopt(_optimized(model, example, cache, level="O2",
                                                                             quantize="int4-weight-only", verify=False)),
     }
-    folder = tempfile.TemporaryDirectory(prefix="bench_llm_")   # the export (GBs at full size) goes with it
-    if not args.skip_onnx:
-        builders["ONNX Runtime on graphopt's O1 export"] = lambda: _onnx(o1(), example, folder.name)
     variants, build_s, failed = {}, {}, {}
     for name, build in builders.items():
         start = time.perf_counter()
@@ -259,7 +291,8 @@ def decode(args: argparse.Namespace) -> list[dict[str, Any]]:
             failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             print(f"{name}: {failed[name]}", flush=True)
         build_s[name] = time.perf_counter() - start
-        print(f"built {name} in {build_s[name]:.0f} s", flush=True)
+        gc.collect()
+        print(f"built {name} in {build_s[name]:.0f} s; peak RSS so far {peak_rss_gib():.1f} GiB", flush=True)
     rows = []
     for batch in (1, 8):
         ids = torch.randint(0, config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch))
@@ -293,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script end to end")
     parser.add_argument("--train-seconds", type=float, default=None)
     parser.add_argument("--skip-decode", action="store_true")
-    parser.add_argument("--skip-onnx", action="store_true", help="no ONNX Runtime row (its export takes minutes)")
+    parser.add_argument("--skip-onnx", nargs="?", const="skipped with --skip-onnx", default=None, metavar="WHY",
+                        help="no ONNX Runtime row (its export takes minutes); WHY goes into the table's notes")
     args = parser.parse_args(argv)
     if args.train_seconds is None:
         args.train_seconds = 5.0 if args.quick else 240.0
@@ -307,10 +341,12 @@ def main(argv: list[str] | None = None) -> None:
              f"LLM pruning (graphopt.optimize(generation=True, level='O3', prune=…, calibration_data=8 windows "
              f"of 4×{SEQ}), then graphopt.finetune(lm, …, teacher=model, epochs=1, lr=3e-4)):\n"
              + "\n".join(f"- {line}" for line in trained["pruning"]) + "\n"
+             f"{trained['kv_cache']}.\n"
              f"(b) decode tokens/s = batch × (new − 1) / (median generate time − median 1-token generate time); "
              f"× fp32 eager from the same medians; p10–p90 over the interleaved rounds; build s: optimize, "
              f"compile-free setup or export time (torch.compile compiles on the first calls, in the warm-up).\n"
-             f"Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; threads {threads}.")
+             + (f"ONNX Runtime row not run: {args.skip_onnx}.\n" if args.skip_onnx and not args.skip_decode else "")
+             + f"Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; threads {threads}.")
     path = write_results(name, "LLM weight-only quantization: perplexity and CPU decode", rows + decode_rows, notes)
     print(f"wrote {path}")
 

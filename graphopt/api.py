@@ -147,7 +147,9 @@ def optimize(model: torch.nn.Module, example_inputs: tuple | None = None, *,
     backend=, reproducer_dir=, verify_samples=, measure_latency=, progress=, seed=,
     speed_check= (True: default; False: off; a dict of graphopt.engine.speed.SpeedCheck fields, e.g.
     {"min_gain": 0.05}), on_record= (called with each pass's PassRecord as it finishes),
-    generation=True with max_cache_len= (a causal LM for .generate(): see graphopt.llm).
+    generation=True with max_cache_len= (a causal LM for .generate(): see graphopt.llm), and with it
+    kv_cache="int8" (keys and values stored int8 per head and token; kept only if the next-token logits keep
+    a cosine ≥ kv_cache_budget, default 0.99, to the float cache's).
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"graphopt.optimize takes a torch.nn.Module, got {type(model).__name__}")

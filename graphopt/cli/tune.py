@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from pathlib import Path
 
 from ..errors import OptionError
 from ..frontend import datasets, loaders

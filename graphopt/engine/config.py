@@ -20,6 +20,7 @@ LEVELS = {"O0": 0, "O1": 1, "O2": 2, "O3": 3}
 QUANT_SCHEMES = NAMES
 AUTO = "auto"
 BACKENDS = (None, "eager", "inductor")
+KV_CACHES = (None, "int8")
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Options:
     prune_options: dict[str, Any] = field(default_factory=dict)     # validated by passes/pruning
     generation: bool = False                 # capture a causal LM's decoder step for generate() (graphopt.llm)
     max_cache_len: int | None = None         # the static KV cache's length in tokens (generation only)
+    kv_cache: str | None = None              # "int8": keys and values stored int8 per head (generation only)
+    kv_cache_budget: float = 0.99            # an int8 cache's least next-token-logits cosine to the float cache
 
     @property
     def level_name(self) -> str:
@@ -85,6 +88,7 @@ def parse_options(level: str | int | None = None, quantize: str | None = AUTO,
     else:   # default: on, unless the caller turned timing off
         rest["speed_check"] = SpeedCheck() if measure_latency else None
     _check_generation(rest.get("generation", False), rest.get("max_cache_len"))
+    _check_kv_cache(rest.get("generation", False), rest.get("kv_cache"), rest.get("kv_cache_budget", Options.kv_cache_budget))
     if rest.get("on_record") is not None and not callable(rest["on_record"]):
         raise OptionError(f"on_record={rest['on_record']!r} must be a callable taking a PassRecord")
     if isinstance(rest.get("calibration_data"), Iterator):   # a generator is read once: keep its batches
@@ -109,6 +113,15 @@ def _check_generation(generation: Any, max_cache_len: Any) -> None:
         raise OptionError("max_cache_len= applies to generation=True only")
     if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
         raise OptionError(f"max_cache_len={max_cache_len!r} must be a positive int (tokens)")
+
+
+def _check_kv_cache(generation: bool, kv_cache: Any, budget: Any) -> None:
+    if kv_cache not in KV_CACHES:
+        raise OptionError(f"kv_cache={kv_cache!r}: choose None (the model's dtype) or 'int8'")
+    if kv_cache is not None and not generation:
+        raise OptionError("kv_cache= applies to generation=True only")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise OptionError(f"kv_cache_budget={budget!r} must be a cosine in (0, 1]")
 
 
 def _check_prune(prune: Any) -> None:

@@ -9,6 +9,7 @@ before capture, on its own copy: graphopt.llm.prune).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -39,13 +40,13 @@ def shared_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def capture_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    max_cache_len: int) -> CapturedDecoder:
-    step, spec = eager_step(model, input_ids, max_cache_len)
+                    max_cache_len: int, kv_int8: bool = False) -> CapturedDecoder:
+    step, spec = eager_step(model, input_ids, max_cache_len, kv_int8)
     input_ids, attention_mask = _at_least_two(input_ids, attention_mask)
     example = prefill_inputs(input_ids, attention_mask, spec)
     batch, query = Dim.AUTO, Dim("query", min=1, max=max_cache_len)
     shapes = ({0: batch, 1: query}, {0: batch, 1: query}, {0: query}, {0: batch},
-              tuple({0: batch} for _ in spec.heads_dims))
+              tuple({0: batch} for _ in example[4]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -58,11 +59,14 @@ def capture_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     return CapturedDecoder(module.eval(), step, spec, example)
 
 
-def eager_step(model: torch.nn.Module, input_ids: torch.Tensor, max_cache_len: int) -> tuple[DecoderStep, CacheSpec]:
-    """`model`'s decoder step, run eagerly (on a structural copy sharing its tensors), and its cache's shape."""
+def eager_step(model: torch.nn.Module, input_ids: torch.Tensor, max_cache_len: int,
+               kv_int8: bool = False) -> tuple[DecoderStep, CacheSpec]:
+    """`model`'s decoder step, run eagerly (on a structural copy sharing its tensors), and its cache's shape
+    (an int8 cache with `kv_int8`)."""
     mask_kind, keyword = check_generation_model(model, max_cache_len)
     work = shared_eval_copy(model)
-    return DecoderStep(work, mask_kind, keyword), _cache_spec(work, keyword, input_ids, max_cache_len)
+    spec = _cache_spec(work, keyword, input_ids, max_cache_len)
+    return DecoderStep(work, mask_kind, keyword), dataclasses.replace(spec, int8=kv_int8)
 
 
 def _at_least_two(input_ids: torch.Tensor, attention_mask: torch.Tensor | None

@@ -8,6 +8,15 @@
   written (left padding and unwritten slots are 0);
 - `past`: (key_0, value_0, key_1, value_1, …), each [B, H_kv, L, head_dim]; `present` the same after the write.
 
+With an int8 cache (`optimize(..., kv_cache="int8")`), each state in `past` is two tensors: int8 codes
+[B, H_kv, L, head_dim] and scales [B, H_kv, L, 1] in the model's dtype, one per row, head and slot:
+
+    scale = max_d |x[d]| / 127,   code[d] = round(x[d] / scale) ∈ [−127, 127],   x̂[d] = code[d] · scale
+
+so each head vector of a token keeps its own range (|x̂ − x| ≤ scale / 2 per element) and the cache takes
+(head_dim + 4) / (4 · head_dim) of its float32 bytes (0.27 at head_dim 64). Attention reads the dequantized
+cache; the tokens of the step itself are quantized before they are read, as every later step reads them.
+
 The write is out of place (`index_copy`, not `index_copy_`), so the captured graph is a pure function: the
 pass manager can run it on its verification inputs any number of times, and ONNX gets past key values as
 inputs and present ones as outputs. The attention mask is built here, once, as the 4-D mask Hugging Face's
@@ -30,14 +39,47 @@ MASK_KINDS = ("sdpa", "eager")
 PLAIN_CACHES = (None, "static", "dynamic")
 
 
+#: The int8 cache's code range: symmetric, −127 … 127.
+INT8_MAX = 127
+
+
+def quantize_states(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and `dtype` scales of states [B, H, q, head_dim], one scale per head vector (module docstring)."""
+    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX
+    codes = torch.round(x.float() / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return codes, scale.to(dtype)
+
+
+class _State:
+    """One layer's keys (or values): a float tensor, or int8 codes with their scales."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.tensors = tensors
+
+    @property
+    def length(self) -> int:
+        return self.tensors[0].shape[2]
+
+    def write(self, states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Write `states` at `slots` (out of place); the whole cache as attention reads it."""
+        if len(self.tensors) == 1:
+            (cache,) = self.tensors = (self.tensors[0].index_copy(2, slots, states.to(self.tensors[0].dtype)),)
+            return cache
+        codes, scales = self.tensors
+        new_codes, new_scales = quantize_states(states, scales.dtype)
+        self.tensors = codes.index_copy(2, slots, new_codes), scales.index_copy(2, slots, new_scales)
+        return self.tensors[0].to(scales.dtype) * self.tensors[1]
+
+
 class _Layer(CacheLayerMixin):
     """One layer's keys and values; `update` returns new tensors with the step's states written at its slots."""
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+    def __init__(self, keys: _State, values: _State, slots: torch.Tensor) -> None:
         super().__init__()
-        self.keys, self.values, self.slots = keys, values, slots
+        self.key_state, self.value_state, self.slots = keys, values, slots
+        self.keys, self.values = keys.tensors[0], values.tensors[0]   # what Hugging Face code may read
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -45,28 +87,32 @@ class _Layer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys = self.keys.index_copy(2, self.slots, key_states.to(self.keys.dtype))
-        self.values = self.values.index_copy(2, self.slots, value_states.to(self.values.dtype))
+        self.keys = self.key_state.write(key_states, self.slots)
+        self.values = self.value_state.write(value_states, self.slots)
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.keys.shape[2], 0
+        return self.key_state.length, 0
 
     def get_seq_length(self) -> int:
         raise AssertionError("position_ids are always given to the model")
 
     def get_max_length(self) -> int:
-        return self.keys.shape[2]
+        return self.key_state.length
 
 
 class FunctionalCache(Cache):
-    """A Hugging Face `Cache` over given tensors, written out of place (see the module docstring)."""
+    """A Hugging Face `Cache` over given tensors, written out of place (see the module docstring); an int8
+    cache when the first tensor is int8."""
 
     def __init__(self, past: tuple[torch.Tensor, ...], slots: torch.Tensor) -> None:
-        super().__init__(layers=[_Layer(past[i], past[i + 1], slots) for i in range(0, len(past), 2)])
+        width = 2 if past[0].dtype == torch.int8 else 1
+        states = [_State(tuple(past[i:i + width])) for i in range(0, len(past), width)]
+        super().__init__(layers=[_Layer(states[i], states[i + 1], slots) for i in range(0, len(states), 2)])
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for layer in self.layers for t in (layer.keys, layer.values))
+        return tuple(t for layer in self.layers for state in (layer.key_state, layer.value_state)
+                     for t in state.tensors)
 
 
 class DecoderStep(torch.nn.Module):
@@ -83,7 +129,7 @@ class DecoderStep(torch.nn.Module):
         length = attention_mask.shape[1]
         slots = torch.arange(length, device=input_ids.device)
         visible = (slots[None, :] <= cache_position[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
-        dtype = past_key_values[0].dtype
+        dtype = past_key_values[1 if past_key_values[0].dtype == torch.int8 else 0].dtype   # an int8 cache's scales
         mask = visible if self.mask_kind == "sdpa" else \
             torch.zeros((), dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,

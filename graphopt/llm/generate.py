@@ -25,14 +25,25 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple],
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """Shape of the static cache: per tensor (key_0, value_0, key_1, …) its (heads, head_dim); one dtype."""
+    """Shape of the static cache: per state (key_0, value_0, key_1, …) its (heads, head_dim); the model's dtype.
+
+    With `int8`, each state is two tensors: its int8 codes [B, heads, L, head_dim] and its scales [B, heads,
+    L, 1] in `dtype` (one per row, head and slot: graphopt.llm.decoder's int8 cache)."""
     length: int
     heads_dims: tuple[tuple[int, int], ...]
     dtype: torch.dtype
+    int8: bool = False
 
     def empty(self, batch: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-        return tuple(torch.zeros(batch, h, self.length, d, dtype=self.dtype, device=device)
-                     for h, d in self.heads_dims)
+        def zeros(h: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(batch, h, self.length, d, dtype=dtype, device=device)
+        if not self.int8:
+            return tuple(zeros(h, d, self.dtype) for h, d in self.heads_dims)
+        return tuple(t for h, d in self.heads_dims for t in (zeros(h, d, torch.int8), zeros(h, 1, self.dtype)))
+
+    def nbytes(self, batch: int = 1) -> int:
+        """The cache's bytes at `batch` rows."""
+        return sum(t.nbytes for t in self.empty(batch, "meta"))
 
 
 def prefill_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -2,7 +2,8 @@
 
 The decoder step (graphopt.llm.decoder) is captured once (graphopt.llm.capture) and run through the pass
 manager, verified on a decode step, the example's prefill and a decode step at another batch size (one
-graph serves both, so one report covers both). Latency and the speed check time one decode step. After the
+graph serves both, so one report covers both). Latency and the speed check time one decode step, and the
+int8 pass's per-layer timing judges each layer at a decode step's rows (the example's batch). After the
 passes the report gets a "generation" entry (graphopt.llm.metrics): greedy-token agreement with the model
 over N steps, the next-token logits' error, and perplexity on calibration text before and after.
 
@@ -20,18 +21,21 @@ from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from graphopt.engine import ir
 from graphopt.engine.config import Options
 from graphopt.errors import InputError, OptionError
 from graphopt.engine.pass_manager import FxIR, PassManager
 from graphopt.engine.pipeline import build_passes
-from graphopt.report import Report
+from graphopt.engine.rules import Reason
+from graphopt.report import PassRecord, Report
 from graphopt.engine.verify import run_on
+from graphopt.passes.quantize.layer_speed import timed_rows
 
 from .capture import capture_decoder, eager_step, verification_inputs
 from .generate import CacheSpec, check_prompt, generate, prefill_inputs, sampling_settings
-from .metrics import text_batches, token_metrics
+from .metrics import step_logits, text_batches, token_metrics
 from .prune import PrunedLM, prune_lm
 
 #: Greedy steps the token check runs (capped by the cache).
@@ -98,7 +102,7 @@ class GenerationModule(torch.nn.Module):
     def onnx_io_names(self) -> tuple[list[str], list[str]]:
         """The exported decoder's input and output names (graphopt.llm.onnx.io_names)."""
         from .onnx import io_names
-        return io_names(len(self.spec.heads_dims) // 2)
+        return io_names(len(self.spec.heads_dims) // 2, self.spec.int8)
 
     def decoder_inputs(self, args: tuple, kwargs: Mapping[str, Any]) -> tuple:
         """The decoder-step inputs of a prompt given as `input_ids=` (and `attention_mask=`): what
@@ -147,7 +151,9 @@ def _build(source: torch.nn.Module, original: torch.nn.Module, ids: torch.Tensor
     """Capture `source` (the model, or its pruned or fine-tuned copy) and run the graph passes; the token
     metrics compare with `original`, the model as the user gave it."""
     start = time.perf_counter()
-    captured = capture_decoder(source, ids, mask, options.max_cache_len)
+    cache_record = _int8_cache_record(source, ids, mask, options) if options.kv_cache == "int8" else None
+    kv_int8 = cache_record is not None and not cache_record.rolled_back
+    captured = capture_decoder(source, ids, mask, options.max_cache_len, kv_int8)
     inputs = verification_inputs(captured, options.seed)
     reference = run_on(captured.step, inputs) if options.verify else []
     # pruning ran before capture; calibration text becomes prefill inputs of the decoder step
@@ -163,11 +169,14 @@ def _build(source: torch.nn.Module, original: torch.nn.Module, ids: torch.Tensor
         "dynamic_batch": True, "passes": [p.name for p in manager.selected],
         "notes": [f"generation: one decoder-step graph for prefill and decode, static KV cache of "
                   f"{options.max_cache_len} tokens; latency and the speed check time one decode step"]})
-    gm, report = manager.run(captured.module, inputs, reference, report)
+    with timed_rows(ids.shape[0]):    # int8 layers are judged on a decode step of the example's batch
+        gm, report = manager.run(captured.module, inputs, reference, report)
+    if cache_record is not None:
+        report.records.insert(0, cache_record)
     if pruned is not None:
         _report_pruning(report, pruned)
-    if options.verify:   # against the model as given (a pruned model against the unpruned one)
-        step, spec = (captured.step, captured.spec) if source is original else \
+    if options.verify:   # against the model as given (unpruned, with its float cache)
+        step, spec = (captured.step, captured.spec) if source is original and not kv_int8 else \
             eager_step(original, ids, options.max_cache_len)
         report.meta["generation"] = token_metrics(step, gm, captured.spec, ids, mask, options.calibration_data,
                                                   TOKEN_CHECK_STEPS, reference_spec=spec)
@@ -175,6 +184,33 @@ def _build(source: torch.nn.Module, original: torch.nn.Module, ids: torch.Tensor
     return GenerationModule(gm, captured.spec, report, options,
                             copy.deepcopy(getattr(original, "generation_config", None)),
                             Source(source, original, ids, mask, pruned))
+
+
+def _int8_cache_record(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None,
+                       options: Options) -> PassRecord:
+    """What an int8 KV cache costs `model`: the cosine of each position's next-token logits with the int8
+    cache to those with the float cache, over the example prompt and the calibration text (a prefill reads
+    every token of the prompt back from the cache, quantized); rolled back below `kv_cache_budget`."""
+    start = time.perf_counter()
+    steps = [eager_step(model, ids, options.max_cache_len, kv_int8) for kv_int8 in (False, True)]
+    texts = text_batches(options.calibration_data, options.max_cache_len)
+    cosine = 1.0
+    for text_ids, text_mask in texts + text_batches([{"input_ids": ids, "attention_mask": mask}]):
+        with torch.no_grad():
+            exact, approx = (step_logits(step, spec)(text_ids, text_mask) for step, spec in steps)
+        real = text_mask.bool()
+        cosine = min(cosine, F.cosine_similarity(exact[real].double(), approx[real].double(), dim=-1).min().item())
+    kept = cosine >= options.kv_cache_budget
+    (_, float_spec), (_, int8_spec) = steps
+    return PassRecord(
+        "kv_cache_int8", time.perf_counter() - start, 0, ir.param_bytes(model), min_cosine=cosine,
+        modified=kept, rolled_back=not kept,
+        reason=None if kept else f"next-token logits cosine {cosine:.5f} is below kv_cache_budget "
+                                 f"{options.kv_cache_budget:g}: the cache stays {float_spec.dtype}",
+        code=None if kept else Reason.BUDGET_EXCEEDED.value,
+        stats={"cache_bytes_per_row": (int8_spec if kept else float_spec).nbytes(),
+               "float_cache_bytes_per_row": float_spec.nbytes(), "budget": options.kv_cache_budget,
+               "texts": len(texts) + 1})
 
 
 def _report_pruning(report: Report, pruned: PrunedLM) -> None:

@@ -6,7 +6,8 @@
 The file's inputs are input_ids [batch, sequence], position_ids [batch, sequence], cache_position
 [sequence], attention_mask [batch, max_cache_len] and the past keys and values (past_key_values.0.key,
 past_key_values.0.value, …, each [batch, kv_heads, max_cache_len, head_dim]); its outputs `logits` [batch,
-sequence, vocab] and the present keys and values (present.0.key, present.0.value, …), as `io_names` names them.
+sequence, vocab] and the present keys and values (present.0.key, present.0.value, …), as `io_names` names them
+(an int8 cache adds each state's scales: past_key_values.0.key_scale, …).
 The loop is graphopt.llm.generate's, with the session as the step.
 """
 from __future__ import annotations
@@ -26,11 +27,13 @@ from .generate import CacheSpec, generate
 STEP_INPUTS = ("input_ids", "position_ids", "cache_position", "attention_mask")
 
 
-def io_names(layers: int) -> tuple[list[str], list[str]]:
+def io_names(layers: int, int8: bool = False) -> tuple[list[str], list[str]]:
     """The decoder file's input and output names for a model of `layers` layers (the onnxruntime-genai
-    convention: past_key_values.{i}.key in, present.{i}.key out)."""
+    convention: past_key_values.{i}.key in, present.{i}.key out); an int8 cache's scales follow each state
+    as past_key_values.{i}.key_scale (graphopt.llm.decoder)."""
+    parts = ("", "_scale") if int8 else ("",)
     def cache(prefix: str) -> list[str]:
-        return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+        return [f"{prefix}.{i}.{kind}{part}" for i in range(layers) for kind in ("key", "value") for part in parts]
     return [*STEP_INPUTS, *cache("past_key_values")], ["logits", *cache("present")]
 
 
@@ -72,9 +75,11 @@ class OnnxDecoderStep:
         self.session = session(path)
         model = onnx.load(str(path), load_external_data=False)
         past = [i for i in model.graph.input if i.name.startswith("past_key_values.")]
-        dims = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in past]
+        states = [i for i in past if not i.name.endswith("_scale")]
+        dims = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in states]
+        int8 = len(states) < len(past)   # an int8 cache: the float type is its scales'
         self.spec = CacheSpec(dims[0][2], tuple((d[1], d[3]) for d in dims),
-                              _DTYPES[past[0].type.tensor_type.elem_type])
+                              _DTYPES[past[1 if int8 else 0].type.tensor_type.elem_type], int8)
         self.names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, *inputs: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

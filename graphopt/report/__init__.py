@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .formatting import format_bytes, format_error, format_latency, format_number, size_unit
+from .formatting import format_bytes, format_latency, format_number, size_unit
 
 
 @dataclass

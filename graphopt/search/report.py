@@ -30,8 +30,9 @@ def describe_config(config: dict[str, Any] | None, finetune: dict[str, Any] | No
     elif prune is not None:
         words.append(f"prune {prune:.2f}")
     options = config.get("quantize_options") or {}
-    if options.get("alpha") is not None:
-        words.append(f"α {options['alpha']:.2f}")
+    alpha = options.get("alpha")
+    if alpha is not None:
+        words.append(f"α {alpha}" if isinstance(alpha, str) else f"α {alpha:.2f}")
     if options.get("smoothquant") is False:
         words.append("no-sq")
     if options.get("observer"):

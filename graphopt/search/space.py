@@ -39,6 +39,7 @@ from ..errors import OptionError
 LEVELS = ["O1", "O2", "O3"]
 SCHEMES = ["int8-dynamic", "int8-static", "int8-weight-only"]
 DEFAULT_SCHEME = "int8-dynamic"   # graphopt.optimize's quantize="auto" at O2 and O3
+ALPHA_SEARCH = "search"           # SmoothQuant's α chosen per layer group by the int8 pass (optimize's default)
 CRITERIA = ["l2", "l1", "bn_scale", "activation"]   # "taylor" needs a loss or labels: add it with them
 MIN_IN_FEATURES = 16    # the int8 pass's default: smaller linears stay float, no switch needed
 
@@ -88,7 +89,7 @@ def default_space(model: torch.nn.Module, live: set[str] | None = None, target: 
         "level": list(LEVELS),
         "quantize": [*SCHEMES, None],            # None at O2/O3: float (O3 then prunes only)
         "quantize_options.smoothquant": [True, False],
-        "quantize_options.alpha": (0.3, 0.85),
+        "quantize_options.alpha": [ALPHA_SEARCH, 0.3, 0.45, 0.6, 0.75, 0.85],
         "quantize_options.observer": ["minmax", "percentile", "mse", "moving_average"],
         "prune_mode": ["flops", "per_group"],
         "prune": (0.1, 0.7),
@@ -104,19 +105,21 @@ def default_space(model: torch.nn.Module, live: set[str] | None = None, target: 
 
 
 def level_seeds(space: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Optuna params of the fixed levels' defaults that `space` can draw, in order: O1, then O2 with the
-    default scheme, every layer int8 (each `float.*` switch off) and no SmoothQuant. Empty where the
-    level is not searched."""
+    """Optuna params of the fixed levels' defaults that `space` can draw, in order: O1, then O2 as
+    `graphopt.optimize(level="O2")` builds it: the default scheme, every layer int8 (each `float.*` switch
+    off), SmoothQuant on with α searched per layer group (drawn only where there is calibration data, as
+    optimize turns it on only then). Empty where the level is not searched."""
     levels = space.get("level")
     if not isinstance(levels, list) or len(levels) < 2:
         return []
     seeds: list[dict[str, Any]] = [{"level": "O1"}] if "O1" in levels else []
     schemes = space.get("quantize")
     if "O2" in levels and isinstance(schemes, list) and DEFAULT_SCHEME in schemes:
-        off = {path: False for path, values in space.items()
-               if (path.startswith("float.") or path == "quantize_options.smoothquant")
-               and isinstance(values, list) and False in values}
-        seeds.append({"level": "O2", "quantize": DEFAULT_SCHEME, **off})
+        defaults = {path: False for path in space if path.startswith("float.")}
+        defaults |= {"quantize_options.smoothquant": True, "quantize_options.alpha": ALPHA_SEARCH}
+        drawable = {path: value for path, value in defaults.items()
+                    if isinstance(space.get(path), list) and value in space[path]}
+        seeds.append({"level": "O2", "quantize": DEFAULT_SCHEME, **drawable})
     return seeds
 
 

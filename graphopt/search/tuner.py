@@ -52,14 +52,14 @@ import torch
 
 from graphopt.passes.quantize.layer_speed import shared_verdicts
 
-from ..engine.speed import SpeedCheck, parse_speed_check
+from ..engine.speed import parse_speed_check
 from ..errors import InputError, OptionError
 from . import recipe
+from .storage import open_storage
 from .space import Sampler, default_space, level_seeds, live_modules, merge
 from .target import TARGETS, Target
 
 OBJECTIVES = {"latency": "minimize", "size": "minimize", "fidelity": "maximize"}
-HEARTBEAT_S = 60
 FINALISTS = 3
 #: Every worker's trials, finished or running: not the enqueued ones still waiting.
 STARTED = tuple(state for state in optuna.trial.TrialState if state != optuna.trial.TrialState.WAITING)
@@ -205,52 +205,11 @@ def _score(evaluate: Callable[[Any], float], module: Any, what: str) -> float:
     return float(value)
 
 
-def _storage(storage: str | os.PathLike | None) -> Any:
-    """None (in memory), a SQLite file path, or a SQLAlchemy URL (with a heartbeat, so dead workers' trials fail)."""
-    if storage is None:
-        return None
-    url = str(storage)
-    if "://" not in url:
-        path = Path(url).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{path}"
-    for attempt in range(1, SCHEMA_RACE_ATTEMPTS + 1):
-        try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S)
-        except Exception as exc:  # SQLAlchemy's errors: a missing driver, a refused connection, a bad URL
-            if _lost_schema_race(exc) and attempt < SCHEMA_RACE_ATTEMPTS:
-                time.sleep(attempt)
-                continue
-            raise OptionError(f"storage {_hide_password(url)}: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0]}") from exc
-
-
-SCHEMA_RACE_ATTEMPTS = 4
-# SQLSTATEs of a CREATE that lost to another worker's: unique_violation, duplicate_object (an enum type such
-# as Optuna's studydirection), duplicate_table
-_DUPLICATE_SQLSTATES = {"23505", "42710", "42P07"}
-
-
-def _lost_schema_race(exc: Exception) -> bool:
-    """Workers starting together on an empty database race to create Optuna's tables and types: the loser's
-    CREATE fails on the winner's, and the schema is there once the winner commits, so the loser retries."""
-    cause = getattr(exc, "orig", None)
-    return getattr(cause, "pgcode", None) in _DUPLICATE_SQLSTATES or "already exists" in str(exc)
-
-
-def _hide_password(url: str) -> str:
-    head, at, tail = url.rpartition("@")
-    if not at or ":" not in head.split("://", 1)[-1]:
-        return url
-    scheme, _, credentials = head.partition("://")
-    return f"{scheme}://{credentials.split(':')[0]}:***@{tail}"
-
-
 def _study(storage: Any, study_name: str | None, objectives: tuple[str, ...], seed: int, trials: int,
            budget: float, reference: float, target: str) -> Any:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    rdb = _storage(storage)
+    rdb = open_storage(storage)
     shared = rdb is not None and not str(rdb.url).startswith("sqlite")
     worker_seed = seed if not shared else int(hashlib.sha256(
         f"{seed}:{socket.gethostname()}:{os.getpid()}".encode()).hexdigest()[:8], 16)

@@ -1,6 +1,7 @@
 """Per-layer speed selection for the int8 rewrite: a layer whose int8 form is not faster here stays float.
 
-For each distinct layer signature (rows M of the example inputs, K, N, bias, dtype, scheme) the float
+For each distinct layer signature (rows M of the example inputs, or those `timed_rows` sets, K, N, bias,
+dtype, scheme) the float
 layer, ``linear(x, W, b)``, is timed against its int8 form on random data of that shape, interleaved
 by the speed check (graphopt/engine/speed.py):
 
@@ -45,6 +46,20 @@ ops = torch.ops.graphopt
 
 
 _SHARED: ContextVar[dict[tuple, str | None] | None] = ContextVar("graphopt_layer_verdicts", default=None)
+_ROWS: ContextVar[int | None] = ContextVar("graphopt_timed_rows", default=None)
+
+
+@contextmanager
+def timed_rows(rows: int) -> Iterator[None]:
+    """Time every layer at `rows` rows within this block, whatever the example's shapes: for a caller that
+    knows which calls matter. A generation module's graph is captured on a prompt (M = batch × prompt
+    length), but generating is mostly decode steps (M = batch), where weight-only layers pay and a prompt's
+    M would keep them float."""
+    token = _ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
 
 
 @contextmanager
@@ -78,7 +93,10 @@ def slower_layers(gm: torch.fx.GraphModule, sites: list[Site], scheme: str, bits
 
 
 def _rows(site: Site) -> int | None:
-    """Rows M of the layer's input on the example inputs (leading dims multiplied; symbolic ones by hint)."""
+    """Rows M of the layer's input: `timed_rows`'s, else on the example inputs (leading dims multiplied;
+    symbolic ones by hint)."""
+    if _ROWS.get() is not None:
+        return _ROWS.get()
     shape = ir.shape(site.x)
     if shape is None:
         return None

@@ -89,3 +89,17 @@ def test_int8_weight_only_through_generation(llama):
     # per-channel int8 weights move perplexity by well under 1 % on a random tiny model (measured: 0.02 %)
     assert tokens["perplexity_after"] == pytest.approx(tokens["perplexity_before"], rel=1e-2)
     assert lm.generate(ids, max_new_tokens=6).shape == (2, 13)
+
+
+def test_int8_layers_are_timed_at_a_decode_step(llama, monkeypatch):
+    """The decoder graph is captured on a prompt (M = batch × prompt length) but generating is mostly decode
+    steps (M = batch): the int8 pass's per-layer timing judges each layer at the example's batch, where
+    weight-only layers pay (a prompt's M would keep them float)."""
+    from graphopt.passes.quantize import layer_speed
+    timed: list[int] = []
+    monkeypatch.setattr(layer_speed, "_time", lambda rows, *args: timed.append(rows))   # None: int8 is kept
+    for batch in (1, 3):
+        timed.clear()
+        optimized(llama, prompt(batch=batch, length=7), level="O2", quantize="int8-weight-only",
+                  quantize_options={"layer_speed": True})
+        assert timed and set(timed) == {batch}, timed

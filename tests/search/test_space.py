@@ -63,9 +63,10 @@ def test_every_drawn_prune_pattern_names_a_layer_of_the_graph():
 
 
 def test_a_new_study_starts_from_the_fixed_levels_with_every_layer_int8():
-    """The first trials are O1 and O2 at graphopt.optimize's defaults (int8-dynamic, no layer kept float, no
-    SmoothQuant), drawn from the full default space: its random start would almost never switch every
-    `float.*` off at once. A space that cannot draw a level gets no seed for it."""
+    """The first trials are O1 and O2 at graphopt.optimize's defaults (int8-dynamic, no layer kept float,
+    SmoothQuant with α searched per layer group where there is calibration data), drawn from the full default
+    space: its random start would almost never switch every `float.*` off at once. A space that cannot draw
+    a level gets no seed for it."""
     from graphopt.search.space import level_seeds
     from tests.search.tune_models import agreement, mlp, quick
     model, example_ = mlp()
@@ -73,8 +74,8 @@ def test_a_new_study_starts_from_the_fixed_levels_with_every_layer_int8():
     seeds = level_seeds(space)
     assert seeds[0] == {"level": "O1"}
     assert seeds[1]["level"] == "O2" and seeds[1]["quantize"] == "int8-dynamic"
-    assert {p for p, v in seeds[1].items() if v is False} == {p for p in space if p.startswith("float.")} \
-        | {"quantize_options.smoothquant"}
+    assert {p for p, v in seeds[1].items() if v is False} == {p for p in space if p.startswith("float.")}
+    assert seeds[1]["quantize_options.smoothquant"] is True and seeds[1]["quantize_options.alpha"] == "search"
     assert level_seeds({**space, "level": ["O1", "O3"]}) == [{"level": "O1"}]
     assert level_seeds({**space, "quantize": ["int8-static"]}) == [{"level": "O1"}]
     assert level_seeds({**space, "level": ["O2"]}) == []
@@ -84,9 +85,10 @@ def test_a_new_study_starts_from_the_fixed_levels_with_every_layer_int8():
     first, second = (row["config"] for row in result.trials)
     assert first["level"] == "O1"
     assert second["level"] == "O2" and second["quantize"] == "int8-dynamic"
-    assert "exclude" not in second.get("quantize_options", {}) and not second["quantize_options"].get("smoothquant")
+    assert "exclude" not in second.get("quantize_options", {})
+    assert second["quantize_options"]["smoothquant"] is True and second["quantize_options"]["alpha"] == "search"
     from tests.passes.quantize.helpers import int8_record
-    opt = graphopt.optimize(model, example_, **second, measure_latency=False)
+    opt = graphopt.optimize(model, example_, **second, calibration_data=[example_], measure_latency=False)
     rows = int8_record(opt).stats["layers"]
     # no layer is excluded: each is int8, or float because its int8 form timed slower here (layer_speed)
     assert rows and all(row["scheme"] != "float" or "float is faster" in row["reason"] for row in rows), rows

@@ -207,7 +207,7 @@ def test_a_worker_that_loses_the_schema_race_retries(monkeypatch, tmp_path, sqls
     against the winner's schema instead of failing its whole tune."""
     import optuna
     import sqlalchemy.exc
-    from graphopt.search import tuner
+    from graphopt.search import storage
 
     class Duplicate(Exception):
         pgcode = sqlstate
@@ -221,8 +221,8 @@ def test_a_worker_that_loses_the_schema_race_retries(monkeypatch, tmp_path, sqls
         return real(url, **kwargs)
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
-    monkeypatch.setattr(tuner.time, "sleep", lambda s: None)
-    assert tuner._storage(tmp_path / "study.db") is not None and len(calls) == 2
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    assert storage.open_storage(tmp_path / "study.db") is not None and len(calls) == 2
 
     def refused(url, **kwargs):
         calls.append(url)
@@ -231,7 +231,7 @@ def test_a_worker_that_loses_the_schema_race_retries(monkeypatch, tmp_path, sqls
     monkeypatch.setattr(optuna.storages, "RDBStorage", refused)
     calls.clear()
     with pytest.raises(graphopt.OptionError, match="OperationalError"):
-        tuner._storage("postgresql+psycopg2://tune:secret@127.0.0.1:1/db")
+        storage.open_storage("postgresql+psycopg2://tune:secret@127.0.0.1:1/db")
     assert len(calls) == 1   # a refused connection is not a race: no retry
 
 
