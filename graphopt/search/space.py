@@ -95,7 +95,7 @@ def default_space(model: torch.nn.Module, live: set[str] | None = None, target: 
         "prune": (0.1, 0.7),
         "prune_options.criterion": list(CRITERIA),
         "prune_options.sensitivity": [True, False],
-        "finetune.epochs": (0, 5),
+        "finetune.epochs": (0, 10),
     }
     if target != "onnxruntime":
         space["quantize_options.layer_speed"] = [True]

@@ -45,10 +45,12 @@ def test_digits_tune_finds_a_config_within_budget_faster_than_o1():
     def evaluate(module):
         return accuracy(module, data.x_test, data.y_test)
 
-    # one O3 trial costs ~15-30 s of CPU here (pruning sweep, 2 fine-tune epochs): a narrow space, 2 trials
-    # (the lossless O1 baseline is always trial 0; seed 0 draws O3 next)
-    space = {"level": ["O1", "O3"], "quantize": [None], "prune_mode": ["flops"], "prune": (0.25, 0.35),
-             "prune_options.criterion": ["l2"], "prune_options.sensitivity": [True], "finetune.epochs": [2]}
+    # one O3 trial costs ~15-30 s of CPU here (pruning sweep, 8 fine-tune epochs): a narrow space, 2 trials
+    # (the lossless O1 baseline is always trial 0; seed 0 draws O3 next). Measured on an AVX-512 Xeon: prune
+    # 0.6 + 8 epochs keeps 98.44 % (the original 98.67 %) at 1.66x the original's speed, O1 1.14x; prune 0.3
+    # + 2 epochs was 1.04x O1 there, too close to tell
+    space = {"level": ["O1", "O3"], "quantize": [None], "prune_mode": ["flops"], "prune": [0.6],
+             "prune_options.criterion": ["l2"], "prune_options.sensitivity": [True], "finetune.epochs": [8]}
     timer = SpeedCheck(min_rounds=30, max_rounds=60, max_seconds=10.0, timer=cpu_timer)   # ~5 ms a call
     result = graphopt.tune(model, example, evaluate=evaluate, accuracy_budget=0.5, trials=2, seed=0,
                            search_space=space, calibration_data=calibration, train_data=train,
@@ -60,7 +62,7 @@ def test_digits_tune_finds_a_config_within_budget_faster_than_o1():
     best = rows[1]
     # within budget: scored again here, not read from the study
     assert evaluate(result.best) >= result.reference_score - 0.5
-    assert best["finetune"] == {"epochs": 2} and best["size_bytes"] < rows[0]["size_bytes"]
+    assert best["finetune"] == {"epochs": 8} and best["size_bytes"] < rows[0]["size_bytes"]
     # faster than O1: both ratios to the original came from the interleaved timer (≥ min_rounds rounds) ...
     assert best["rounds"] >= 30 and rows[0]["rounds"] >= 30
     assert best["latency_ratio"] < rows[0]["latency_ratio"]
