@@ -63,8 +63,8 @@ class _State:
     def write(self, states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Write `states` at `slots` (out of place); the whole cache as attention reads it."""
         if len(self.tensors) == 1:
-            (cache,) = self.tensors = (self.tensors[0].index_copy(2, slots, states.to(self.tensors[0].dtype)),)
-            return cache
+            self.tensors = (self.tensors[0].index_copy(2, slots, states.to(self.tensors[0].dtype)),)
+            return self.tensors[0]
         codes, scales = self.tensors
         new_codes, new_scales = quantize_states(states, scales.dtype)
         self.tensors = codes.index_copy(2, slots, new_codes), scales.index_copy(2, slots, new_scales)
