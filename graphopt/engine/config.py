@@ -88,7 +88,8 @@ def parse_options(level: str | int | None = None, quantize: str | None = AUTO,
     else:   # default: on, unless the caller turned timing off
         rest["speed_check"] = SpeedCheck() if measure_latency else None
     _check_generation(rest.get("generation", False), rest.get("max_cache_len"))
-    _check_kv_cache(rest.get("generation", False), rest.get("kv_cache"), rest.get("kv_cache_budget", Options.kv_cache_budget))
+    _check_kv_cache(rest.get("generation", False), rest.get("kv_cache"),
+                    rest.get("kv_cache_budget", Options.kv_cache_budget))
     if rest.get("on_record") is not None and not callable(rest["on_record"]):
         raise OptionError(f"on_record={rest['on_record']!r} must be a callable taking a PassRecord")
     if isinstance(rest.get("calibration_data"), Iterator):   # a generator is read once: keep its batches

@@ -114,6 +114,11 @@ class FunctionalCache(Cache):
         return tuple(t for layer in self.layers for state in (layer.key_state, layer.value_state)
                      for t in state.tensors)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype attention reads the cache in (an int8 cache's: its scales')."""
+        return self.layers[0].key_state.tensors[-1].dtype
+
 
 class DecoderStep(torch.nn.Module):
     """`model` (not copied: its weights are shared) as one pure decoder step; see the module docstring."""
@@ -129,7 +134,7 @@ class DecoderStep(torch.nn.Module):
         length = attention_mask.shape[1]
         slots = torch.arange(length, device=input_ids.device)
         visible = (slots[None, :] <= cache_position[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
-        dtype = past_key_values[1 if past_key_values[0].dtype == torch.int8 else 0].dtype   # an int8 cache's scales
+        dtype = cache.dtype
         mask = visible if self.mask_kind == "sdpa" else \
             torch.zeros((), dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,

@@ -192,16 +192,16 @@ def _int8_cache_record(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Te
     cache to those with the float cache, over the example prompt and the calibration text (a prefill reads
     every token of the prompt back from the cache, quantized); rolled back below `kv_cache_budget`."""
     start = time.perf_counter()
-    steps = [eager_step(model, ids, options.max_cache_len, kv_int8) for kv_int8 in (False, True)]
+    step, float_spec = eager_step(model, ids, options.max_cache_len)   # one step reads either cache
+    int8_spec = dataclasses.replace(float_spec, int8=True)
     texts = text_batches(options.calibration_data, options.max_cache_len)
     cosine = 1.0
     for text_ids, text_mask in texts + text_batches([{"input_ids": ids, "attention_mask": mask}]):
         with torch.no_grad():
-            exact, approx = (step_logits(step, spec)(text_ids, text_mask) for step, spec in steps)
+            exact, approx = (step_logits(step, spec)(text_ids, text_mask) for spec in (float_spec, int8_spec))
         real = text_mask.bool()
         cosine = min(cosine, F.cosine_similarity(exact[real].double(), approx[real].double(), dim=-1).min().item())
     kept = cosine >= options.kv_cache_budget
-    (_, float_spec), (_, int8_spec) = steps
     return PassRecord(
         "kv_cache_int8", time.perf_counter() - start, 0, ir.param_bytes(model), min_cosine=cosine,
         modified=kept, rolled_back=not kept,
