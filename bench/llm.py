@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import graphopt
 from bench.harness import interleaved, pin_threads, write_results
 from graphopt.data.zoo import CausalLMLogits
+from graphopt.llm.metrics import step_logits
 
 SEQ = 128
 STEPS = 64
@@ -169,7 +170,6 @@ class PrefillLogits(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        from graphopt.llm.metrics import step_logits
         return step_logits(self.lm.graph_module, self.lm.spec)(input_ids, None)
 
 
