@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from graphopt.onnx.ir import session
+from graphopt.onnx.sessions import session
 
 from .generate import CacheSpec, generate
 

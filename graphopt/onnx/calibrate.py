@@ -14,20 +14,21 @@ from tqdm.auto import tqdm
 
 import onnxruntime as ort
 
-from .ir import OnnxModel, session
+from .ir import OnnxModel
+from .sessions import session
 
 
 def tensor_ranges(model: OnnxModel, names: Sequence[str],
                   feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
     """{name: (min, max)} of each tensor in `names` over all `feeds`."""
-    proto = model.to_proto()
+    proto, weights = model.shared_proto()
     present = {o.name for o in proto.graph.output}
     types = {t.name: t.dtype for t in model.graph.tensors().values()}
     for name in names:
         if name not in present:
             elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(types.get(name) or np.float32))
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    sess = session(proto, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    sess = session(proto, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, weights=weights, prepack=False)
     inputs = [i.name for i in sess.get_inputs()]
     ranges: dict[str, tuple[float, float]] = {}
     feeds = list(feeds)

@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import warnings
@@ -46,7 +47,8 @@ from graphopt.engine.verify import LOSSLESS, Budget, compare
 
 from .export_speed import export_speed_check, faster_file
 from .files import check_destination, save_model
-from .ir import OnnxModel, session
+from .ir import OnnxModel, split_ir
+from .sessions import session
 from .signature import dynamic_shapes, name_dynamic_axes, rename_outputs, requested_names
 from .translations import opset_problem
 
@@ -129,35 +131,40 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         reference = opt(*example_inputs, **kwargs)
     names = requested_names(output_names, reference)
 
-    def build(source: torch.nn.Module, scheme_: str | None, timed: bool, opset_: int | None = None) -> onnx.ModelProto:
-        built = _torch_export(source, example_inputs, kwargs,
-                              dynamic_shapes(source, example_inputs, kwargs, dynamic_axes),
-                              opset_ or opset or default_opset(scheme_), names)
-        name_dynamic_axes(built, example_inputs, kwargs, dynamic_axes)
+    def build(source: torch.nn.Module, scheme_: str | None, timed: bool, opset_: int | None = None) -> OnnxModel:
+        light, weights = _torch_export(source, example_inputs, kwargs,
+                                       dynamic_shapes(source, example_inputs, kwargs, dynamic_axes),
+                                       opset_ or opset or default_opset(scheme_), names)
+        name_dynamic_axes(light, example_inputs, kwargs, dynamic_axes)
         if hasattr(opt, "onnx_io_names"):     # a generation module names its decoder's inputs and outputs
             from graphopt.llm.onnx import rename_io
-            built = rename_io(built, *opt.onnx_io_names())
-        return _cleanup(built, _feeds(built, example_inputs, kwargs), skip_padding, report if timed else None,
+            light = rename_io(light, *opt.onnx_io_names())
+        model = OnnxModel.bind(light, weights)
+        return _cleanup(model, _feeds(model, example_inputs, kwargs), skip_padding, report if timed else None,
                         speed if timed else None, on_record if timed else None)
 
-    proto = build(module, scheme, True)
-    feeds = _feeds(proto, example_inputs, kwargs)
-    if opset is None and _refused_fully_optimized(proto, feeds):
+    exported = build(module, scheme, True)
+    feeds = _feeds(exported, example_inputs, kwargs)
+    if opset is None and _refused_fully_optimized(exported, feeds):
         # ONNX Runtime's default (full) optimizations rewrite some opset-23 RotaryEmbedding nodes into a form
         # its kernel refuses (cos/sin caches of batch 1 again; seen on Llama): users run with the defaults, so
         # the file is written at opset 22, which has no RotaryEmbedding (the rotation stays plain ops).
-        proto = build(module, scheme, True, ROTARY_FREE_OPSET)
+        exported = build(module, scheme, True, ROTARY_FREE_OPSET)
         if report is not None and hasattr(report, "meta"):
             report.meta["export_opset"] = (f"opset {ROTARY_FREE_OPSET}: ONNX Runtime's default optimizations "
                                            "refused the opset-23 RotaryEmbedding form")
     budget = tolerance or _budget(opt, scheme)
     original = _original(opt)
     if speed is not None and scheme is not None and original is not None:
-        float_proto = faster_file(proto, lambda: build(original, None, False), feeds, speed, report)
-        if float_proto is not None:
-            proto, budget = float_proto, tolerance or TOLERANCES[None]
+        float_model = faster_file(exported, lambda: build(original, None, False), feeds, speed, report)
+        if float_model is not None:
+            exported, budget = float_model, tolerance or TOLERANCES[None]
             with torch.no_grad():
                 reference = original(*example_inputs, **kwargs)
+            del float_model
+    proto = exported.to_proto()
+    del exported
+    gc.collect()     # the proto holds the weights now: the model's arrays go with its graph (a reference cycle)
 
     def check(written: Path) -> None:
         try:
@@ -165,7 +172,7 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"the exported file fails onnx.checker: {first_line(exc)}; nothing was written") \
                 from exc
-        _check_outputs(_runtime_session(written, proto), feeds, reference, budget, proto)
+        _check_outputs(_runtime_session(written, proto), feeds, reference, budget, _op_types(proto))
 
     return save_model(proto, path, check=check)
 
@@ -173,12 +180,12 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
 ROTARY_FREE_OPSET = 22
 
 
-def _refused_fully_optimized(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> bool:
+def _refused_fully_optimized(model: OnnxModel, feeds: dict[str, np.ndarray]) -> bool:
     """Whether a file holding RotaryEmbedding fails to run under ONNX Runtime's default optimizations."""
-    if not any(node.op_type == "RotaryEmbedding" for node in proto.graph.node):
+    if not any(node.op == "RotaryEmbedding" for node in model.graph.nodes):
         return False
     try:
-        runtime = session(proto)
+        runtime = model.new_session(prepack=False)
         runtime.run(None, {i.name: feeds[i.name] for i in runtime.get_inputs()})
     except Exception:  # noqa: BLE001  (any refusal of the runtime: the file must be written another way)
         return True
@@ -266,7 +273,9 @@ def _scheme(graph_module: torch.fx.GraphModule, requested: str | None) -> str | 
 
 
 def _torch_export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
-                  opset: int, output_names: list[str]) -> onnx.ModelProto:
+                  opset: int, output_names: list[str]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """torch.onnx's program as a proto with its large weights by reference, and those weights: views of the
+    tensors the program holds (the module's parameters, the exporter's folded constants), not copies."""
     from .translations import translation_table
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -283,7 +292,7 @@ def _torch_export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sh
         except Exception as exc:
             text = " ".join(str(exc).split())[:600]
             raise ExportError(f"torch.onnx.export could not export the module: {type(exc).__name__}: {text}") from exc
-    return program.model_proto
+    return split_ir(program.model)
 
 
 #: onnxscript rewrite rules (in the optimizer torch.onnx runs) whose matcher walks the whole graph for each
@@ -310,9 +319,9 @@ def _without_quadratic_rewrites() -> Iterator[None]:
         rewriter._DEFAULT_REWRITE_RULES = rules
 
 
-def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding: bool,
+def _cleanup(model: OnnxModel, feeds: dict[str, np.ndarray], skip_padding: bool,
              report: Any = None, speed_check: Any = None,
-             on_record: Callable[[Any], None] | None = None) -> onnx.ModelProto:
+             on_record: Callable[[Any], None] | None = None) -> OnnxModel:
     """The export's graph passes, run by the pass manager: first what makes the file runnable at all (rotary
     caches at the batch, opset 23: ONNX Runtime refuses the exporter's form, so that graph has no outputs to
     verify against; the export's final comparison with the torch module checks it), then the cleanups, each
@@ -327,7 +336,6 @@ def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding:
                                       SkipPadding)
 
     from .ir import OnnxIR
-    model = OnnxModel.from_proto(proto)
     ir, inputs = OnnxIR(), [((), feeds)]
     records = []
     if model.opset >= RotaryCachesAtBatch.min_opset:
@@ -342,7 +350,7 @@ def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding:
         reference = ir.run(model, inputs)
     except Exception as exc:  # onnxruntime's pybind errors: the exporter wrote a graph the runtime refuses
         raise ExportError(f"ONNX Runtime {ort.__version__} fails to run the exported graph on the example inputs: "
-                          f"{_runtime_reason(exc, proto)}; nothing was written") from exc
+                          f"{_runtime_reason(exc, _op_types(model))}; nothing was written") from exc
     optimized, cleaned = manager.run(model, inputs, reference)
     records += cleaned.records
     if report is not None and hasattr(report, "meta"):
@@ -350,13 +358,14 @@ def _cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], skip_padding:
                                          "code": r.code, "reason": r.reason, "matches": r.matches,
                                          "nodes": r.nodes} for r in records]
     optimized.graph.toposort()
-    return optimized.to_proto()
+    optimized.invalidate()
+    return optimized
 
 
-def _feeds(proto: onnx.ModelProto, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+def _feeds(model: OnnxModel, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
     """The example inputs keyed by the ONNX graph's input names (tensor leaves, in order)."""
     leaves = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
-    names = [i.name for i in proto.graph.input]
+    names = [i.name for i in model.graph.inputs]
     if len(names) != len(leaves):
         raise InputError(f"the ONNX graph has {len(names)} inputs but the example inputs hold {len(leaves)} "
                          "tensors (a constant input was folded into the graph?)")
@@ -364,31 +373,38 @@ def _feeds(proto: onnx.ModelProto, args: tuple, kwargs: dict) -> dict[str, np.nd
 
 
 def _runtime_session(path: Path, proto: onnx.ModelProto) -> Any:
-    """An ONNX Runtime session with basic (exact) graph optimizations; `ExportError` if the runtime refuses."""
+    """An ONNX Runtime session with basic (exact) graph optimizations, checking values (no weights repacked);
+    `ExportError` if the runtime refuses."""
     try:
-        return session(path, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+        return session(path, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, prepack=False)
     except Exception as exc:  # onnxruntime's pybind errors (Fail, InvalidGraph, NotImplemented, …)
         raise ExportError(f"ONNX Runtime {ort.__version__} cannot load the exported file: "
-                          f"{_runtime_reason(exc, proto)}; nothing was written") from exc
+                          f"{_runtime_reason(exc, _op_types(proto))}; nothing was written") from exc
 
 
-def _runtime_reason(exc: Exception, proto: onnx.ModelProto) -> str:
+def _op_types(model: OnnxModel | onnx.ModelProto) -> dict[str, str]:
+    """{node name: operator type}."""
+    if isinstance(model, OnnxModel):
+        return {n.name: n.op for n in model.graph.nodes}
+    return {n.name: n.op_type for n in model.graph.node}
+
+
+def _runtime_reason(exc: Exception, ops: Mapping[str, str]) -> str:
     """ONNX Runtime's message, led by the operator type of the node it names (if it names one)."""
     text = first_line(exc)
     match = re.search(r"[Nn]ode[^']*'([^']+)'|Name:'([^']+)'", text)
     name = next((g for g in match.groups() if g), None) if match else None
-    ops = {n.name: n.op_type for n in proto.graph.node}
     return f"{ops[name]} node {name!r}: {text}" if name in ops else text
 
 
 def _check_outputs(sess: Any, feeds: dict[str, np.ndarray], reference: Any, budget: Budget,
-                   proto: onnx.ModelProto) -> None:
+                   ops: Mapping[str, str]) -> None:
     names = [o.name for o in sess.get_outputs()]
     try:
         outputs = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
     except Exception as exc:  # onnxruntime's pybind errors
         raise ExportError(f"ONNX Runtime {ort.__version__} fails to run the exported file on the example inputs: "
-                          f"{_runtime_reason(exc, proto)}; nothing was written") from exc
+                          f"{_runtime_reason(exc, ops)}; nothing was written") from exc
     expected = [leaf for leaf in pytree.tree_leaves(reference) if isinstance(leaf, torch.Tensor)]
     if len(outputs) != len(expected):
         raise VerificationError(f"the ONNX model has {len(outputs)} outputs, the torch module {len(expected)}")

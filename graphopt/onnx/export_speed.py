@@ -13,11 +13,10 @@ import warnings
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 
 from graphopt.engine.speed import SpeedCheck, parse_speed_check
 
-from .ir import session
+from .ir import OnnxModel
 
 
 def export_speed_check(opt: Any, value: Any) -> SpeedCheck | None:
@@ -28,11 +27,11 @@ def export_speed_check(opt: Any, value: Any) -> SpeedCheck | None:
     return getattr(getattr(opt, "options", None), "speed_check", None)
 
 
-def faster_file(int8: onnx.ModelProto, float_: Callable[[], onnx.ModelProto], feeds: dict[str, np.ndarray],
-                check: SpeedCheck, report: Any) -> onnx.ModelProto | None:
-    """The float file (built by `float_()`) when the int8 file `int8` is measurably slower, else None."""
-    float_proto = float_()
-    runs = [session(p) for p in (float_proto, int8)]
+def faster_file(int8: OnnxModel, float_: Callable[[], OnnxModel], feeds: dict[str, np.ndarray],
+                check: SpeedCheck, report: Any) -> OnnxModel | None:
+    """The float model (built by `float_()`) when the int8 model `int8` is measurably slower, else None."""
+    float_model = float_()
+    runs = [model.new_session() for model in (float_model, int8)]
     names = [[i.name for i in s.get_inputs()] for s in runs]
     calls = [lambda s=s, n=n: s.run(None, {k: feeds[k] for k in n}) for s, n in zip(runs, names)]
     verdict = check.compare(*calls)
@@ -43,4 +42,4 @@ def faster_file(int8: onnx.ModelProto, float_: Callable[[], onnx.ModelProto], fe
         warnings.warn(f"graphopt: {text}")
     if report is not None and hasattr(report, "meta"):
         report.meta["export_speed"] = text
-    return float_proto if slower else None
+    return float_model if slower else None

@@ -8,8 +8,8 @@ so `graphopt.engine.verify.compare_runs` compares them like FX outputs.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import contextlib
+import gc
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +18,7 @@ import onnx
 import ml_dtypes
 import onnx.numpy_helper
 import onnx_graphsurgeon as gs
+import onnx_ir
 import onnxruntime as ort
 from onnx_graphsurgeon.ir.tensor import LazyValues
 import torch
@@ -25,48 +26,12 @@ import torch
 from graphopt.errors import UnsupportedError, first_line
 from graphopt.frontend.inputs import look_alike
 
-from .files import PROTOBUF_LIMIT
+from .sessions import BY_REFERENCE, check_model, reference_tensor, session, shareable
 
 Inputs = Sequence[tuple[tuple, dict]]
 
 #: Custom or vendor ops are skipped by every pass; these domains are standard ONNX.
 STANDARD_DOMAINS = ("", "ai.onnx")
-
-
-def session(model: onnx.ModelProto | str | os.PathLike,
-            level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            providers: Sequence[str] = ("CPUExecutionProvider",), spin: bool = True) -> ort.InferenceSession:
-    """An ONNX Runtime session on the CPU (or `providers`), threads pinned to the machine's cores.
-
-    `spin=False` stops idle worker threads from spin-waiting after a run: needed when several
-    sessions take turns on the same cores (a benchmark interleaving them), else each one's
-    spinning threads slow the next.
-    """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.graph_optimization_level = level
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if isinstance(model, onnx.ModelProto) and model.ByteSize() >= PROTOBUF_LIMIT:
-        with tempfile.TemporaryDirectory(prefix="graphopt-") as directory:   # > 2 GB: from a file + its data
-            path = Path(directory) / "model.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
-            return ort.InferenceSession(str(path), options, providers=list(providers))
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=list(providers))
-
-
-def check_model(model: onnx.ModelProto) -> None:
-    """`onnx.checker.check_model`, through a file for models over protobuf's 2 GB limit."""
-    if model.ByteSize() < PROTOBUF_LIMIT:
-        onnx.checker.check_model(model)
-        return
-    with tempfile.TemporaryDirectory(prefix="graphopt-") as directory:
-        path = Path(directory) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
-        onnx.checker.check_model(str(path))
 
 
 class OnnxModel:
@@ -81,19 +46,54 @@ class OnnxModel:
 
     @classmethod
     def from_proto(cls, model: onnx.ModelProto) -> "OnnxModel":
-        """Import `model`, with ONNX shape inference first so passes see intermediate shapes."""
+        """Import `model`, with ONNX shape inference first so passes see intermediate shapes.
+
+        Large initializers become arrays the graph holds once (read-only: a pass replaces a constant, never
+        writes into it), so copies of the model and ONNX Runtime sessions share them (`shared_proto`);
+        nothing refers to `model` afterwards."""
         metadata = {p.key: p.value for p in model.metadata_props}
-        try:
-            model = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # noqa: BLE001  (custom ops, > 2 GB: passes then see fewer shapes, and say so)
-            pass
-        return cls(gs.import_onnx(model), model.ir_version, metadata)
+        imported = cls(gs.import_onnx(model), model.ir_version, metadata)
+        for tensor in imported.graph.tensors().values():
+            if isinstance(tensor, gs.Constant) and shareable(tensor._values):
+                tensor.values = tensor.values          # loaded into an array of its own
+        light, weights = imported.shared_proto()
+        del imported
+        return cls.bind(light, weights)
+
+    @classmethod
+    def from_ir(cls, model: onnx_ir.Model) -> "OnnxModel":
+        """The model from onnx_ir (`to_ir`, or torch.onnx's program), its large weights the arrays it holds."""
+        return cls.bind(*split_ir(model))
+
+    @classmethod
+    def bind(cls, light: onnx.ModelProto, weights: dict[str, np.ndarray]) -> "OnnxModel":
+        """A model from a proto whose large initializers are by reference, bound to `weights`, shapes inferred."""
+        metadata = {p.key: p.value for p in light.metadata_props}
+        ir_version = light.ir_version
+        with contextlib.suppress(Exception):           # custom ops: passes then see fewer shapes, and say so
+            light = onnx.shape_inference.infer_shapes(light)
+        graph = gs.import_onnx(light)
+        for tensor in graph.tensors().values():
+            if tensor.name in weights and isinstance(tensor, gs.Constant):
+                tensor.values, tensor.data_location = weights[tensor.name], None   # in memory, not by reference
+        gc.collect()      # a graph is a reference cycle (nodes ↔ tensors): what a caller dropped goes now
+        return cls(graph, ir_version, metadata)
+
+    def to_ir(self) -> onnx_ir.Model:
+        """The model in onnx_ir (onnxscript's IR), its large weights the same arrays (not copied)."""
+        proto, weights = self.shared_proto()
+        model = onnx_ir.serde.deserialize_model(proto)
+        for name, value in model.graph.initializers.items():
+            if name in weights:
+                value.const_value = onnx_ir.Tensor(weights[name], name=name)
+        return model
 
     @property
     def opset(self) -> int:
         return int(self.graph.opset)
 
     def to_proto(self) -> onnx.ModelProto:
+        """The whole model, every weight's bytes in it (what a file holds)."""
         _pack_four_bit(self.graph)
         model = gs.export_onnx(self.graph, do_type_check=False)
         if self.ir_version is not None:
@@ -102,10 +102,32 @@ class OnnxModel:
             model.metadata_props.add(key=key, value=value)
         return model
 
+    def shared_proto(self) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        """The model with every large initializer by reference (`session(proto, weights=…)` reads them in
+        place), and those arrays by name: a proto of kilobytes for a model of gigabytes."""
+        shared = [(tensor, tensor.values) for tensor in self.graph.tensors().values()
+                  if isinstance(tensor, gs.Constant) and isinstance(tensor._values, np.ndarray)
+                  and shareable(tensor._values)]
+        for tensor, array in shared:
+            tensor.values = LazyValues(reference_tensor(tensor.name, array))
+        try:
+            return self.to_proto(), {tensor.name: array for tensor, array in shared}
+        finally:
+            for tensor, array in shared:
+                tensor.values = array
+
+    def new_session(self, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                    prepack: bool | None = None) -> ort.InferenceSession:
+        """A session that shares this model's weights (see `session`)."""
+        proto, weights = self.shared_proto()
+        return session(proto, level, weights=weights, prepack=prepack)
+
     def session(self) -> ort.InferenceSession:
+        """The model's cached session, as users run it (all graph optimizations, weights repacked up to
+        `sessions.PREPACK_MAX_BYTES`)."""
         if self._session is None:
             try:
-                self._session = session(self.to_proto())
+                self._session = self.new_session()
             except Exception as exc:
                 raise UnsupportedError(f"ONNX Runtime cannot run this model: {first_line(exc)}") from exc
         return self._session
@@ -120,6 +142,29 @@ class OnnxModel:
 
     def copy(self) -> "OnnxModel":
         return OnnxModel(self.graph.copy(), self.ir_version, self.metadata)
+
+
+def split_ir(model: onnx_ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """`model` as a proto whose large initializers are by reference, and their arrays by name: numpy views of
+    the tensors the IR holds (torch.onnx's are the module's own tensors), read-only, never copies."""
+    swapped, weights = {}, {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, (onnx_ir.TensorProtoTensor, onnx_ir.ExternalTensor)):
+            continue               # serialized as it is (a small or by-reference proto tensor)
+        array = tensor.numpy()
+        if not shareable(array):
+            continue
+        array = array.view()
+        array.flags.writeable = False          # a view of a module's parameter: no pass writes into it
+        swapped[name], weights[name] = tensor, array
+        value.const_value = onnx_ir.ExternalTensor(BY_REFERENCE, 0, array.nbytes, tensor.dtype, shape=tensor.shape,
+                                                   name=name)
+    try:
+        return onnx_ir.serde.serialize_model(model), weights
+    finally:
+        for name, tensor in swapped.items():
+            model.graph.initializers[name].const_value = tensor
 
 
 #: ml_dtypes' 4-bit types (ONNX INT4/UINT4, two values a byte in a file).
@@ -150,8 +195,14 @@ class OnnxIR:
     ORT_ENABLE_BASIC, whose rewrites are exact (passes/onnx/skip_padding explains why).
     """
 
+    #: Models that keep their cached session at once: a speed check times two against each other. Any other
+    #: model the pass manager holds (the original, the fastest so far) drops its session until it runs again,
+    #: so a large model's repacked weights are held at most twice.
+    LIVE_SESSIONS = 2
+
     def __init__(self, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> None:
         self.level = level
+        self._live: list[OnnxModel] = []
 
     def copy(self, module: OnnxModel) -> OnnxModel:
         return module.copy()
@@ -160,7 +211,7 @@ class OnnxIR:
         """Drop dead nodes, sort topologically and check the model; the session is rebuilt lazily."""
         module.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         module.invalidate()
-        check_model(module.to_proto())
+        check_model(module.shared_proto()[0])
 
     def count_nodes(self, module: OnnxModel) -> int:
         return len(module.graph.nodes)
@@ -172,11 +223,18 @@ class OnnxIR:
 
     def run(self, module: OnnxModel, inputs: Inputs) -> list[Any]:
         if self.level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            self._keep_live(module)
             return [module.run(kwargs) for _, kwargs in inputs]
-        sess = session(module.to_proto(), self.level)
+        sess = module.new_session(self.level, prepack=False)
         names = [i.name for i in sess.get_inputs()]
         return [tuple(torch.from_numpy(np.asarray(o)) for o in sess.run(None, {n: kwargs[n] for n in names}))
                 for _, kwargs in inputs]
+
+    def _keep_live(self, module: OnnxModel) -> None:
+        others = [m for m in self._live if m is not module]
+        for model in others[:len(others) - (self.LIVE_SESSIONS - 1)]:
+            model.invalidate()
+        self._live = others[len(others) - (self.LIVE_SESSIONS - 1):] + [module]
 
     def dump(self, module: OnnxModel, directory: Path) -> None:
         onnx.save_model(module.to_proto(), str(directory / "graph.onnx"))

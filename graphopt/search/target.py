@@ -106,7 +106,7 @@ class Target:
 
     def onnx_runner(self, path: str | Path) -> Callable[[], object]:
         """One call of the ONNX file at `path` on the example inputs, in a session fit for interleaved timing."""
-        from ..onnx.ir import session
+        from ..onnx.sessions import session
         runtime = session(path, spin=False)   # interleaved sessions: no spinning threads slowing the other
         names = [i.name for i in runtime.get_inputs()]
         leaves = [t for t in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)]

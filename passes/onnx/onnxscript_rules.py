@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import onnx_graphsurgeon as gs
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 from onnxscript import rewriter
@@ -55,14 +54,14 @@ class OnnxscriptRules(OnnxPass):
                 return super().run(model)     # logs and reports the skip
             model = upgraded
             log.matched(f"opset upgrade to {self.min_opset}")
-        ir_model = ir.serde.deserialize_model(model.to_proto())
+        ir_model = model.to_ir()
         for rule in self.rules:
             name = rule.name or type(rule).__name__
-            before = ir.serde.serialize_model(ir_model)
+            before = ir_model.clone()      # shares the weights
             try:
                 count = rewriter.RewriteRuleSet([rule]).apply_to_model(ir_model)
             except ValueError as exc:   # onnxscript 0.7 can match a node whose output another match still reads
-                ir_model = ir.serde.deserialize_model(before)   # (Add(MatMul, MatMul)) and then refuse to remove it
+                ir_model = before       # (Add(MatMul, MatMul)) and then refuses to remove it
                 log.rejected(name, "the graph", Reject(Reason.UNSUPPORTED_FORM,
                                                         f"onnxscript's rule raised, graph left as it was: {first_line(exc)}"))
                 continue
@@ -76,8 +75,7 @@ class OnnxscriptRules(OnnxPass):
         if not log.modified:
             return log.result(model)
         ir_passes.RemoveUnusedNodesPass()(ir_model)
-        return log.result(OnnxModel(gs.import_onnx(ir.serde.serialize_model(ir_model)), model.ir_version,
-                                    model.metadata))
+        return log.result(OnnxModel.from_ir(ir_model))
 
 
 def _node_count(model: ir.Model) -> int:
@@ -90,7 +88,7 @@ class DeadNodeElimination(OnnxPass):
 
     def run(self, model: OnnxModel) -> PassResult:
         log = RewriteLog()
-        ir_model = ir.serde.deserialize_model(model.to_proto())
+        ir_model = model.to_ir()
         nodes, constants = _node_count(ir_model), len(ir_model.graph.initializers)
         ir_passes.RemoveUnusedNodesPass()(ir_model)
         if _node_count(ir_model) < nodes:
@@ -99,8 +97,7 @@ class DeadNodeElimination(OnnxPass):
             log.matched("unused initializer", constants - len(ir_model.graph.initializers))
         if not log.modified:
             return log.result(model)
-        return log.result(OnnxModel(gs.import_onnx(ir.serde.serialize_model(ir_model)), model.ir_version,
-                                    model.metadata))
+        return log.result(OnnxModel.from_ir(ir_model))
 
 
 def eliminate_identity() -> OnnxscriptRules:

@@ -1,4 +1,5 @@
-"""Run as a script: peak RSS while optimizing a Llama-shaped model for generation, over the model's size.
+"""Run as a script: peak RSS while optimizing a Llama-shaped model for generation (or exporting its O1 module
+to ONNX: mode `export`), over the model's size.
 
 Prints `ratio=<(model bytes + peak RSS while optimizing − RSS just before) / fp32 model bytes>`: the
 model counted once, plus everything optimizing adds (copies, new weights, transients). RSS just before is
@@ -46,11 +47,33 @@ def optimize(model: torch.nn.Module, mode: str | None) -> None:
                       progress=False, **extra)
 
 
-def main(quantize: str | None) -> None:   # a mode of `optimize`
+def export(model: torch.nn.Module, folder: str) -> None:
+    """The O1 generation module (optimized before the measurement starts) to ONNX with past key values."""
+    ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(0))
+    graphopt.export_onnx(model, (), os.path.join(folder, "decoder.onnx"), example_kwargs={"input_ids": ids})
+
+
+def main(mode: str | None) -> None:   # a mode of `optimize`, or "export"
+    import tempfile
     torch.set_num_threads(1)
-    optimize(lm(32, 96), quantize)          # warm-up: imports, export machinery
+    folder = tempfile.TemporaryDirectory(prefix="memory_probe_")
+    if mode == "export":
+        def prepare(model: torch.nn.Module) -> torch.nn.Module:
+            ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(0))
+            return graphopt.optimize(model, example_kwargs={"input_ids": ids}, generation=True, max_cache_len=16,
+                                     level="O1", measure_latency=False, progress=False)
+
+        def work(module: torch.nn.Module) -> None:
+            export(module, folder.name)
+    else:
+        def prepare(model: torch.nn.Module) -> torch.nn.Module:
+            return model
+
+        def work(module: torch.nn.Module) -> None:
+            optimize(module, mode)
+    work(prepare(lm(32, 96)))               # warm-up: imports, export machinery
     empty = rss()
-    model = lm(256, 32000)
+    model = prepare(lm(256, 32000))
     size = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()))
     base = rss()
     peak, done = [base], threading.Event()
@@ -61,7 +84,7 @@ def main(quantize: str | None) -> None:   # a mode of `optimize`
             time.sleep(0.002)
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    optimize(model, quantize)
+    work(model)
     done.set()
     thread.join()
     print(f"ratio={(size + max(peak[0], rss()) - base) / size:.3f} build_ratio={(base - empty) / size:.3f} "

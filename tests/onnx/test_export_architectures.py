@@ -97,8 +97,8 @@ def test_a_rotary_form_the_default_runtime_refuses_is_written_without_rotary_emb
     import graphopt.onnx.export as export
     refusals = []
     monkeypatch.setattr(export, "_refused_fully_optimized",
-                        lambda proto, feeds: refusals.append(1) or any(n.op_type == "RotaryEmbedding"
-                                                                       for n in proto.graph.node))
+                        lambda model, feeds: refusals.append(1) or any(n.op == "RotaryEmbedding"
+                                                                       for n in model.graph.nodes))
     opt = graphopt.optimize(rotary_decoder, example_kwargs={"input_ids": torch.randint(0, 64, (2, 8)),
                                                             "use_cache": False},
                             quantize="int8-weight-only", measure_latency=False, progress=False)   # opset 23

@@ -12,7 +12,8 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import graphopt
-from graphopt.onnx.ir import OnnxModel, session
+from graphopt.onnx.ir import OnnxModel
+from graphopt.onnx.sessions import session
 from graphopt.passes.onnx import SkipPadding
 from graphopt.engine.rules import Reason
 from graphopt.engine.verify import LOSSLESS, compare

@@ -260,7 +260,7 @@ def test_cli_tune_on_onnxruntime_then_optimize_with_the_config(tmp_path, capsys)
     model, example = mlp()
     config, _ = recipe.load(best)
     expected = graphopt.optimize(model, example, **config)(example[0])
-    from graphopt.onnx.ir import session
+    from graphopt.onnx.sessions import session
     got = session(onnx).run(None, {session(onnx).get_inputs()[0].name: example[0].numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
 

@@ -12,7 +12,8 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from graphopt.onnx.ir import OnnxModel, session
+from graphopt.onnx.ir import OnnxModel
+from graphopt.onnx.sessions import session
 
 #: Sequence positions the shape measurement runs on (it fetches every intermediate tensor); a prime, so
 #: that no head count or width is mistaken for it.
@@ -33,12 +34,12 @@ def row_shapes(model: OnnxModel, feed: dict[str, np.ndarray],
     Every intermediate tensor is fetched, so the graph runs on the first SHAPE_TOKENS positions of each
     sequence input when it accepts them (a large model at its full length would hold all its activations),
     else at full length."""
-    proto = model.to_proto()
+    proto, weights = model.shared_proto()
     names = [t.name for t in model.graph.tensors().values()
              if isinstance(t, gs.Variable) and t.inputs and t.name not in {o.name for o in proto.graph.output}]
     del proto.graph.value_info[:]
     proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    sess = session(proto, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    sess = session(proto, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, weights=weights, prepack=False)
     if seq > SHAPE_TOKENS:
         with contextlib.suppress(Exception):    # a fixed sequence length: measured at the full length below
             return SHAPE_TOKENS, _measure(sess, feed, seq, SHAPE_TOKENS)
