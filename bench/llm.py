@@ -270,19 +270,19 @@ def decode(args: argparse.Namespace) -> list[dict[str, Any]]:
     builders: dict[str, Callable[[], Callable[[torch.Tensor, int], torch.Tensor]]] = {
         "torch fp32 eager (HF generate)": lambda: _hf_generate(model),
         "HF static cache + torch.compile": lambda: _compiled_static(model),
-        "torchao int8-WO (bf16 model)": lambda: _torchao_int8(model),
         "graphopt O1": lambda: _graphopt(o1()),
     }
     folder = tempfile.TemporaryDirectory(prefix="bench_llm_")   # the export (GBs at full size) goes with it
     if not args.skip_onnx:   # built next to O1, before the other rows' weights fill memory (the export peaks at GBs)
         builders["ONNX Runtime on graphopt's O1 export"] = lambda: _onnx(o1(), example, folder.name)
     builders |= {
+        "torchao int8-WO (bf16 model)": lambda: _torchao_int8(model),
         "graphopt int8-WO": lambda: _graphopt(_optimized(model, example, cache, level="O2",
                                                          quantize="int8-weight-only")),
         "graphopt int4-WO (g128, verify off)": lambda: _graphopt(_optimized(model, example, cache, level="O2",
                                                                             quantize="int4-weight-only", verify=False)),
     }
-    variants, build_s, failed = {}, {}, {}
+    variants, build_s, peak_gib, failed = {}, {}, {}, {}
     for name, build in builders.items():
         start = time.perf_counter()
         try:
@@ -292,7 +292,8 @@ def decode(args: argparse.Namespace) -> list[dict[str, Any]]:
             print(f"{name}: {failed[name]}", flush=True)
         build_s[name] = time.perf_counter() - start
         gc.collect()
-        print(f"built {name} in {build_s[name]:.0f} s; peak RSS so far {peak_rss_gib():.1f} GiB", flush=True)
+        peak_gib[name] = peak_rss_gib()
+        print(f"built {name} in {build_s[name]:.0f} s; peak RSS so far {peak_gib[name]:.1f} GiB", flush=True)
     rows = []
     for batch in (1, 8):
         ids = torch.randint(0, config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch))
@@ -314,7 +315,8 @@ def decode(args: argparse.Namespace) -> list[dict[str, Any]]:
                          "generate ms p10–p90": f"{1e3 * total.p10_s:.0f}–{1e3 * total.p90_s:.0f}",
                          "prefill ms (median)": 1e3 * prefill.median_s,
                          "prefill ms p10–p90": f"{1e3 * prefill.p10_s:.0f}–{1e3 * prefill.p90_s:.0f}",
-                         "tokens equal to fp32": agreement[name], "build s": build_s[name]})
+                         "tokens equal to fp32": agreement[name], "build s": build_s[name],
+                         "peak RSS GiB once built": peak_gib[name]})
             print(rows[-1], flush=True)
     rows += [{"model": name, "params": params, "failed": reason} for name, reason in failed.items()]
     folder.cleanup()
@@ -344,7 +346,9 @@ def main(argv: list[str] | None = None) -> None:
              f"{trained['kv_cache']}.\n"
              f"(b) decode tokens/s = batch × (new − 1) / (median generate time − median 1-token generate time); "
              f"× fp32 eager from the same medians; p10–p90 over the interleaved rounds; build s: optimize, "
-             f"compile-free setup or export time (torch.compile compiles on the first calls, in the warm-up).\n"
+             f"compile-free setup or export time (torch.compile compiles on the first calls, in the warm-up); "
+             f"peak RSS GiB once built: the process's peak resident memory after that row was built, rows built "
+             f"in table order (fp32 weights: params × 4 bytes).\n"
              + (f"ONNX Runtime row not run: {args.skip_onnx}.\n" if args.skip_onnx and not args.skip_decode else "")
              + f"Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; threads {threads}.")
     path = write_results(name, "LLM weight-only quantization: perplexity and CPU decode", rows + decode_rows, notes)

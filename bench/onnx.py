@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from bench.harness import interleaved, write_results
-from graphopt.onnx.ir import session
+from graphopt.onnx.sessions import session
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -216,7 +216,7 @@ class _OnnxModule(torch.nn.Module):
 
     def __init__(self, path: Any) -> None:
         super().__init__()
-        from graphopt.onnx.ir import session
+        from graphopt.onnx.sessions import session
         self.session = session(path)
         self.input = self.session.get_inputs()[0].name
 

@@ -28,7 +28,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import re
 import warnings
@@ -162,9 +161,7 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
             with torch.no_grad():
                 reference = original(*example_inputs, **kwargs)
             del float_model
-    proto = exported.to_proto()
-    del exported
-    gc.collect()     # the proto holds the weights now: the model's arrays go with its graph (a reference cycle)
+    ops = _op_types(exported)
 
     def check(written: Path) -> None:
         try:
@@ -172,9 +169,9 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"the exported file fails onnx.checker: {first_line(exc)}; nothing was written") \
                 from exc
-        _check_outputs(_runtime_session(written, proto), feeds, reference, budget, _op_types(proto))
+        _check_outputs(_runtime_session(written, ops), feeds, reference, budget, ops)
 
-    return save_model(proto, path, check=check)
+    return save_model(exported, path, check=check)
 
 
 ROTARY_FREE_OPSET = 22
@@ -372,21 +369,19 @@ def _feeds(model: OnnxModel, args: tuple, kwargs: dict) -> dict[str, np.ndarray]
     return {name: leaf.detach().cpu().numpy() for name, leaf in zip(names, leaves)}
 
 
-def _runtime_session(path: Path, proto: onnx.ModelProto) -> Any:
+def _runtime_session(path: Path, ops: Mapping[str, str]) -> Any:
     """An ONNX Runtime session with basic (exact) graph optimizations, checking values (no weights repacked);
     `ExportError` if the runtime refuses."""
     try:
         return session(path, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, prepack=False)
     except Exception as exc:  # onnxruntime's pybind errors (Fail, InvalidGraph, NotImplemented, …)
         raise ExportError(f"ONNX Runtime {ort.__version__} cannot load the exported file: "
-                          f"{_runtime_reason(exc, _op_types(proto))}; nothing was written") from exc
+                          f"{_runtime_reason(exc, ops)}; nothing was written") from exc
 
 
-def _op_types(model: OnnxModel | onnx.ModelProto) -> dict[str, str]:
+def _op_types(model: OnnxModel) -> dict[str, str]:
     """{node name: operator type}."""
-    if isinstance(model, OnnxModel):
-        return {n.name: n.op for n in model.graph.nodes}
-    return {n.name: n.op_type for n in model.graph.node}
+    return {n.name: n.op for n in model.graph.nodes}
 
 
 def _runtime_reason(exc: Exception, ops: Mapping[str, str]) -> str:

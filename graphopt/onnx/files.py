@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import onnx
 from onnx.external_data_helper import uses_external_data
@@ -78,13 +78,19 @@ def check_destination(src: str | os.PathLike | None, dst: str | os.PathLike, for
     return dst
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike,
+class SavesItself(Protocol):
+    """A model that writes its own file (`OnnxModel.save`): large weights straight from its arrays."""
+
+    def save(self, path: Path, data_location: str) -> bool: ...
+
+
+def save_model(model: onnx.ModelProto | SavesItself, path: str | os.PathLike,
                check: Callable[[Path], None] | None = None) -> Path:
     """Write `model` to `path` atomically; external data beside it when over 2 GB.
 
     `check(tmp_path)` runs on the written temporary file before it is renamed
-    into place: if it raises, nothing is left at `path`. Saving with external
-    data moves the tensors out of `model` (onnx's own behaviour).
+    into place: if it raises, nothing is left at `path`. Saving a proto with external
+    data moves the tensors out of it (onnx's own behaviour).
     """
     path = Path(path)
     directory = path.parent.resolve()
@@ -94,17 +100,20 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike,
     data_name = path.name + ".data"
     tmp_data = directory / f".{data_name}.tmp"
     try:
-        if model.ByteSize() >= PROTOBUF_LIMIT:
+        if not isinstance(model, onnx.ModelProto):
+            external = model.save(tmp, tmp_data.name)
+        elif model.ByteSize() >= PROTOBUF_LIMIT:
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=tmp_data.name, size_threshold=EXTERNAL_MIN_BYTES)
-            if check is not None:
-                check(tmp)
-            _relocate_external_data(tmp, tmp_data.name, data_name)
-            os.replace(tmp_data, directory / data_name)
+            external = True
         else:
             onnx.save_model(model, str(tmp))
-            if check is not None:
-                check(tmp)
+            external = False
+        if check is not None:
+            check(tmp)
+        if external:
+            _relocate_external_data(tmp, tmp_data.name, data_name)
+            os.replace(tmp_data, directory / data_name)
         os.replace(tmp, path)
     finally:
         for leftover in (tmp, tmp_data):

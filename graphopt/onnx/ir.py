@@ -26,6 +26,7 @@ import torch
 from graphopt.errors import UnsupportedError, first_line
 from graphopt.frontend.inputs import look_alike
 
+from .files import PROTOBUF_LIMIT
 from .sessions import BY_REFERENCE, check_model, reference_tensor, session, shareable
 
 Inputs = Sequence[tuple[tuple, dict]]
@@ -116,6 +117,30 @@ class OnnxModel:
             for tensor, array in shared:
                 tensor.values = array
 
+    def save(self, path: Path, data_location: str) -> bool:
+        """Write the model to `path`; whether its large weights went to `data_location` beside it.
+
+        They do when the file would pass protobuf's 2 GB limit: written from the arrays one by one (4 KiB
+        aligned, so ONNX Runtime can map them), never through a proto of that size."""
+        proto, weights = self.shared_proto()
+        if proto.ByteSize() + sum(array.nbytes for array in weights.values()) < PROTOBUF_LIMIT:
+            onnx.save_model(self.to_proto(), str(path))
+            return False
+        places = {}
+        with open(Path(path).parent / data_location, "wb") as data:
+            for name, array in weights.items():
+                data.write(bytes(-data.tell() % DATA_ALIGNMENT))
+                places[name] = (data.tell(), array.nbytes)
+                data.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+        for tensor in proto.graph.initializer:
+            if tensor.name in places:
+                offset, length = places[tensor.name]
+                del tensor.external_data[:]
+                for key, value in (("location", data_location), ("offset", offset), ("length", length)):
+                    tensor.external_data.add(key=key, value=str(value))
+        onnx.save_model(proto, str(path))
+        return True
+
     def new_session(self, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                     prepack: bool | None = None) -> ort.InferenceSession:
         """A session that shares this model's weights (see `session`)."""
@@ -166,6 +191,9 @@ def split_ir(model: onnx_ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarra
         for name, tensor in swapped.items():
             model.graph.initializers[name].const_value = tensor
 
+
+#: Offsets of weights in an external-data file are multiples of this (a page: ONNX Runtime maps aligned data).
+DATA_ALIGNMENT = 4096
 
 #: ml_dtypes' 4-bit types (ONNX INT4/UINT4, two values a byte in a file).
 FOUR_BIT = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))

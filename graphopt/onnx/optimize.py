@@ -88,8 +88,7 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, level: str | i
     skipped = [r.stats["skipped"] for r in report.records if r.stats.get("skipped")]
     if skipped:
         report.meta["skipped"] = skipped
-    proto = optimized.to_proto()
-    save_model(proto, dst)
+    save_model(optimized, dst)
     report.meta.update(output=str(dst), opset_out=optimized.opset, file_bytes=Path(dst).stat().st_size,
                        source_bytes=Path(src).stat().st_size, total_s=time.perf_counter() - start)
     return report

@@ -84,3 +84,21 @@ def test_a_checking_session_adds_no_copy_of_the_weights():
     sessions = [model.new_session(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, prepack=False) for _ in range(3)]
     sessions[0].run(None, {"x": np.ones((1, 4096), np.float32)})
     assert _rss() - start < 0.25 * weights, f"3 sessions added {(_rss() - start) / 2**20:.0f} MiB"
+
+
+def test_a_model_over_two_gigabytes_is_written_from_its_arrays(tmp_path, monkeypatch):
+    """Past protobuf's limit (lowered here to 1 MB) the weights go to the data file straight from the arrays,
+    page-aligned, and the file computes what the model does."""
+    import graphopt.onnx.ir as onnx_ir_module
+    from graphopt.onnx.files import save_model
+    monkeypatch.setattr(onnx_ir_module, "PROTOBUF_LIMIT", 1 << 20)
+    model = OnnxModel.from_proto(mlp(300, 1024))
+    path = save_model(model, tmp_path / "m.onnx")
+    data = tmp_path / "m.onnx.data"
+    assert data.is_file() and path.stat().st_size < SHARED_MIN_BYTES
+    stored = onnx.load(str(path), load_external_data=False)
+    offsets = [int(e.value) for t in stored.graph.initializer for e in t.external_data if e.key == "offset"]
+    assert len(offsets) == 2 and all(offset % 4096 == 0 for offset in offsets)   # W1 and `unused`
+    x = np.random.default_rng(2).standard_normal((3, 300)).astype(np.float32)
+    got = session(str(path)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, model.run({"x": x})[0].numpy())
