@@ -5,9 +5,9 @@
 1. `torch.onnx.export(..., dynamo=True)` of the optimized graph, with
    graphopt's custom int8 ops translated to standard ONNX operators
    (`graphopt.onnx.translations`), so ONNX Runtime (CPU, CUDA) and TensorRT
-   run the file without vendor domains. The module is captured by torch.export
-   here, its `contiguous` nodes written as clones (see `_capture`), and the
-   program handed to torch.onnx.
+   run the file without vendor domains (`torch_export.py`: the module captured
+   by torch.export, its `contiguous` nodes written as clones, the program handed
+   to torch.onnx and taken back without serializing its weights).
 2. Cleanup through the ONNX passes, run by the pass manager (verified on the
    example inputs, rolled back if a pass changes the outputs; the records go
    to the optimized module's `report.meta["export_passes"]`): constant folding
@@ -27,18 +27,15 @@
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torch.fx.experimental._config
 import torch.utils._pytree as pytree
 
 from graphopt.errors import ExportError, InputError, VerificationError, first_line
@@ -46,9 +43,10 @@ from graphopt.engine.verify import LOSSLESS, Budget, compare
 
 from .export_speed import export_speed_check, faster_file
 from .files import check_destination, save_model
-from .ir import OnnxModel, split_ir
+from .ir import OnnxModel
 from .sessions import session
-from .signature import dynamic_shapes, name_dynamic_axes, rename_outputs, requested_names
+from .signature import dynamic_shapes, name_dynamic_axes, requested_names
+from .torch_export import torch_export
 from .translations import opset_problem
 
 #: Export tolerance per scheme, against the torch module on the example inputs.
@@ -131,9 +129,9 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
     names = requested_names(output_names, reference)
 
     def build(source: torch.nn.Module, scheme_: str | None, timed: bool, opset_: int | None = None) -> OnnxModel:
-        light, weights = _torch_export(source, example_inputs, kwargs,
-                                       dynamic_shapes(source, example_inputs, kwargs, dynamic_axes),
-                                       opset_ or opset or default_opset(scheme_), names)
+        light, weights = torch_export(source, example_inputs, kwargs,
+                                      dynamic_shapes(source, example_inputs, kwargs, dynamic_axes),
+                                      opset_ or opset or default_opset(scheme_), names)
         name_dynamic_axes(light, example_inputs, kwargs, dynamic_axes)
         if hasattr(opt, "onnx_io_names"):     # a generation module names its decoder's inputs and outputs
             from graphopt.llm.onnx import rename_io
@@ -207,36 +205,6 @@ def _exportable(opt: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.
     return graph_module, _scheme(graph_module, getattr(options, "quantize", None))
 
 
-def _capture(module: torch.nn.Module, args: tuple, kwargs: dict,
-             dynamic_shapes: Any) -> torch.nn.Module | torch.export.ExportedProgram:
-    """What torch.onnx.export is given: `module` captured as torch.onnx's first strategy does (torch.export,
-    non-strict), with every `contiguous(x)` node written as `clone(x, contiguous_format)`.
-
-    The same values: both return x's elements in a fresh contiguous tensor. torch.onnx's decomposition
-    step retraces the graph more than once, and `contiguous` is dropped on a trace where x's strides say
-    it is already contiguous: the strides of a kept scaled_dot_product_attention differ between those
-    traces (its CPU kernel's layout on one, the standard one on the next), so the reshape after
-    `transpose(attention).contiguous()` becomes a `view` of the transposed output, which the next trace
-    refuses ("Cannot view a tensor with shape [B, S, H, D] …": T5's attention, Swin's windows). A clone is
-    never dropped. The program is a fresh one: the module's own graph is not touched.
-
-    Where torch.export fails, the module itself (torch.onnx then tries its other capture strategies and
-    reports their errors)."""
-    try:
-        with torch.fx.experimental._config.patch(backed_size_oblivious=True):   # as torch.onnx: 0/1-sized axes
-            program = torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes,
-                                          strict=False)
-    except Exception:  # noqa: BLE001  (torch.onnx's own strategies take over and raise what they find)
-        return module
-    contiguous = torch.ops.aten.contiguous.default
-    for node in program.graph.nodes:
-        if node.target is contiguous:
-            node.target = torch.ops.aten.clone.default
-            node.kwargs = {"memory_format": node.kwargs.get("memory_format", torch.contiguous_format)}
-    program.graph_module.recompile()
-    return program
-
-
 def _budget(opt: torch.nn.Module, scheme: str | None) -> Budget:
     """The scheme's tolerance, widened by the int8 module's own distance to the float model.
 
@@ -267,53 +235,6 @@ def _scheme(graph_module: torch.fx.GraphModule, requested: str | None) -> str | 
     if not any("graphopt." in t for t in targets):
         return None
     return requested or "int8-dynamic"
-
-
-def _torch_export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
-                  opset: int, output_names: list[str]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """torch.onnx's program as a proto with its large weights by reference, and those weights: views of the
-    tensors the program holds (the module's parameters, the exporter's folded constants), not copies."""
-    from .translations import translation_table
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(_capture(module, args, kwargs, dynamic_shapes), args,
-                                        kwargs=kwargs or None, dynamo=True,
-                                        dynamic_shapes=dynamic_shapes, opset_version=opset,
-                                        custom_translation_table=translation_table(opset),
-                                        verbose=False, optimize=False,
-                                        report=False)
-            rename_outputs(program.model, output_names)
-            with _without_quadratic_rewrites():
-                program.optimize()
-        except Exception as exc:
-            text = " ".join(str(exc).split())[:600]
-            raise ExportError(f"torch.onnx.export could not export the module: {type(exc).__name__}: {text}") from exc
-    return split_ir(program.model)
-
-
-#: onnxscript rewrite rules (in the optimizer torch.onnx runs) whose matcher walks the whole graph for each
-#: candidate node: SlicesSplit (two Slices of one tensor ⇒ Split) has two output nodes, and onnxscript
-#: matches those by listing every node of the graph per Slice, O(slices × nodes). On Swin-T (2,218 nodes,
-#: 133 Slices) the optimizer took 12.5 s with it and 5.4 s without, to the same 613 nodes (the rule never
-#: fired); ONNX Runtime splits such slices itself.
-QUADRATIC_REWRITES = ("SlicesSplit",)
-
-
-@contextlib.contextmanager
-def _without_quadratic_rewrites() -> Iterator[None]:
-    """torch.onnx's optimizer (`ONNXProgram.optimize`) with the default rewrite rules less QUADRATIC_REWRITES."""
-    try:
-        from onnxscript import rewriter
-        rules = rewriter._DEFAULT_REWRITE_RULES
-    except (ImportError, AttributeError):     # another onnxscript: its defaults, unchanged
-        yield
-        return
-    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if getattr(r, "name", None) not in QUADRATIC_REWRITES)
-    try:
-        yield
-    finally:
-        rewriter._DEFAULT_REWRITE_RULES = rules
 
 
 def _cleanup(model: OnnxModel, feeds: dict[str, np.ndarray], skip_padding: bool,
