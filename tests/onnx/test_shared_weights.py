@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from hypothesis import given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -71,11 +70,11 @@ def test_copies_and_the_onnx_ir_round_trip_share_the_arrays():
 
 
 def _rss() -> int:
+    """Resident bytes, from /proc (Linux, as tests/llm/memory_probe.py)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="reads /proc (Linux)")
 def test_a_checking_session_adds_no_copy_of_the_weights():
     """256 MB of weights: a session that checks values (no repacking) adds a small fraction of them."""
     model = OnnxModel.from_proto(mlp(4096, 16384))
