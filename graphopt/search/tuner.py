@@ -65,8 +65,9 @@ from .target import TARGETS, Target
 
 OBJECTIVES = {"latency": "minimize", "size": "minimize", "fidelity": "maximize"}
 FINALISTS = 3
-#: Every worker's trials, finished or running: not the enqueued ones still waiting.
-STARTED = tuple(state for state in optuna.trial.TrialState if state != optuna.trial.TrialState.WAITING)
+#: Every worker's finished trials: a running one (another worker's, or one a crash left running) may still turn
+#: out to be a repeat of a measured config, so it counts towards `trials` only once it has finished.
+FINISHED = tuple(state for state in optuna.trial.TrialState if state.is_finished())
 
 
 @dataclass
@@ -161,10 +162,9 @@ def tune(model: torch.nn.Module, example_inputs: tuple | None = None, *, evaluat
     state = _Run(model, example_inputs, example_kwargs, evaluate, accuracy_budget, reference, objectives, sampler,
                  runtime, calibration, train, say)
     try:
-        done = measured(study.get_trials(deepcopy=False, states=STARTED))
+        done = measured(study.get_trials(deepcopy=False, states=FINISHED))
         if len(done) < trials:
-            finished = sum(t.state.is_finished() for t in done)
-            say(f"study {study.study_name!r}: {finished} trial(s) so far, running up to {trials}; original scores "
+            say(f"study {study.study_name!r}: {len(done)} trial(s) so far, running up to {trials}; original scores "
                 f"{reference:.4g}, budget {accuracy_budget:g} (floor {reference - accuracy_budget:.4g}), "
                 f"target {target}")
             with shared_verdicts():   # the trials agree on which int8 layers pay here, each timed once
@@ -183,10 +183,12 @@ def measured(trials: list[Any]) -> list[Any]:
 def _stop_at(study: Any, trials: int) -> None:
     """Stop once `trials` configs are measured. A repeat of a measured config costs nothing (its result is
     reused) and does not count, so a sampler that has settled on a few points does not use up the search;
-    once as many repeats as `trials` have come, the sampler has nothing new to propose and the search ends."""
-    started = study.get_trials(deepcopy=False, states=STARTED)
-    count = len(measured(started))
-    if count >= trials or len(started) - count >= trials:
+    once as many repeats as `trials` have come, the sampler has nothing new to propose and the search ends.
+    Only finished trials count: with N workers the study ends with `trials` to `trials + N − 1` measured ones
+    (each worker may have started one as another finished the total), never fewer."""
+    finished = study.get_trials(deepcopy=False, states=FINISHED)
+    count = len(measured(finished))
+    if count >= trials or len(finished) - count >= trials:
         study.stop()
 
 

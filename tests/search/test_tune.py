@@ -126,6 +126,41 @@ def test_a_repeated_config_is_answered_with_its_result_and_does_not_count():
     assert sum("its result reused" in line for line in lines) == 5
 
 
+def test_another_workers_running_trial_does_not_count_until_it_has_finished():
+    """Two workers share a study of 4 trials: 3 measured, and the other worker's trial still running. That trial
+    may yet turn out to be a repeat (answered from an earlier result, not counted), so this worker goes on;
+    once it has finished as a measured config, the total is reached and the search stops."""
+    import optuna
+    from graphopt.search.tuner import _stop_at
+
+    class Study:
+        def __init__(self, trials):
+            self.trials, self.stopped = trials, False
+
+        def get_trials(self, deepcopy, states):
+            return [t for t in self.trials if t.state in states]
+
+        def stop(self):
+            self.stopped = True
+
+    def trial(state, **attrs):
+        return optuna.trial.create_trial(state=state, values=None if state != optuna.trial.TrialState.COMPLETE
+                                         else [1.0], user_attrs=attrs)
+
+    complete, running = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
+    shared = [trial(complete), trial(optuna.trial.TrialState.PRUNED), trial(complete, reused_from=0),
+              trial(optuna.trial.TrialState.FAIL)]
+    study = Study([*shared, trial(running)])
+    _stop_at(study, 4)
+    assert not study.stopped
+    study = Study([*shared, trial(complete, reused_from=1)])    # it was a repeat: 3 measured, go on
+    _stop_at(study, 4)
+    assert not study.stopped
+    study = Study([*shared, trial(complete)])                   # it was measured: 4, stop
+    _stop_at(study, 4)
+    assert study.stopped
+
+
 def scripted_timer(search: list[list[float]], final: dict[int, float]):
     """A timer whose figures the test chooses: the i-th search comparison (trial i) gets the samples search[i]
     against an original of 1.0 each round; in the final each trial gets its figure ± 1 %. Nothing is run."""
