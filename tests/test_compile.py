@@ -33,7 +33,7 @@ from graphopt.compile import GraphoptBackend
 from graphopt.errors import OptionError
 from graphopt.engine.verify import LOSSLESS_REL_TOL, compare
 from graphopt.passes.quantize.config import DEFAULT_MIN_COSINE
-from tests.strategies import Transformer, models, randomize_
+from tests.strategies import MaskedEncoder, Transformer, models, randomize_
 
 COMPILED_VS_EAGER_COS = 0.9999
 QUIET = dict(measure_latency=False, progress=False)
@@ -123,6 +123,28 @@ def test_backend_matches_the_original(case, level):
     optimized = [s for s in backend.subgraphs if s.skipped is None]
     assert len(optimized) == len(backend.reports) >= 1
     assert all(r.meta["level"] == level and not r.rolled_back for r in backend.reports)
+
+
+@settings(max_examples=2, deadline=None)
+@given(batch=st.integers(5, 9), seed=st.integers(0, 2**16))
+def test_backend_skips_padding_on_a_static_subgraph_larger_than_the_probe_rows(batch, seed):
+    """dynamo hands the backend a static subgraph; exported again, its sizes are SymInts specialised to the
+    example's batch (torch.export guards them). The capture must read them as static: the skip-padding check
+    then probes every row of the batch instead of a few (which the guard refused: the pass raised)."""
+    torch._dynamo.reset()
+    model = randomize_(MaskedEncoder(vocab=20, max_len=12, dim=16, heads=2, hidden=32, depth=1,
+                                     activation="gelu", scale_first=False, head="mean"), seed=seed).eval()
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 20, (batch, 12), generator=generator)
+    mask = (torch.arange(12)[None, :] < torch.randint(1, 13, (batch, 1), generator=generator)).long()
+    backend = GraphoptBackend({"level": "O1", "speed_check": False, **QUIET})
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        check_level("O1", compiled(ids, mask), model(ids, mask))
+    (report,) = backend.reports
+    assert report.meta["dynamic_batch"] is False
+    assert not report.rolled_back, [(r.name, r.reason) for r in report.rolled_back]
+    assert report["skip_padding"].modified
 
 
 class BranchingModel(nn.Module):

@@ -82,6 +82,12 @@ def has_static_shape(node: object) -> bool:
     return s is not None and all(isinstance(d, int) for d in s)
 
 
+def is_symbolic(size: object) -> bool:
+    """Whether a size is symbolic: a SymInt over free symbols. A graph exported from a static one (a dynamo
+    subgraph) carries SymInts specialised to constants, which are sizes like ints."""
+    return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols)
+
+
 def shape_hint(env: Any, expr: Any, fallback: int = 1) -> int:
     """The example's value of a shape expression, without adding a guard.
 

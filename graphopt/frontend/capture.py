@@ -179,7 +179,7 @@ def _second_value(value: int, limits: object) -> int | None:
 def _has_symbolic_batch(module: fx.GraphModule) -> bool:
     for node in module.graph.nodes:
         value = node.meta.get("val") if node.op == "placeholder" else None
-        if isinstance(value, torch.Tensor) and value.dim() >= 1 and not isinstance(value.shape[0], int):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and ir.is_symbolic(value.shape[0]):
             return True
     return False
 

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from graphopt.engine import ir
 from graphopt.engine.pass_manager import FxIR, Pass, PassManager, PassResult, RewriteLog
 from graphopt.engine.rules import Reason, Reject
 
@@ -67,7 +68,7 @@ def probe_inputs(gm: fx.GraphModule, example: tuple[tuple, dict], mask: str) -> 
         return None
     batch, seq = own.shape
     placeholder = next(n for n in gm.graph.nodes if n.name == mask)
-    rows = min(PROBE_ROWS, batch) if isinstance(placeholder.meta["val"].shape[0], torch.SymInt) else batch
+    rows = min(PROBE_ROWS, batch) if ir.is_symbolic(placeholder.meta["val"].shape[0]) else batch
     leaves = [leaf[:rows] if isinstance(leaf, torch.Tensor) and leaf.dim() and leaf.shape[0] == batch else leaf
               for leaf in leaves]
     generator = torch.Generator().manual_seed(0)
