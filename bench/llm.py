@@ -24,6 +24,11 @@
     put the logits' cosine under the pass's default budget (0.95), so the checked pass keeps the model
     float; int4's cost in accuracy is measured in (a), on a trained model. Every row is timed interleaved
     (bench/harness.py) in one run, so load hits every row alike. Goal: int4 ≥ 2.5× fp32 eager at batch 1.
+    One more ONNX Runtime row generates on ``export_onnx(int4 module, ops="onnxruntime")``: MatMulNBits and
+    GroupQueryAttention, onnxruntime-genai's operators.
+
+    python -m bench.llm --decode-only --rows "graphopt O1" --batches 8 --rounds 5
+                                    # part of (b) alone, against the anchor; writes llm_decode.md, not llm.md
 """
 from __future__ import annotations
 
@@ -241,12 +246,14 @@ def _graphopt(lm: nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
     return lambda prompt, new: lm.generate(prompt, max_new_tokens=new, do_sample=False)
 
 
-def _onnx(lm: nn.Module, ids: torch.Tensor, folder: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """The O1 row's decoder exported with past key values, generated in ONNX Runtime (graphopt.llm.onnx)."""
+def _onnx(lm: nn.Module, ids: torch.Tensor, folder: str, ops: str = "standard"
+          ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """A generation module's decoder exported with past key values (`ops`: export_onnx's operator set),
+    generated in ONNX Runtime (graphopt.llm.onnx)."""
     from graphopt.llm.generate import generate
     from graphopt.llm.onnx import OnnxDecoderStep
-    path = os.path.join(folder, "decoder.onnx")
-    graphopt.export_onnx(lm, (), path, example_kwargs={"input_ids": ids})
+    path = os.path.join(folder, f"decoder_{ops}_{id(lm)}.onnx")
+    graphopt.export_onnx(lm, (), path, example_kwargs={"input_ids": ids}, ops=ops)
     step = OnnxDecoderStep(path)      # one session for every call
     return lambda prompt, new: generate(step, step.spec, prompt, new, do_sample=False)
 
@@ -275,13 +282,21 @@ def decode(args: argparse.Namespace) -> list[dict[str, Any]]:
     folder = tempfile.TemporaryDirectory(prefix="bench_llm_")   # the export (GBs at full size) goes with it
     if not args.skip_onnx:   # built next to O1, before the other rows' weights fill memory (the export peaks at GBs)
         builders["ONNX Runtime on graphopt's O1 export"] = lambda: _onnx(o1(), example, folder.name)
+    int4 = functools.cache(lambda: _optimized(model, example, cache, level="O2", quantize="int4-weight-only",
+                                              verify=False))
     builders |= {
         "torchao int8-WO (bf16 model)": lambda: _torchao_int8(model),
         "graphopt int8-WO": lambda: _graphopt(_optimized(model, example, cache, level="O2",
                                                          quantize="int8-weight-only")),
-        "graphopt int4-WO (g128, verify off)": lambda: _graphopt(_optimized(model, example, cache, level="O2",
-                                                                            quantize="int4-weight-only", verify=False)),
+        "graphopt int4-WO (g128, verify off)": lambda: _graphopt(int4()),
     }
+    if not args.skip_onnx:
+        builders["ONNX Runtime on graphopt's int4 export, ops=onnxruntime (MatMulNBits + GQA)"] = \
+            lambda: _onnx(int4(), example, folder.name, ops="onnxruntime")
+    anchor = next(iter(builders))
+    if args.rows:   # a part of the table, always with its anchor
+        builders = {name: build for name, build in builders.items()
+                    if name == anchor or any(part in name for part in args.rows.split(","))}
     variants, build_s, peak_gib, failed = {}, {}, {}, {}
     for name, build in builders.items():
         start = time.perf_counter()
@@ -295,7 +310,7 @@ def decode(args: argparse.Namespace) -> list[dict[str, Any]]:
         peak_gib[name] = peak_rss_gib()
         print(f"built {name} in {build_s[name]:.0f} s; peak RSS so far {peak_gib[name]:.1f} GiB", flush=True)
     rows = []
-    for batch in (1, 8):
+    for batch in args.batches:
         ids = torch.randint(0, config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             reference = variants["torch fp32 eager (HF generate)"](ids, new)[:, prompt:]
@@ -303,7 +318,7 @@ def decode(args: argparse.Namespace) -> list[dict[str, Any]]:
                          for name, run in variants.items()}
         calls = {name: (lambda run=run: run(ids, new)) for name, run in variants.items()}
         calls.update({f"{name} prefill": (lambda run=run: run(ids, 1)) for name, run in variants.items()})
-        timings = interleaved(calls, rounds=1 if quick else 3)
+        timings = interleaved(calls, rounds=1 if quick else args.rounds)
         base = None
         for name in variants:
             total, prefill = timings[name], timings[f"{name} prefill"]
@@ -328,6 +343,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script end to end")
     parser.add_argument("--train-seconds", type=float, default=None)
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="(b) alone, written to llm_decode.md (llm.md keeps the whole run)")
+    parser.add_argument("--rows", default="", help="comma-separated parts of decode row names to build and "
+                                                   "time, besides the fp32 eager anchor (default: every row)")
+    parser.add_argument("--batches", default="1,8", type=lambda text: [int(b) for b in text.split(",")])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per batch")
     parser.add_argument("--skip-onnx", nargs="?", const="skipped with --skip-onnx", default=None, metavar="WHY",
                         help="no ONNX Runtime row (its export takes minutes); WHY goes into the table's notes")
     args = parser.parse_args(argv)
@@ -335,22 +356,25 @@ def main(argv: list[str] | None = None) -> None:
         args.train_seconds = 5.0 if args.quick else 240.0
     threads = pin_threads()
     load = os.getloadavg()
-    rows, trained = accuracy(args)
+    rows, trained = ([], None) if args.decode_only else accuracy(args)
     decode_rows = [] if args.skip_decode else decode(args)
-    name = "llm_quick" if args.quick else "llm"
-    notes = (f"(a) trained {trained['steps']} steps in {trained['seconds']} s, final train loss "
-             f"{trained['final train loss']:.3f}; held-out = last 10 % of pydoc_data.topics, byte-level.\n"
-             f"LLM pruning (graphopt.optimize(generation=True, level='O3', prune=…, calibration_data=8 windows "
-             f"of 4×{SEQ}), then graphopt.finetune(lm, …, teacher=model, epochs=1, lr=3e-4)):\n"
-             + "\n".join(f"- {line}" for line in trained["pruning"]) + "\n"
-             f"{trained['kv_cache']}.\n"
-             f"(b) decode tokens/s = batch × (new − 1) / (median generate time − median 1-token generate time); "
-             f"× fp32 eager from the same medians; p10–p90 over the interleaved rounds; build s: optimize, "
-             f"compile-free setup or export time (torch.compile compiles on the first calls, in the warm-up); "
-             f"peak RSS GiB once built: the process's peak resident memory after that row was built, rows built "
-             f"in table order (fp32 weights: params × 4 bytes).\n"
-             + (f"ONNX Runtime row not run: {args.skip_onnx}.\n" if args.skip_onnx and not args.skip_decode else "")
-             + f"Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; threads {threads}.")
+    name = "llm_quick" if args.quick else "llm_decode" if args.decode_only else "llm"
+    notes = "" if trained is None else (
+        f"(a) trained {trained['steps']} steps in {trained['seconds']} s, final train loss "
+        f"{trained['final train loss']:.3f}; held-out = last 10 % of pydoc_data.topics, byte-level.\n"
+        f"LLM pruning (graphopt.optimize(generation=True, level='O3', prune=…, calibration_data=8 windows "
+        f"of 4×{SEQ}), then graphopt.finetune(lm, …, teacher=model, epochs=1, lr=3e-4)):\n"
+        + "\n".join(f"- {line}" for line in trained["pruning"]) + "\n"
+        f"{trained['kv_cache']}.\n")
+    if decode_rows:
+        notes += (f"(b) decode tokens/s = batch × (new − 1) / (median generate time − median 1-token generate "
+                  f"time); × fp32 eager from the same medians; p10–p90 over the {args.rounds} interleaved rounds; "
+                  f"build s: optimize, compile-free setup or export time (torch.compile compiles on the first "
+                  f"calls, in the warm-up); peak RSS GiB once built: the process's peak resident memory after "
+                  f"that row was built, rows built in table order (fp32 weights: params × 4 bytes).\n"
+                  + (f"Rows: those named like {args.rows!r}, and the anchor.\n" if args.rows else "")
+                  + (f"ONNX Runtime rows not run: {args.skip_onnx}.\n" if args.skip_onnx else ""))
+    notes += f"Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; threads {threads}."
     path = write_results(name, "LLM weight-only quantization: perplexity and CPU decode", rows + decode_rows, notes)
     print(f"wrote {path}")
 

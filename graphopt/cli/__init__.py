@@ -126,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--output-names", default=None, metavar="NAME,…",
                      help="names of the ONNX outputs (default: the model's own, e.g. last_hidden_state, "
                           "a dict's keys, or output)")
+    opt.add_argument("--ops", choices=("standard", "onnxruntime"), default="standard",   # engine.config.EXPORT_OPS
+                     help="operators of the written file: standard (default domain, any runtime) or onnxruntime "
+                          "(ONNX Runtime's contrib ops: weight-only linears as MatMulNBits; torch models)")
     opt.add_argument("--allow-fallback", action="store_true",
                      help=f"exit 0 even when a requested scheme was rolled back (else exit {EXIT_FALLBACK})")
     _model_options(opt)

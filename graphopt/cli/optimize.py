@@ -90,7 +90,7 @@ def _optimize_torch(args: argparse.Namespace, loaded: loaders.LoadedModel, quant
     _silence_exporter_registry()
     graphopt.export_onnx(opt, example_args, args.output, example_kwargs=example_kwargs,
                          output_names=args.output_names.split(",") if args.output_names else None,
-                         on_record=_export_line(console))
+                         on_record=_export_line(console), ops=args.ops)
     return opt.report
 
 
@@ -110,7 +110,8 @@ def _optimize_config(args: argparse.Namespace, module: Any, example_args: tuple,
                        on_record=console.record, measure_latency=not args.no_speed_check)
     console.stage(f"exporting to ONNX: {args.output}")
     _silence_exporter_registry()
-    graphopt.export_onnx(opt, example_args, args.output, example_kwargs=example_kwargs, on_record=_export_line(console))
+    graphopt.export_onnx(opt, example_args, args.output, example_kwargs=example_kwargs, on_record=_export_line(console),
+                         ops=args.ops)
     return opt.report
 
 
@@ -127,6 +128,9 @@ def _optimize_onnx(args: argparse.Namespace, loaded: loaders.LoadedModel, quanti
     console.stage(f"optimizing {loaded.onnx_path} in ONNX Runtime")
     if args.output_names:
         raise OptionError("--output-names renames a torch model's outputs; an ONNX file keeps its own")
+    if args.ops != "standard":
+        raise OptionError(f"--ops {args.ops} chooses the operators a torch model is exported with; an ONNX file "
+                          "keeps its own")
     return optimize_onnx(loaded.onnx_path, args.output, level=args.level, quantize=quantize,
                          calibration_data=feeds, accuracy_budget=args.accuracy_budget, force=args.force,
                          verify=not args.no_verify, speed_check=not args.no_speed_check,

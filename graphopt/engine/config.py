@@ -21,6 +21,8 @@ QUANT_SCHEMES = NAMES
 AUTO = "auto"
 BACKENDS = (None, "eager", "inductor")
 KV_CACHES = (None, "int8")
+#: The operators `export_onnx(ops=…)` writes: the default ONNX domain only, or ONNX Runtime's contrib operators too.
+EXPORT_OPS = ("standard", "onnxruntime")
 
 
 @dataclass

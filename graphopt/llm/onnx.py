@@ -9,6 +9,12 @@ past_key_values.0.value, …, each [batch, kv_heads, max_cache_len, head_dim]); 
 sequence, vocab] and the present keys and values (present.0.key, present.0.value, …), as `io_names` names them
 (an int8 cache adds each state's scales: past_key_values.0.key_scale, …).
 The loop is graphopt.llm.generate's, with the session as the step.
+
+A decoder written with ONNX Runtime's contrib operators (`export_onnx(..., ops="onnxruntime")`) has the same
+inputs and outputs: its GroupQueryAttention nodes derive seqlens_k, the total length and the attention bias
+from cache_position and attention_mask inside the graph (graphopt.passes.onnx.gqa), so this loop feeds either
+file as it is. That file reads cache_position as consecutive slots and the cache after them as unwritten,
+which is what the loop feeds: arange(S) at the prefill, then one slot a step, from an empty cache.
 """
 from __future__ import annotations
 

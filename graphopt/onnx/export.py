@@ -24,6 +24,14 @@
    which also quantizes the activations (4e-3 relative error seen on a
    32-wide layer) — a runtime's choice, not the file's meaning. Written
    atomically; models over 2 GB get external data.
+
+`ops="onnxruntime"` (opt-in) writes ONNX Runtime's contrib operators (domain com.microsoft) where they
+apply, as onnxruntime-genai's builder does, for a file only ONNX Runtime runs: int4 and int8 weight-only
+linears as MatMulNBits (`translations.py`: float32 activations, what the module computes), and a generation
+module's attention with its KV-cache write as GroupQueryAttention (`graphopt.passes.onnx.gqa`, an export
+pass: verified, recorded, timed like the cleanups; its docstring says which inputs it reads). The file's
+inputs and outputs are the standard file's, so `graphopt.llm.onnx.generate_onnx` runs either. Its
+default opset is 23 wherever ONNX Runtime runs it (attention is then one Attention node to rewrite).
 """
 from __future__ import annotations
 
@@ -38,7 +46,8 @@ import onnxruntime as ort
 import torch
 import torch.utils._pytree as pytree
 
-from graphopt.errors import ExportError, InputError, VerificationError, first_line
+from graphopt.errors import ExportError, InputError, OptionError, VerificationError, first_line
+from graphopt.engine.config import EXPORT_OPS
 from graphopt.engine.verify import LOSSLESS, Budget, compare
 
 from .export_speed import export_speed_check, faster_file
@@ -57,17 +66,18 @@ from .translations import opset_problem
 #: 1/127 of a row's range, on a few elements. Through a deep model such flips
 #: compound, so these are floors: `_budget` widens them to what the int8
 #: module's own error against the float model allows (see there).
-def default_opset(scheme: str | None) -> int:
+def default_opset(scheme: str | None, ops: str = "standard") -> int:
     """The opset `export_onnx` writes when none is asked for.
 
-    An int8 graph: 23 where the installed onnxruntime runs it (1.23 on), so that
-    scaled_dot_product_attention is one Attention op (measured on all-MiniLM-L6-v2 int8, 2 threads,
-    interleaved: the opset-23 file ran in 0.92× the time of the opset-20 one, which computes attention
-    in ~8 ops with a softmax NaN guard). A float graph: 20, because it is often handed on to other tools,
+    An int8 graph, or a file of ONNX Runtime's contrib operators (`ops="onnxruntime"`, which only ONNX Runtime
+    runs): 23 where the installed onnxruntime runs it (1.23 on), so that scaled_dot_product_attention is one
+    Attention op (measured on all-MiniLM-L6-v2 int8, 2 threads, interleaved: the opset-23 file ran in 0.92×
+    the time of the opset-20 one, which computes attention in ~8 ops with a softmax NaN guard; the
+    GroupQueryAttention rewrite anchors on it). A float graph: 20, because it is often handed on to other tools,
     and ONNX Runtime's own quantize_dynamic (1.32) turns a default-domain Attention into an invalid
     QAttention (bench/results/onnx.md at opset 23)."""
     major, minor = (int(part) for part in ort.__version__.split(".")[:2])
-    return 23 if scheme is not None and (major, minor) >= (1, 23) else 20
+    return 23 if (scheme is not None or ops == "onnxruntime") and (major, minor) >= (1, 23) else 20
 
 TOLERANCES = {
     None: LOSSLESS,
@@ -88,10 +98,11 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
                 dynamic_axes: str | Mapping[str, Mapping[int, str]] | None = "auto",
                 opset: int | None = None, tolerance: Budget | None = None, skip_padding: bool = True,
                 speed_check: Any = None, output_names: Sequence[str] | None = None,
-                on_record: Callable[[Any], None] | None = None) -> Path:
+                on_record: Callable[[Any], None] | None = None, ops: str = "standard") -> Path:
     """Export `opt` (an `OptimizedModule` or any `nn.Module`) to `path`; returns the path.
 
-    opset: the ONNX opset (default: `default_opset(scheme)`: 23 for int8 graphs, 20 for float ones).
+    opset: the ONNX opset (default: `default_opset(scheme, ops)`: 23 for int8 graphs and for ops="onnxruntime",
+        20 for float ones).
 
     dynamic_axes: "auto" (batch, and sequence for integer inputs), None (all
     static), or {input name: {axis: symbol name}}.
@@ -104,7 +115,11 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
     output_names: a name per output tensor; by default the model's own (`signature.output_names`): a Hugging
         Face model's `last_hidden_state`, `logits`, …, a dict's keys, `output` for a lone tensor.
     on_record: called with each export pass's PassRecord as it finishes (live progress, as optimize's).
+    ops: "standard" (default): the default ONNX domain only, for any runtime; "onnxruntime": ONNX Runtime's
+        contrib operators where they apply (MatMulNBits, GroupQueryAttention; see the module docstring).
     """
+    if ops not in EXPORT_OPS:
+        raise OptionError(f"ops={ops!r}: choose one of {', '.join(map(repr, EXPORT_OPS))}")
     if isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
     if not isinstance(example_inputs, tuple):
@@ -119,7 +134,7 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
         skip_padding = False             # its attention_mask spans the cache: no padded rows to skip
     path = check_destination(None, path)
     module, scheme = _exportable(opt, example_inputs, kwargs)
-    problem = opset_problem(module, opset or default_opset(scheme))
+    problem = opset_problem(module, opset or default_opset(scheme, ops), ops)
     if problem:
         raise InputError(problem)
     speed = export_speed_check(opt, speed_check)
@@ -131,14 +146,14 @@ def export_onnx(opt: torch.nn.Module, example_inputs: tuple, path: str | os.Path
     def build(source: torch.nn.Module, scheme_: str | None, timed: bool, opset_: int | None = None) -> OnnxModel:
         light, weights = torch_export(source, example_inputs, kwargs,
                                       dynamic_shapes(source, example_inputs, kwargs, dynamic_axes),
-                                      opset_ or opset or default_opset(scheme_), names)
+                                      opset_ or opset or default_opset(scheme_, ops), names, ops)
         name_dynamic_axes(light, example_inputs, kwargs, dynamic_axes)
         if hasattr(opt, "onnx_io_names"):     # a generation module names its decoder's inputs and outputs
             from graphopt.llm.onnx import rename_io
             light = rename_io(light, *opt.onnx_io_names())
         model = OnnxModel.bind(light, weights)
         return _cleanup(model, _feeds(model, example_inputs, kwargs), skip_padding, report if timed else None,
-                        speed if timed else None, on_record if timed else None)
+                        speed if timed else None, on_record if timed else None, ops)
 
     exported = build(module, scheme, True)
     feeds = _feeds(exported, example_inputs, kwargs)
@@ -239,19 +254,20 @@ def _scheme(graph_module: torch.fx.GraphModule, requested: str | None) -> str | 
 
 def _cleanup(model: OnnxModel, feeds: dict[str, np.ndarray], skip_padding: bool,
              report: Any = None, speed_check: Any = None,
-             on_record: Callable[[Any], None] | None = None) -> OnnxModel:
+             on_record: Callable[[Any], None] | None = None, ops: str = "standard") -> OnnxModel:
     """The export's graph passes, run by the pass manager: first what makes the file runnable at all (rotary
     caches at the batch, opset 23: ONNX Runtime refuses the exporter's form, so that graph has no outputs to
     verify against; the export's final comparison with the torch module checks it), then the cleanups, each
     verified on the example feeds against the runnable graph, rolled back if it changes the outputs, and
-    recorded: constant folding under the size guard, 4-bit weights as 4-bit initializers, padding skipped (exact, checked on random masks), dead
-    nodes and unused initializers. With `speed_check`, each cleanup is also timed in ONNX Runtime and rolled
-    back if it makes the file measurably slower.
+    recorded: constant folding under the size guard, 4-bit weights as 4-bit initializers, padding skipped (exact,
+    checked on random masks), with ops="onnxruntime" attention and its KV-cache write as GroupQueryAttention,
+    dead nodes and unused initializers. With `speed_check`, each cleanup is also timed in ONNX Runtime and
+    rolled back if it makes the file measurably slower.
 
     The records go to `report.meta["export_passes"]` when a report is given (the optimized module's)."""
     from graphopt.engine.pass_manager import PassManager
-    from graphopt.passes.onnx import (ConstantFolding, DeadNodeElimination, Int4Weights, RotaryCachesAtBatch,
-                                      SkipPadding)
+    from graphopt.passes.onnx import (ConstantFolding, DeadNodeElimination, GroupQueryAttentionFusion, Int4Weights,
+                                      RotaryCachesAtBatch, SkipPadding)
 
     from .ir import OnnxIR
     ir, inputs = OnnxIR(), [((), feeds)]
@@ -261,7 +277,8 @@ def _cleanup(model: OnnxModel, feeds: dict[str, np.ndarray], skip_padding: bool,
                             progress=False, on_record=on_record)
         model, fixed = fixes.run(model, inputs, None)
         records += fixed.records
-    passes = [ConstantFolding(), Int4Weights(), *([SkipPadding([feeds])] if skip_padding else []), DeadNodeElimination()]
+    passes = [ConstantFolding(), Int4Weights(), *([SkipPadding([feeds])] if skip_padding else []),
+              *([GroupQueryAttentionFusion()] if ops == "onnxruntime" else []), DeadNodeElimination()]
     manager = PassManager(passes, ir, level=1, measure_latency=speed_check is not None, progress=False,
                           speed_check=speed_check, on_record=on_record)
     try:

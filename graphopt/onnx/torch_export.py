@@ -18,9 +18,11 @@ from .signature import rename_outputs
 
 
 def torch_export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
-                  opset: int, output_names: list[str]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+                  opset: int, output_names: list[str], ops: str = "standard"
+                  ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """torch.onnx's program as a proto with its large weights by reference, and those weights: views of the
-    tensors the program holds (the module's parameters, the exporter's folded constants), not copies."""
+    tensors the program holds (the module's parameters, the exporter's folded constants), not copies.
+    `ops`: the operators graphopt's custom ops are written with (`translations.translation_table`)."""
     from .translations import translation_table
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -28,7 +30,7 @@ def torch_export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sha
             program = torch.onnx.export(capture(module, args, kwargs, dynamic_shapes), args,
                                         kwargs=kwargs or None, dynamo=True,
                                         dynamic_shapes=dynamic_shapes, opset_version=opset,
-                                        custom_translation_table=translation_table(opset),
+                                        custom_translation_table=translation_table(opset, ops),
                                         verbose=False, optimize=False,
                                         report=False)
             rename_outputs(program.model, output_names)

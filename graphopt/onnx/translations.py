@@ -43,10 +43,34 @@ ORT's uint8 × uint8 kernel widens to 16 bits; its faster uint8 × int8 kernel
 Add 128, Cast) measured the same within the machine's noise as one
 QuantizeLinear; int8_linear quantizes its input straight to uint8 where it
 comes from quantize_per_token (see `_codes_uint8`) and shifts int8-static's
-codes. Only the default ONNX domain is used.
+codes. Only the default ONNX domain is used, unless the export asks for ONNX Runtime's
+contrib operators (`export_onnx(..., ops="onnxruntime")`, the table of `translation_table(opset, ops)`):
+
+    w4a16_linear(x, w, s, z, g, b) ⇒  MatMulNBits(x, Reshape(Pad(w), [N, ⌈K / g⌉, g / 2]), s, z₄, bias=b,
+                                                  K, N, bits=4, block_size=g, accuracy_level=1)
+
+MatMulNBits (domain com.microsoft) computes A · ((q − z) · s)ᵀ over blocks of `block_size` columns, the
+codes packed along K, low bits first, as onnxruntime-genai's builder writes them. int4pack.py's bytes
+are that packing already (code 2j low, 2j + 1 high) and a group of g is g / 2 whole bytes, so the
+packed weight is only padded to whole blocks and split into them; the zero points [N, ⌈K / g⌉] are
+packed two a byte the same way (z₄, each row padded to whole bytes); the scales are the op's own.
+The padding after column K is never read (the K attribute: the result is the same whatever the
+padded codes, measured). The form computes what the op's float32 path does: q − z exact, one rounding by
+the scale, a float32 product. int8 weight-only linears keep the standard form (DequantizeLinear + MatMul):
+ONNX Runtime's 8-bit MatMulNBits at the float32 level ran 19× slower than the float MatMul (179 ms against
+9.2 ms at M = 1, 2048 × 5632, 2 threads; 4-bit at that level 9.7 ms, int8-activation level 4: 1.4 ms).
+
+accuracy_level = 1 (float32): ONNX Runtime 1.32's CPU kernel at levels 0 (unset), 1, 2 and 3 ran
+float32 activations and matched an exact product of the dequantized weight to float32 rounding
+(≤ 1e-6 relative, bits 4 and 8, K not a multiple of the block, N = 7, 17, M = 1 … 16); level 4 quantizes
+the activations to int8 per block (2e-3 – 1.1e-2 relative error measured): what the module computes
+is a float product, so 1, the level that asks for float32 by name rather than the runtime's default.
+At level 1 the 4-bit kernel runs at the float MatMul's speed on this CPU (figures above): the file is
+smaller (weights 4-bit), not faster; level 4 would be 6.6× faster and is a different computation (W4A8).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -65,31 +89,51 @@ GELU_OPSET = 20
 BLOCKWISE_OPSET = 21
 
 
-def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
-    """{torch op overload: onnxscript translation} for a model of `opset`; empty when graphopt.kernels
-    is not importable."""
+#: ONNX Runtime's contrib operator domain.
+CONTRIB_DOMAIN = "com.microsoft"
+#: MatMulNBits' accuracy_level: float32 activations (see the module docstring).
+ACCURACY_LEVEL = 1
+#: MatMulNBits' smallest block_size (its blocks are powers of two from 16 up).
+MIN_BLOCK = 16
+
+
+def translation_table(opset: int, ops: str = "standard") -> dict[Any, Callable[..., Any]]:
+    """{torch op overload: onnxscript translation} for a model of `opset` written with the operators of
+    `ops` (graphopt.engine.config.EXPORT_OPS); empty when graphopt.kernels is not importable."""
     try:
         import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.*)
     except Exception:  # noqa: BLE001  (no kernels: graphs cannot hold their ops either)
         return {}
-    ops = torch.ops.graphopt
-    table = {ops.quantize_per_token.default: quantize_per_token,
-             ops.int8_linear.default: int8_linear_translation(gelu_op=opset >= GELU_OPSET),
-             ops.w8a16_linear.default: w8a16_linear,
-             ops.layer_norm_quantize.default: layer_norm_quantize}
-    if opset >= BLOCKWISE_OPSET:
-        table[ops.w4a16_linear.default] = w4a16_linear
+    graphopt_ops = torch.ops.graphopt
+    table = {graphopt_ops.quantize_per_token.default: quantize_per_token,
+             graphopt_ops.int8_linear.default: int8_linear_translation(gelu_op=opset >= GELU_OPSET),
+             graphopt_ops.w8a16_linear.default: w8a16_linear,
+             graphopt_ops.layer_norm_quantize.default: layer_norm_quantize}
+    if ops == "onnxruntime":
+        table[graphopt_ops.w4a16_linear.default] = w4a16_matmul_nbits
+    elif opset >= BLOCKWISE_OPSET:
+        table[graphopt_ops.w4a16_linear.default] = w4a16_linear
     return table
 
 
-def opset_problem(module: torch.nn.Module, opset: int) -> str | None:
-    """Why `module`'s graphopt ops cannot be written at `opset` (None if they can)."""
+def opset_problem(module: torch.nn.Module, opset: int, ops: str = "standard") -> str | None:
+    """Why `module`'s graphopt ops cannot be written at `opset` with the operators of `ops` (None if they can)."""
     graph = getattr(module, "graph", None)
-    int4 = graph is not None and any(str(n.target).startswith("graphopt.w4a16_linear") for n in graph.nodes)
+    int4 = [n for n in graph.nodes if str(n.target).startswith("graphopt.w4a16_linear")] if graph is not None else []
+    if ops == "onnxruntime":
+        groups = sorted({int(n.args[4]) for n in int4 if not _is_block_size(int(n.args[4]))})
+        if groups:
+            return (f"int4 weights are written as MatMulNBits, whose block_size is a power of two ≥ {MIN_BLOCK}; "
+                    f"the module's group size {', '.join(map(str, groups))} is not: export with ops='standard'")
+        return None
     if int4 and opset < BLOCKWISE_OPSET:
         return (f"int4 weights (graphopt::w4a16_linear) are written as block-wise DequantizeLinear, which needs "
                 f"opset {BLOCKWISE_OPSET} or later; opset {opset} was asked for")
     return None
+
+
+def _is_block_size(size: int) -> bool:
+    return size >= MIN_BLOCK and size & (size - 1) == 0
 
 
 def _op() -> Any:
@@ -168,6 +212,71 @@ def w4a16_linear(x: Any, w_packed: Any, scales: Any, zeros: Any, group_size: int
     if bias is not None:
         y = op.Add(y, op.Cast(bias, to=_FLOAT))
     return op.CastLike(y, x)
+
+
+def w4a16_matmul_nbits(x: Any, w_packed: Any, scales: Any, zeros: Any, group_size: int, bias: Any = None) -> Any:
+    op = _op()
+    n, k, blocks, half = _dim(w_packed, 0), _dim(x, -1), _dim(scales, 1), int(group_size) // 2
+    weight = op.Reshape(op.Pad(w_packed, op.Constant(value_ints=[0, 0, 0, blocks * half - _dim(w_packed, 1)])),
+                        op.Constant(value_ints=[n, blocks, half]))
+    pairs = op.Reshape(op.Pad(zeros, op.Constant(value_ints=[0, 0, 0, blocks % 2])), op.Constant(value_ints=[n, -1, 2]))
+    low = op.Gather(pairs, op.Constant(value_int=0), axis=2)
+    high = op.Gather(pairs, op.Constant(value_int=1), axis=2)
+    shift = op.Constant(value=helper.make_tensor("zero_shift", _UINT8, [], [4]))
+    packed_zeros = op.Reshape(op.BitwiseOr(low, op.BitShift(high, shift, direction="LEFT")),
+                              op.Constant(value_ints=[n, -1]))
+    return _matmul_nbits(x, weight, scales, packed_zeros, bias, k, n, 4, int(group_size))
+
+
+def _matmul_nbits(x: Any, weight: Any, scales: Any, zeros: Any, bias: Any, k: int, n: int, bits: int,
+                  block: int) -> Any:
+    """MatMulNBits of float32 x (cast back to x's dtype); zero points None: the default 2^(bits − 1)."""
+    op = _op()
+    y = _matmul_nbits_op()(_float32(op, x), weight, scales, zeros, None, None if bias is None else _float32(op, bias),
+                           K=k, N=n, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
+    return y if _is_float32(x) else op.CastLike(y, x)
+
+
+def _float32(op: Any, value: Any) -> Any:
+    """`value` as float32, with no Cast where it is float32 already (ONNX shape inference does not type a contrib
+    op's output, so torch.onnx's optimizer would keep a Cast that changes nothing)."""
+    return value if _is_float32(value) else op.Cast(value, to=_FLOAT)
+
+
+def _is_float32(value: Any) -> bool:
+    import onnx_ir
+    return value.dtype == onnx_ir.DataType.FLOAT
+
+
+@functools.cache
+def _matmul_nbits_op() -> Any:
+    """ONNX Runtime's MatMulNBits as an onnxscript op. torch.onnx builds a node from the op's schema, and
+    the onnx package holds no com.microsoft schemas: this is MatMulNBits' signature as ONNX Runtime 1.32
+    registers it (not registered with onnx, so onnx.checker leaves the contrib domain to the runtime)."""
+    from onnx.defs import OpSchema
+    from onnxscript import values
+    optional = OpSchema.FormalParameterOption.Optional
+
+    def parameter(name: str, kind: str, optional_: bool = False) -> OpSchema.FormalParameter:
+        return OpSchema.FormalParameter(name, kind, param_option=optional if optional_ else
+                                        OpSchema.FormalParameterOption.Single)
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    schema = OpSchema(
+        "MatMulNBits", CONTRIB_DOMAIN, 1,
+        inputs=[parameter("A", "T1"), parameter("B", "T2"), parameter("scales", "T1"),
+                parameter("zero_points", "T3", True), parameter("g_idx", "T4", True), parameter("bias", "T1", True)],
+        outputs=[parameter("Y", "T1")],
+        type_constraints=[("T1", floats, ""), ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(int32)", *floats], ""), ("T4", ["tensor(int32)"], "")],
+        attributes=[*(OpSchema.Attribute(name, OpSchema.AttrType.INT, required=True)
+                      for name in ("K", "N", "bits", "block_size")),
+                    OpSchema.Attribute("accuracy_level", helper.make_attribute("accuracy_level", 0))])
+    return values.Op(values.Opset(CONTRIB_DOMAIN, 1), "MatMulNBits", schema)
+
+
+def _dim(value: Any, axis: int) -> int:
+    """A static dimension of a traced value (linear layers' weights and feature axes are static)."""
+    return int(value.shape[axis])
 
 
 def layer_norm_quantize(x: Any, weight: Any, bias: Any, eps: float, smooth: Any = None) -> tuple[Any, Any, Any]:

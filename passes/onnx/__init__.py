@@ -2,7 +2,8 @@
 
 The standard peepholes are onnxscript's rules (`onnxscript_rules`); graphopt keeps
 its own where onnxscript has none: the size-guarded constant folding, skipping
-padding, the rotary caches, and the int8 rewrite.
+padding, the rotary caches, the int8 rewrite, and (export with ops="onnxruntime")
+ONNX Runtime's GroupQueryAttention.
 
     dead nodes → identity/dropout → constant folding → Conv+BN → MatMul+Add→Gemm
     → Transpose/Reshape collapse → skip padding → (O2) int8
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 from .base import OnnxPass
 from .constant_folding import ConstantFolding
 from .dropout import EliminateInferenceDropout
+from .gqa import GroupQueryAttentionFusion
 from .int4 import Int4Weights
 from .onnxscript_rules import (DeadNodeElimination, OnnxscriptRules, collapse_transpose_reshape, eliminate_identity,
                                fold_conv_batchnorm, matmul_add_to_gemm)
@@ -37,4 +39,4 @@ def passes(int8: str | None = None, calibration: Sequence[dict] = (), fidelity: 
 
 
 __all__ = ["passes", "OnnxPass", "OnnxscriptRules", "QuantizeInt8", "RotaryCachesAtBatch", "SkipPadding",
-           "ConstantFolding", "DeadNodeElimination", "Int4Weights"]
+           "ConstantFolding", "DeadNodeElimination", "GroupQueryAttentionFusion", "Int4Weights"]
