@@ -27,7 +27,7 @@ from graphopt.errors import UnsupportedError, first_line
 from graphopt.frontend.inputs import look_alike
 
 from .files import PROTOBUF_LIMIT
-from .sessions import BY_REFERENCE, check_model, reference_tensor, session, shareable
+from .sessions import BY_REFERENCE, SHARED_CONSUMERS, check_model, reference_tensor, session, shareable
 
 Inputs = Sequence[tuple[tuple, dict]]
 
@@ -103,12 +103,15 @@ class OnnxModel:
             model.metadata_props.add(key=key, value=value)
         return model
 
-    def shared_proto(self) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-        """The model with every large initializer by reference (`session(proto, weights=…)` reads them in
-        place), and those arrays by name: a proto of kilobytes for a model of gigabytes."""
+    def shared_proto(self, optimizing_session: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        """The model with its large initializers by reference (`session(proto, weights=…)` reads them in
+        place), and those arrays by name: a proto of kilobytes for a model of gigabytes. For a session that
+        runs ONNX Runtime's graph optimizers (`optimizing_session`), only the weights those never read from
+        the proto (graphopt.onnx.sessions); the others stay in it."""
         shared = [(tensor, tensor.values) for tensor in self.graph.tensors().values()
                   if isinstance(tensor, gs.Constant) and isinstance(tensor._values, np.ndarray)
-                  and shareable(tensor._values)]
+                  and shareable(tensor._values)
+                  and (not optimizing_session or all(map(_read_in_place, tensor.outputs)))]
         for tensor, array in shared:
             tensor.values = LazyValues(reference_tensor(tensor.name, array))
         try:
@@ -144,7 +147,7 @@ class OnnxModel:
     def new_session(self, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                     prepack: bool | None = None) -> ort.InferenceSession:
         """A session that shares this model's weights (see `session`)."""
-        proto, weights = self.shared_proto()
+        proto, weights = self.shared_proto(optimizing_session=level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         return session(proto, level, weights=weights, prepack=prepack)
 
     def session(self) -> ort.InferenceSession:
@@ -167,6 +170,11 @@ class OnnxModel:
 
     def copy(self) -> "OnnxModel":
         return OnnxModel(self.graph.copy(), self.ir_version, self.metadata)
+
+
+def _read_in_place(node: gs.Node) -> bool:
+    """Whether ONNX Runtime reads this node's weights only as it runs (see graphopt.onnx.sessions)."""
+    return node.op in SHARED_CONSUMERS and any(not isinstance(t, gs.Constant) for t in node.inputs)
 
 
 def split_ir(model: onnx_ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

@@ -6,6 +6,14 @@ two graphs, the export checks its file) do not fit in memory. `OnnxModel.shared_
 initializers *by reference*, to an empty BY_REFERENCE file that ONNX Runtime and onnx.checker require to
 exist but never read, and `session(proto, weights=…)` hands ONNX Runtime the arrays themselves
 (`SessionOptions.add_initializer`), which it then reads in place.
+
+ONNX Runtime's graph optimizers, though, read an initializer's TensorProto, not the array given for it:
+constant folding (Reshape or Pad of a weight), the QDQ fusions (DequantizeLinear of a weight into
+MatMulNBits) and the like fail at session start on a by-reference weight ("External initializer … out of
+bounds", measured on 1.32). So a weight is shared only where every node reading it is one the optimizers
+compute with, never rewrite from its values (`SHARED_CONSUMERS`, with a run-time input besides): the float
+MatMul and Gemm weights, embedding tables and contrib MatMulNBits codes that hold nearly all of an LLM's
+bytes. Other weights go into the proto, as without sharing.
 """
 from __future__ import annotations
 
@@ -85,6 +93,9 @@ BY_REFERENCE = "graphopt-shared-weights"
 
 #: Initializers from this size up are shared with ONNX Runtime sessions instead of copied into each one.
 SHARED_MIN_BYTES = 1 << 16
+
+#: Ops that read a shared weight without ONNX Runtime's optimizers reading its values (module docstring).
+SHARED_CONSUMERS = ("MatMul", "Gemm", "Gather", "MatMulNBits")
 
 #: numpy dtype kinds ONNX Runtime can read in place (ml_dtypes' 4-bit and bfloat16 arrays, kind V, go inline).
 SHAREABLE_KINDS = "fiub"

@@ -101,3 +101,36 @@ def test_a_model_over_two_gigabytes_is_written_from_its_arrays(tmp_path, monkeyp
     x = np.random.default_rng(2).standard_normal((3, 300)).astype(np.float32)
     got = session(str(path)).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, model.run({"x": x})[0].numpy())
+
+
+@settings(max_examples=4, deadline=None)
+@given(form=st.sampled_from(["reshape", "dequantize"]), batch=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
+def test_weights_onnx_runtimes_optimizers_read_stay_in_the_proto(form, batch, seed):
+    """ONNX Runtime's optimizers read a weight's TensorProto, not the array shared for it: constant folding of
+    Reshape(W), the DequantizeLinear(W) + MatMul fusion. On a by-reference weight a session at the default
+    level failed to start ("External initializer … out of bounds"); such weights go into the proto, the MatMul
+    weight beside them is still shared, and the session computes what the file does."""
+    rng = np.random.default_rng(seed)
+    k, n = 256, 320                                       # every weight over SHARED_MIN_BYTES (int8 too)
+    if form == "reshape":
+        read = [numpy_helper.from_array(rng.standard_normal(k * n).astype(np.float32), "W"),
+                numpy_helper.from_array(np.array([k, n], np.int64), "shape")]
+        make = helper.make_node("Reshape", ["W", "shape"], ["w"])
+    else:
+        read = [numpy_helper.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), "W"),
+                numpy_helper.from_array((rng.random(n) * 0.01 + 1e-3).astype(np.float32), "scale")]
+        make = helper.make_node("DequantizeLinear", ["W", "scale"], ["w"], axis=1)
+    shared = numpy_helper.from_array(rng.standard_normal((n, k)).astype(np.float32), "V")
+    graph = helper.make_graph(
+        [make, helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("MatMul", ["h", "V"], ["y"])],
+        "read", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", k])], [*read, shared])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    model = OnnxModel.from_proto(onnx.ModelProto.FromString(proto.SerializeToString()))
+    got = model.new_session().run(None, {"x": x})[0]
+    # the same optimizations on both sides (ONNX Runtime's DequantizeLinear + MatMul fusion quantizes x)
+    want = session(proto, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert set(model.shared_proto(optimizing_session=True)[1]) == {"V"}
+    assert set(model.shared_proto()[1]) == {"W", "V"}          # a file or a non-optimizing session: all
