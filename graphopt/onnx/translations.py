@@ -57,16 +57,17 @@ packed two a byte the same way (z₄, each row padded to whole bytes); the scale
 The padding after column K is never read (the K attribute: the result is the same whatever the
 padded codes, measured). The form computes what the op's float32 path does: q − z exact, one rounding by
 the scale, a float32 product. int8 weight-only linears keep the standard form (DequantizeLinear + MatMul):
-ONNX Runtime's 8-bit MatMulNBits at the float32 level ran 19× slower than the float MatMul (179 ms against
-9.2 ms at M = 1, 2048 × 5632, 2 threads; 4-bit at that level 9.7 ms, int8-activation level 4: 1.4 ms).
+ONNX Runtime's 8-bit MatMulNBits at the float32 level ran 12–23× slower than the float MatMul at Llama-1B
+shapes, M = 1 and 8 (bench/results/matmul_nbits.md, 2 threads, interleaved).
 
 accuracy_level = 1 (float32): ONNX Runtime 1.32's CPU kernel at levels 0 (unset), 1, 2 and 3 ran
 float32 activations and matched an exact product of the dequantized weight to float32 rounding
 (≤ 1e-6 relative, bits 4 and 8, K not a multiple of the block, N = 7, 17, M = 1 … 16); level 4 quantizes
 the activations to int8 per block (2e-3 – 1.1e-2 relative error measured): what the module computes
 is a float product, so 1, the level that asks for float32 by name rather than the runtime's default.
-At level 1 the 4-bit kernel runs at the float MatMul's speed on this CPU (figures above): the file is
-smaller (weights 4-bit), not faster; level 4 would be 6.6× faster and is a different computation (W4A8).
+At level 1 the 4-bit kernel took 0.29–0.98× the float MatMul's time at M = 1 and 0.93–1.7× at M = 8 (same
+table): the file is 8× smaller in weights, not reliably faster; level 4 took 0.15–0.40× and is another
+computation (W4A8).
 """
 from __future__ import annotations
 
