@@ -226,15 +226,9 @@ def w4a16_matmul_nbits(x: Any, w_packed: Any, scales: Any, zeros: Any, group_siz
     shift = op.Constant(value=helper.make_tensor("zero_shift", _UINT8, [], [4]))
     packed_zeros = op.Reshape(op.BitwiseOr(low, op.BitShift(high, shift, direction="LEFT")),
                               op.Constant(value_ints=[n, -1]))
-    return _matmul_nbits(x, weight, scales, packed_zeros, bias, k, n, 4, int(group_size))
-
-
-def _matmul_nbits(x: Any, weight: Any, scales: Any, zeros: Any, bias: Any, k: int, n: int, bits: int,
-                  block: int) -> Any:
-    """MatMulNBits of float32 x (cast back to x's dtype); zero points None: the default 2^(bits − 1)."""
-    op = _op()
-    y = _matmul_nbits_op()(_float32(op, x), weight, scales, zeros, None, None if bias is None else _float32(op, bias),
-                           K=k, N=n, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
+    y = _matmul_nbits_op()(_float32(op, x), weight, scales, packed_zeros, None,   # float32 x, cast back after
+                           None if bias is None else _float32(op, bias),
+                           K=k, N=n, bits=4, block_size=int(group_size), accuracy_level=ACCURACY_LEVEL)
     return y if _is_float32(x) else op.CastLike(y, x)
 
 
