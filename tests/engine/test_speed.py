@@ -150,3 +150,41 @@ def test_bad_speed_check_options_are_refused(value) -> None:
 def test_speed_check_needs_timing() -> None:
     with pytest.raises(OptionError, match="measure_latency"):
         graphopt.optimize(nn.Linear(4, 4), (torch.randn(2, 4),), speed_check=True, measure_latency=False)
+
+
+def scripted(factors: list[float], noise: float = 0.002):
+    """A timer whose n-th measurement times "after" at factors[n] × "before" (the last factor repeats)."""
+    rng, calls = random.Random(0), []
+    def timer(_calls, rounds: int) -> Interleaved:
+        factor = factors[min(len(calls), len(factors) - 1)]
+        calls.append(rounds)
+        jitter = lambda: 1 + noise * rng.uniform(-1, 1)   # noqa: E731
+        return Interleaved({"before": [jitter() for _ in range(rounds)],
+                            "after": [factor * jitter() for _ in range(rounds)]})
+    return timer, calls
+
+
+def test_a_rollback_needs_a_second_measurement_that_agrees() -> None:
+    """A transient (the first rounds 30 % slower, then equal) is not a rollback; a lasting slowdown is."""
+    timer, calls = scripted([1.3, 1.0])
+    check = SpeedCheck(timer=timer)
+    verdict = check.compare(lambda: None, lambda: None)
+    assert len(calls) == 2 and verdict.kind == "not measurable", verdict
+    assert check.rollback_reason(verdict, lossy=False) is None
+    timer, calls = scripted([1.3])
+    verdict = SpeedCheck(timer=timer).compare(lambda: None, lambda: None)
+    assert len(calls) == 2 and verdict.kind == "slower" and verdict.ratio == pytest.approx(1.3, rel=0.01)
+    timer, calls = scripted([0.7])
+    assert SpeedCheck(timer=timer).compare(lambda: None, lambda: None).kind == "faster" and len(calls) == 1
+
+
+@pytest.mark.parametrize("noise", [0.05, 0.1])
+def test_equally_fast_graphs_are_almost_never_rolled_back(noise: float) -> None:
+    """Two equally fast graphs under seeded lognormal noise: one early-stopping measurement said "slower"
+    in 1 (5 % noise) and 9 (10 %) of these 400 comparisons; with the confirming measurement none does."""
+    rng = random.Random(7)
+    def timer(calls, rounds: int) -> Interleaved:
+        return Interleaved({name: [rng.lognormvariate(0, noise) for _ in range(rounds)] for name in calls})
+    check = SpeedCheck(timer=timer, max_seconds=1e9)
+    kinds = [check.compare(lambda: None, lambda: None).kind for _ in range(400)]
+    assert kinds.count("slower") == 0, kinds.count("slower")
