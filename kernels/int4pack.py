@@ -38,8 +38,21 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                     k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight ``(q − z) · s`` as ``dtype`` [N, K], computed in ``dtype`` (float64 for a reference)."""
-    q = unpack_int4(packed, k).to(dtype)
-    z = zeros.to(dtype).repeat_interleave(group_size, dim=1)[:, :k]
-    s = scales.to(dtype).repeat_interleave(group_size, dim=1)[:, :k]
-    return (q - z) * s
+    """The weight ``(q − z) · s`` as ``dtype`` [N, K], computed in ``dtype`` (float64 for a reference).
+
+    In place in one ``dtype`` buffer: the nibbles are written to their columns, then every group subtracts its
+    zero point and multiplies by its scale (broadcast over the group, no weight-sized copies of ``z`` and
+    ``s``): three passes over the weight, the same values as ``(q − z) · s`` computed element by element."""
+    if packed.dim() != 2 or packed.shape[1] != (k + 1) // 2:
+        raise ValueError(f"packed must be [N, ceil({k} / 2)], got shape {tuple(packed.shape)}")
+    n, groups = scales.shape
+    half = packed.shape[1]
+    width = groups * group_size
+    q = torch.empty(n, max(width, 2 * half), dtype=dtype, device=packed.device)
+    pairs = q[:, :2 * half].view(n, half, 2)
+    pairs[..., 0] = packed & 0xF
+    pairs[..., 1] = packed >> 4
+    q[:, 2 * half:] = 0
+    grouped = q[:, :width].view(n, groups, group_size)
+    grouped.sub_(zeros.to(dtype)[..., None]).mul_(scales.to(dtype)[..., None])
+    return q[:, :k]

@@ -84,7 +84,7 @@ TOLERANCES = {
     "int8-dynamic": Budget(max_rel_err=3e-2, min_cosine=0.999),
     "int8-static": Budget(max_rel_err=3e-2, min_cosine=0.999),
     # weight-only: the file dequantizes as the ops' float32 paths do (exact q or q − z, one rounding by the
-    # scale), but at M ≤ 16 rows the ops run torch's bfloat16 kernels (kernels/int8mm.py, int4mm.py): x,
+    # scale), but at small M (≤ FAST_ROWS) the ops run torch's bfloat16 kernels (kernels/int8mm.py, int4mm.py): x,
     # scales and the output rounded to bfloat16 (u = 2⁻⁹), ≤ 3u · Σ|x||w| + u|y| per output — rounding errors
     # of random sign, a few u of the largest output, far below the weights' own step (1/254 of a row's range
     # for int8, 1/30 of a group's for int4).

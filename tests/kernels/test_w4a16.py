@@ -9,10 +9,13 @@ Error bounds, with B = Σ_k |x_k| |Ŵ_nk| + |bias_n| (Ŵ = (q − z) · s exactl
 - CPU, M ≤ FAST_ROWS (torch's bfloat16 int4 kernel, kernels/int4mm.py): x, S, Z and the dequantized weight
   each rounded once to bfloat16 and the output once, float32 accumulation: (3 u_bf16 + γ_K) · B' + u_bf16 · B
   with B' = Σ_k |x_k| (|q − 8| + |8 − z|) s; then the bias add and the cast to x's dtype.
-- CPU, larger M: Ŵ rounded once to float32, float32 GEMM over chunks: γ_{K + chunks + 2} · B plus the cast.
+- CPU, larger M: Ŵ rounded once to float32 (a block of rows at a time), one float32 GEMM over K, the bias:
+  γ_{K + 3} · B plus the cast.
 """
 
 from __future__ import annotations
+
+from unittest import mock
 
 import pytest
 import torch
@@ -84,7 +87,7 @@ def cpu_tolerance(args, expected, dtype) -> torch.Tensor:
         if bias is not None:
             bound = bound + U32 * (no_bias + bias.double().abs())
     else:
-        bound = gamma(k + k // cpu.K_CHUNK + 3) * magnitude(*args)
+        bound = gamma(k + 3) * magnitude(*args)     # one GEMM over K, the dequantized weight, the bias
     return bound + cast_roundoff(dtype, False) * expected.abs() + subnormal_half_spacing(dtype)
 
 
@@ -131,19 +134,23 @@ def test_triton_matches_reference(m, n, k, group_size, dtype, with_bias, config,
 
 @settings(max_examples=25, deadline=None)
 @given(
-    m=sizes([1, 8, 16, 17], 40),
+    m=sizes([1, 8, int4mm.FAST_ROWS, int4mm.FAST_ROWS + 1], 2 * int4mm.FAST_ROWS),
     n=sizes([1, 7, 16, 33], 80),
     k=sizes([1, 31, 100, 1100], 300),
     group_size=st.sampled_from(GROUPS),
     dtype=st.sampled_from(X_DTYPES),
     with_bias=st.booleans(),
+    block_rows=st.sampled_from([None, 1, 3]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_cpu_op_matches_reference(m, n, k, group_size, dtype, with_bias, seed) -> None:
-    """Both CPU paths (the bfloat16 int4 kernel for M ≤ 16, the chunked float32 one beyond), padded N and K."""
+def test_cpu_op_matches_reference(m, n, k, group_size, dtype, with_bias, block_rows, seed) -> None:
+    """Both CPU paths (the bfloat16 int4 kernel for M ≤ FAST_ROWS, the float32 one beyond, dequantizing a block of
+    `block_rows` rows at a time, the last block partial, or all rows at once), padded N and K."""
     args = operands(m, n, k, group_size, dtype, with_bias, seed)
     expected = reference_w4a16_linear(*args)
-    out = torch.ops.graphopt.w4a16_linear(*args)
+    block = cpu.W4_BLOCK_ELEMENTS if block_rows is None else block_rows * k
+    with mock.patch.object(cpu, "W4_BLOCK_ELEMENTS", block):
+        out = torch.ops.graphopt.w4a16_linear(*args)
     assert out.dtype == dtype and out.shape == (m, n)
     assert_within(out, expected, cpu_tolerance(args, expected, dtype))
 

@@ -42,7 +42,7 @@ def op_types(path: Path) -> list[str]:
 
 @contextlib.contextmanager
 def exact_kernels() -> Iterator[None]:
-    """The weight-only ops' float32 paths at every M: their bfloat16 fast paths (M ≤ 16) round x, the scales
+    """The weight-only ops' float32 paths at every M: their bfloat16 fast paths (M ≤ FAST_ROWS) round x, the scales
     and the output to bfloat16 (2⁻⁹), while an exported file dequantizes and multiplies in float32, as those
     paths do."""
     from graphopt.kernels import int4mm, int8mm
