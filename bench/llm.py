@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
-from bench.harness import interleaved, pin_threads, write_results
+from bench.harness import earlier_rows, interleaved, pin_threads, write_results
 from graphopt.data.zoo import CausalLMLogits
 from graphopt.llm.metrics import step_logits
 
@@ -359,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     rows, trained = ([], None) if args.decode_only else accuracy(args)
     decode_rows = [] if args.skip_decode else decode(args)
     name = "llm_quick" if args.quick else "llm_decode" if args.decode_only else "llm"
+    if args.decode_only:    # a part of the table: the other rows of the last run stay, tagged with their run
+        decode_rows = earlier_rows(name, [row["model"] for row in decode_rows]) + decode_rows
     notes = "" if trained is None else (
         f"(a) trained {trained['steps']} steps in {trained['seconds']} s, final train loss "
         f"{trained['final train loss']:.3f}; held-out = last 10 % of pydoc_data.topics, byte-level.\n"
