@@ -2,6 +2,7 @@
 dynamo hands it to ATen and runs graphopt's passes on it (see __init__.py for the options and limits)."""
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class _Plan:
     inputs: list[int]                               # positions of user tensors
     state: dict[int, torch.Tensor]                  # position -> parameter/buffer value
     sizes: dict[int, tuple[int, int]]               # position of a SymInt -> (input position, dim)
+    numbers: dict[int, float | int] = field(default_factory=dict)   # position -> value of a Python number
 
 
 class GraphoptBackend:
@@ -86,16 +88,21 @@ class GraphoptBackend:
             record.skipped = plan
             return _inductor_alone(gm, example_inputs, self._options.backend)
         record.module = OptimizedModule(_freeze(gm, plan), self._options)
+        if plan.numbers:
+            record.notes.append("optimized for " + ", ".join(f"{_placeholders(gm)[i].name} = {value!r}"
+                                                             for i, value in plan.numbers.items()))
         return self._runner(record, plan, gm)
 
     def _runner(self, record: Subgraph, plan: _Plan, gm: fx.GraphModule) -> Callable[..., Any]:
-        fallback: list[Callable[..., Any]] = []
+        eager = self._options.backend == "eager"
+        alone = functools.cache(lambda: gm if eager else InductorRunner(gm, dynamic_batch=False))
+        failed: list[bool] = []
 
         def run(*args: Any) -> Any:
             user = [args[i] for i in plan.inputs]
             with torch.no_grad():
-                if fallback:
-                    return fallback[0](*args)
+                if failed or any(args[i].item() != value for i, value in plan.numbers.items()):
+                    return alone()(*args)     # graphopt could not take it, or a number it was optimized for changed
                 if not record.module.captured:
                     start = time.perf_counter()
                     try:
@@ -103,17 +110,20 @@ class GraphoptBackend:
                     except GraphoptError as exc:   # e.g. export fails on this subgraph: inductor alone
                         record.skipped, record.module = f"{type(exc).__name__}: {exc}", None
                         warnings.warn(f"graphopt: subgraph {record.index} runs without graphopt: {exc}")
-                        eager = self._options.backend == "eager"
-                        fallback.append(gm if eager else InductorRunner(gm, dynamic_batch=False))
-                        return fallback[0](*args)
+                        failed.append(True)
+                        return alone()(*args)
                     record.notes.append(f"optimized on the first call in {time.perf_counter() - start:.1f} s")
                 return record.module(*user)
         return run
 
 
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
 def _plan(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> _Plan | str:
     """Classify dynamo's placeholders, or say why graphopt cannot take this subgraph."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = _placeholders(gm)
     plan = _Plan([], {}, {})
     symbols: list[tuple[int, fx.Node]] = []
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
@@ -122,6 +132,8 @@ def _plan(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> _Plan | str:
             symbols.append((i, node))
         elif not isinstance(value, torch.Tensor):
             return f"input {node.name} is a {type(value).__name__}, not a tensor"
+        elif _is_python_number(node, value):
+            plan.numbers[i] = value.item()
         elif _is_state(node, value):
             plan.state[i] = value.detach()
         else:
@@ -136,6 +148,25 @@ def _plan(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> _Plan | str:
             return f"the size {node.name} is not dimension 0 of an input of this subgraph"
         plan.sizes[i] = where
     return plan
+
+
+def _is_python_number(node: fx.Node, value: torch.Tensor) -> bool:
+    """A Python float or int that dynamo passes as a 0-d tensor and reads back with `.item()`: it does so once
+    the number changed between calls of the same code (automatic dynamic), e.g. an attention `scale` attribute
+    that differs between two models of one class. torch.export cannot capture a graph whose values depend
+    on `.item()`, so graphopt optimizes the subgraph for this call's value (`_freeze`) and runs the others
+    without graphopt."""
+    grapharg = node.meta.get("grapharg")
+    return bool(getattr(grapharg, "pass_arg_as_tensor", False)) and value.dim() == 0 and \
+        all(_reads_number(user, node) for user in node.users)
+
+
+def _reads_number(node: fx.Node, number: fx.Node) -> bool:
+    """`node` is `number.item()`."""
+    if node.op == "call_method":
+        return node.target == "item" and node.args[0] is number
+    return node.op == "call_function" and node.target in (torch.ops.aten.item.default,
+                                                          torch.ops.aten._local_scalar_dense.default)
 
 
 def _is_state(node: fx.Node, value: torch.Tensor) -> bool:
@@ -161,8 +192,10 @@ def _find_size(symbol: Any, placeholders: list[fx.Node], inputs: list[int]) -> t
 
 
 def _freeze(gm: fx.GraphModule, plan: _Plan) -> fx.GraphModule:
-    """Dynamo's subgraph with parameters and buffers as buffers and sizes read from the inputs."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    """Dynamo's subgraph with parameters and buffers as buffers, sizes read from the inputs, and Python numbers
+    passed as tensors replaced by their values."""
+    placeholders = _placeholders(gm)
+    numbers = {placeholders[i]: value for i, value in plan.numbers.items()}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for i in plan.inputs:
@@ -176,6 +209,9 @@ def _freeze(gm: fx.GraphModule, plan: _Plan) -> fx.GraphModule:
         env[placeholders[i]] = graph.call_function(torch.ops.aten.sym_size.int, (env[placeholders[source]], dim))
     for node in gm.graph.nodes:
         if node.op == "placeholder":
+            continue
+        if node.args and node.args[0] in numbers and _reads_number(node, node.args[0]):
+            env[node] = numbers[node.args[0]]
             continue
         if node.op in ("get_attr", "call_module"):
             attrs[node.target] = ir.attr_path(gm, node.target)
