@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -87,10 +87,11 @@ class OptimizedModule(torch.nn.Module):
             "passes": [p.name for p in manager.selected]})
         gm, report = manager.run(gm, inputs, reference, report)
         self.graph_module, self.report = gm, report
-        if options.backend == "inductor":
-            self._runner = InductorRunner(gm, captured.dynamic_batch)
-        elif options.speed_check is not None:
-            self._runner = _never_slower_than_the_model(captured.original, gm, args, kwargs, options, report)
+        runner = InductorRunner(gm, captured.dynamic_batch) if options.backend == "inductor" else None
+        if options.speed_check is not None:
+            runner = _never_slower_than_the_model(captured.original, runner or gm, args, kwargs, options,
+                                                  report) or runner
+        self._runner = runner
         report.meta["total_s"] = time.perf_counter() - start
         self._in_spec = pytree.tree_structure((args, kwargs))
         self._pending, self._original = [None], [captured.original]
@@ -108,13 +109,14 @@ class OptimizedModule(torch.nn.Module):
         return self
 
 
-def _never_slower_than_the_model(model: torch.nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict,
+def _never_slower_than_the_model(model: torch.nn.Module, optimized: Callable[..., Any], args: tuple, kwargs: dict,
                                  options: Options, report: Report) -> torch.nn.Module | None:
     """The pass manager guarantees the result is not slower than the captured graph; capture itself can cost
-    time (torch.export's calling convention and guards). Time the result against the model as given the same
-    way; if it is measurably slower (whole 95 % interval above 1), calls run the model as given instead, and
-    the report says so. Returns the module calls should run, or None for the optimized graph."""
-    verdict = options.speed_check.compare(lambda: model(*args, **kwargs), lambda: gm(*args, **kwargs))
+    time (torch.export's calling convention and guards), and so can inductor's code for it (backend="inductor":
+    the passes were timed on the eager graphs). Time the result as calls run it (`optimized`) against the model
+    as given the same way; if it is measurably slower (whole 95 % interval above 1), calls run the model as
+    given instead, and the report says so. Returns the module calls should run, or None for `optimized`."""
+    verdict = options.speed_check.compare(lambda: model(*args, **kwargs), lambda: optimized(*args, **kwargs))
     report.meta["speed_vs_model"] = f"optimized vs the model as given: {verdict.describe()}"
     if not verdict.low > 1.0:
         return None

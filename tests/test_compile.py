@@ -30,6 +30,9 @@ from torch._dynamo.utils import counters
 
 import graphopt
 from graphopt.compile import GraphoptBackend
+from graphopt.compile.runner import InductorRunner
+from graphopt.engine.speed import SpeedCheck
+from graphopt.engine.timing import Interleaved
 from graphopt.errors import OptionError
 from graphopt.engine.verify import LOSSLESS_REL_TOL, compare
 from graphopt.passes.quantize.config import DEFAULT_MIN_COSINE
@@ -109,6 +112,31 @@ def test_a_copy_compiles_its_own_graph():
     twin = copy.deepcopy(opt)
     assert twin._runner.gm is twin.graph_module and twin.graph_module is not opt.graph_module
     assert opt._runner.gm is opt.graph_module
+
+
+def timer_where_after_takes(factor: float):
+    """An injected speed-check timer: each call runs once (inductor compiles on it), the "after" one timed at
+    `factor` × the "before" one."""
+    def timer(calls, rounds: int) -> Interleaved:
+        for call in calls.values():
+            call()
+        return Interleaved({"before": [1.0] * rounds, "after": [factor] * rounds})
+    return timer
+
+
+@pytest.mark.parametrize("factor", [1.3, 0.7])
+def test_inductor_route_is_never_slower_than_the_model(factor):
+    """backend="inductor": the speed check times the compiled result against the model as given (the passes
+    were timed on eager graphs); a result it finds slower runs the model as given, a faster one stays."""
+    model = small_transformer()
+    opt = graphopt.optimize(model, (torch.randn(2, 6, 32),), level="O0", backend="inductor", progress=False,
+                            speed_check=SpeedCheck(timer=timer_where_after_takes(factor)))
+    assert isinstance(opt._runner, InductorRunner) == (factor < 1), opt.report.meta.get("speed_vs_model")
+    assert ("calls run the model as given" in opt.report.meta.get("speed", "")) == (factor > 1)
+    for batch in (2, 5):
+        x = torch.randn(batch, 6, 32)
+        with torch.no_grad():
+            assert compare(opt(x), model(x)).max_rel <= LOSSLESS_REL_TOL
 
 
 @settings(max_examples=2, deadline=None)
