@@ -53,6 +53,16 @@ def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str
     return {name: timed.timing(name) for name in calls}
 
 
+def rows_against(timings: dict[str, Timing], anchor: str, label: str, ratio: str,
+                 **columns: Any) -> list[dict[str, Any]]:
+    """A table row per timed candidate: `columns`, its name under `label`, its median and p10–p90 in ms, and its
+    time over the `anchor`'s under `ratio` (< 1 is faster)."""
+    base = timings[anchor].median_s
+    return [{**columns, label: name, "ms (median)": 1e3 * timing.median_s,
+             "ms p10–p90": f"{1e3 * timing.p10_s:.3f}–{1e3 * timing.p90_s:.3f}", ratio: timing.median_s / base}
+            for name, timing in timings.items()]
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

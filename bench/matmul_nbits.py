@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from bench.harness import interleaved, pin_threads, write_results
+from bench.harness import interleaved, pin_threads, rows_against, write_results
 
 SHAPES = ((2048, 2048), (2048, 5632), (5632, 2048))   # (K, N): attention, MLP up, MLP down
 BLOCK = 128
@@ -65,13 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         for rows in (1, 8):
             x = rng.standard_normal((rows, k), dtype=np.float32)
             calls = {name: (lambda run=run: run(x)) for name, run in forms(k, n, rows, rng).items()}
-            timings = interleaved(calls, args.rounds)
-            anchor = timings["float32 MatMul"].median_s
-            for name, timing in timings.items():
-                rows_out.append({"K": k, "N": n, "M": rows, "form": name, "ms (median)": 1e3 * timing.median_s,
-                                 "ms p10–p90": f"{1e3 * timing.p10_s:.3f}–{1e3 * timing.p90_s:.3f}",
-                                 "× float32 MatMul (time)": timing.median_s / anchor})
-                print(rows_out[-1], flush=True)
+            rows_out += rows_against(interleaved(calls, args.rounds), "float32 MatMul", "form",
+                                     "× float32 MatMul (time)", K=k, N=n, M=rows)
+            print(*rows_out[-len(calls):], sep="\n", flush=True)
     notes = (f"Each row: the median of {args.rounds} interleaved rounds (one call of each form per round, order "
              f"rotating) and its p10–p90; × float32 MatMul = time ratio (< 1 is faster). Block {BLOCK}, random "
              f"codes and scales. Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.")

@@ -17,7 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from bench.harness import interleaved, pin_threads, write_results
+from bench.harness import interleaved, pin_threads, rows_against, write_results
 from graphopt.kernels import cpu, int4mm, pack_int4
 
 SHAPES = ((2048, 2048), (2048, 5632), (5632, 2048))   # (K, N): attention, MLP up, MLP down
@@ -47,14 +47,9 @@ def main(argv: list[str] | None = None) -> None:
                                                                                                 zeros, GROUP)}
             if int4mm.AVAILABLE:
                 calls["bfloat16 int4 kernel"] = lambda: int4mm.matmul(x, packed, scales, zeros, GROUP)
-            with torch.inference_mode():
-                timings = interleaved(calls, args.rounds)
-            anchor = timings["float32 GEMM"].median_s
-            for name, timing in timings.items():
-                rows_out.append({"K": k, "N": n, "M": m, "path": name, "ms (median)": 1e3 * timing.median_s,
-                                 "ms p10–p90": f"{1e3 * timing.p10_s:.3f}–{1e3 * timing.p90_s:.3f}",
-                                 "× float32 GEMM (time)": timing.median_s / anchor})
-                print(rows_out[-1], flush=True)
+            rows_out += rows_against(interleaved(calls, args.rounds), "float32 GEMM", "path",
+                                     "× float32 GEMM (time)", K=k, N=n, M=m)
+            print(*rows_out[-len(calls):], sep="\n", flush=True)
     notes = (f"Each row: the median of {args.rounds} interleaved rounds (one call of each path per round, order "
              f"rotating) and its p10–p90; × float32 GEMM = time ratio (< 1 is faster). The op dispatches to the "
              f"bfloat16 kernel up to M = {int4mm.FAST_ROWS}. Group {GROUP}, random codes, scales and zero points. "
