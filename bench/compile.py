@@ -148,8 +148,8 @@ def prepare(case: Case) -> list[Engine]:
         for engine, target in (("graphopt eager", {}), ("graphopt+inductor", {"backend": "inductor"})):
             start = time.perf_counter()
             opt = graphopt.optimize(case.model, case.timed, progress=False, **target, **options)
-            notes = "; ".join([f"{r.name} rolled back: {r.reason}" for r in opt.report.rolled_back]
-                              + [opt.report.meta["speed"]] * ("speed" in opt.report.meta))
+            notes = "; ".join(filter(None, [*(f"{r.name} rolled back: {r.reason}" for r in opt.report.rolled_back),
+                                            opt.report.meta.get("speed")]))
             if tune is not None:
                 opt = tune(opt)
                 notes = "; ".join(filter(None, ["+ graphopt.finetune, 3 epochs of distillation", notes]))

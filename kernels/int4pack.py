@@ -28,10 +28,14 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
 
 
-def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """uint8 [N, ceil(K / 2)] -> uint8 [N, K] codes (inverse of ``pack_int4``)."""
+def _check_packed(packed: torch.Tensor, k: int) -> None:
     if packed.dim() != 2 or packed.shape[1] != (k + 1) // 2:
         raise ValueError(f"packed must be [N, ceil({k} / 2)], got shape {tuple(packed.shape)}")
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 [N, ceil(K / 2)] -> uint8 [N, K] codes (inverse of ``pack_int4``)."""
+    _check_packed(packed, k)
     both = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
     return both[:, :k]
 
@@ -43,8 +47,7 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     In place in one ``dtype`` buffer: the nibbles are written to their columns, then every group subtracts its
     zero point and multiplies by its scale (broadcast over the group, no weight-sized copies of ``z`` and
     ``s``): three passes over the weight, the same values as ``(q − z) · s`` computed element by element."""
-    if packed.dim() != 2 or packed.shape[1] != (k + 1) // 2:
-        raise ValueError(f"packed must be [N, ceil({k} / 2)], got shape {tuple(packed.shape)}")
+    _check_packed(packed, k)
     n, groups = scales.shape
     half = packed.shape[1]
     width = groups * group_size

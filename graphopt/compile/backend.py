@@ -96,12 +96,11 @@ class GraphoptBackend:
     def _runner(self, record: Subgraph, plan: _Plan, gm: fx.GraphModule) -> Callable[..., Any]:
         eager = self._options.backend == "eager"
         alone = functools.cache(lambda: gm if eager else InductorRunner(gm, dynamic_batch=False))
-        failed: list[bool] = []
 
         def run(*args: Any) -> Any:
             user = [args[i] for i in plan.inputs]
             with torch.no_grad():
-                if failed or any(args[i].item() != value for i, value in plan.numbers.items()):
+                if record.module is None or any(args[i].item() != value for i, value in plan.numbers.items()):
                     return alone()(*args)     # graphopt could not take it, or a number it was optimized for changed
                 if not record.module.captured:
                     start = time.perf_counter()
@@ -110,7 +109,6 @@ class GraphoptBackend:
                     except GraphoptError as exc:   # e.g. export fails on this subgraph: inductor alone
                         record.skipped, record.module = f"{type(exc).__name__}: {exc}", None
                         warnings.warn(f"graphopt: subgraph {record.index} runs without graphopt: {exc}")
-                        failed.append(True)
                         return alone()(*args)
                     record.notes.append(f"optimized on the first call in {time.perf_counter() - start:.1f} s")
                 return record.module(*user)
